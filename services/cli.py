@@ -1,0 +1,48 @@
+"""`ops-pipeline`: the command line of the services and of the operators."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from services.common.logs import configure_logging
+
+# Subcommand groups, each registered by its own module: (module, function).
+_REGISTRARS = [
+    ("services.common.admin_cli", "register"),       # migrate, halt, resume, status
+    ("services.dispatcher.main", "register"),        # dispatcher
+    ("services.demo", "register"),                   # demo
+    ("services.common.params_cli", "register"),      # params show/validate/diff/push/history
+    ("services.signal_engine.main", "register"),     # signal-engine
+    ("services.feature_computer.main", "register"),  # feature-computer
+    ("services.watchlist_engine.main", "register"),  # watchlist-engine
+    ("services.ingest", "register"),                 # load-csv, telemetry
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ops-pipeline", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module_name, func in _REGISTRARS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:
+                continue  # that part of the product is not installed in this build
+            raise
+        getattr(module, func)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""The trading parameters: one typed, validated, frozen document for every service.
+
+Operators tune it in SSM (`/ops-pipeline/trading-params`); `config/trading_params.json` holds
+the reviewed defaults and is validated by the same model. A document that fails validation is
+refused as a whole: nothing here ever fills a bad value with a permissive default.
+
+Sections group the limits by the part of the system that enforces them. Every field name is
+unique across sections, so the seed's flat mappings (``{"max_daily_loss": 500}``) can be
+overlaid on the defaults by `as_params`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+DEFAULT_PARAMS_PATH = Path(__file__).resolve().parents[2] / "config" / "trading_params.json"
+
+Instrument = Literal["STOCK", "OPTION"]
+Strategy = Literal["day_trade", "swing_trade"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RiskParams(_Section):
+    """Account kill switches and per-ticker limits, enforced by the dispatcher's gates."""
+
+    max_daily_loss: Decimal = Field(gt=0, le=1_000_000)
+    max_open_positions: int = Field(ge=0, le=500)
+    max_notional_exposure: Decimal = Field(gt=0, le=100_000_000)
+    max_notional_per_trade: Decimal = Field(gt=0, le=10_000_000)
+    max_equity_pct_per_trade: float = Field(gt=0, le=1)
+    max_trades_per_ticker_per_day: int = Field(ge=0, le=1000)
+    ticker_cooldown_minutes: int = Field(ge=0, le=24 * 60)
+    max_bar_age_seconds: int = Field(ge=1, le=3600)
+    max_feature_age_seconds: int = Field(ge=1, le=3600)
+    max_recommendation_age_seconds: int = Field(ge=1, le=86_400)
+    max_account_state_age_seconds: int = Field(ge=1, le=86_400)
+
+
+class TradingHoursParams(_Section):
+    """Windows of the NYSE session in which no new entry goes out."""
+
+    block_after_open_minutes: int = Field(ge=0, le=120)
+    block_before_close_minutes: int = Field(ge=0, le=120)
+
+    @model_validator(mode="after")
+    def _leaves_a_session(self) -> TradingHoursParams:
+        # An early close (13:00) is the shortest session: 210 minutes.
+        if self.block_after_open_minutes + self.block_before_close_minutes >= 210:
+            raise ValueError("blocked windows must leave part of a 13:00 early-close session open")
+        return self
+
+
+class ConfidenceParams(_Section):
+    """Minimum confidence a recommendation needs, by strategy."""
+
+    min_confidence_day_trade: float = Field(ge=0, le=1)
+    min_confidence_swing_trade: float = Field(ge=0, le=1)
+
+
+class InstrumentParams(_Section):
+    """What the account may trade, and what happens when an option fails its gates."""
+
+    allowed_instruments: tuple[Instrument, ...] = Field(min_length=1)
+    allow_stock_fallback: bool
+    allow_short: bool
+
+    @model_validator(mode="after")
+    def _fallback_needs_stock(self) -> InstrumentParams:
+        if self.allow_stock_fallback and "STOCK" not in self.allowed_instruments:
+            raise ValueError("allow_stock_fallback requires STOCK in allowed_instruments")
+        return self
+
+
+class OptionParams(_Section):
+    """Option liquidity gates, contract choice and option sizing."""
+
+    max_option_spread: float = Field(gt=0, le=1)
+    min_option_volume: int = Field(ge=0, le=10_000_000)
+    min_open_interest: int = Field(ge=0, le=10_000_000)
+    max_iv_percentile: float = Field(ge=0, le=100)
+    iv_min_history_sessions: int = Field(ge=1, le=252)
+    max_quote_age_seconds: int = Field(ge=1, le=3600)
+    expiry_day_cutoff_minutes_before_close: int = Field(ge=0, le=390)
+    day_trade_min_dte: int = Field(ge=0, le=30)
+    day_trade_max_dte: int = Field(ge=0, le=30)
+    swing_trade_min_dte: int = Field(ge=0, le=365)
+    swing_trade_max_dte: int = Field(ge=0, le=365)
+    min_abs_delta: float = Field(ge=0, le=1)
+    max_abs_delta: float = Field(ge=0, le=1)
+    target_abs_delta: float = Field(ge=0, le=1)
+    max_contracts_per_trade: int = Field(ge=1, le=1000)
+    max_premium_per_trade: Decimal = Field(gt=0, le=10_000_000)
+
+    @model_validator(mode="after")
+    def _windows_ordered(self) -> OptionParams:
+        if self.day_trade_min_dte > self.day_trade_max_dte:
+            raise ValueError("day_trade_min_dte must not exceed day_trade_max_dte")
+        if self.swing_trade_min_dte > self.swing_trade_max_dte:
+            raise ValueError("swing_trade_min_dte must not exceed swing_trade_max_dte")
+        if not self.min_abs_delta <= self.target_abs_delta <= self.max_abs_delta:
+            raise ValueError("delta band must satisfy min_abs_delta <= target_abs_delta <= max_abs_delta")
+        return self
+
+
+class SignalParams(_Section):
+    """Signal engine V2 rules: momentum, trend, volume, breakout, sentiment, cooldown."""
+
+    bull_min_ret_5m: float = Field(gt=0, le=0.5)
+    bull_min_ret_15m: float = Field(gt=0, le=0.5)
+    bear_max_ret_5m: float = Field(ge=-0.5, lt=0)
+    bear_max_ret_15m: float = Field(ge=-0.5, lt=0)
+    min_volume_ratio: float = Field(ge=0, le=100)
+    breakout_min_distance_sma20: float = Field(ge=0, le=1)
+    base_confidence: float = Field(ge=0, le=1)
+    sentiment_boost: float = Field(ge=0, le=1)
+    sentiment_penalty: float = Field(ge=0, le=1)
+    sentiment_min_abs_score: float = Field(ge=0, le=1)
+    sentiment_lookback_minutes: int = Field(ge=1, le=7 * 24 * 60)
+    signal_cooldown_minutes: int = Field(ge=0, le=24 * 60)
+    default_instrument: Instrument
+    default_strategy: Strategy
+
+
+class WatchlistParams(_Section):
+    """Watchlist scoring weights and selection."""
+
+    weight_sentiment_momentum: float = Field(ge=0, le=1)
+    weight_liquidity: float = Field(ge=0, le=1)
+    weight_technical: float = Field(ge=0, le=1)
+    weight_volatility: float = Field(ge=0, le=1)
+    liquidity_weight_volume: float = Field(ge=0, le=1)
+    liquidity_weight_spread: float = Field(ge=0, le=1)
+    liquidity_weight_open_interest: float = Field(ge=0, le=1)
+    top_n: int = Field(ge=1, le=500)
+    hysteresis: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _weights_sum_to_one(self) -> WatchlistParams:
+        final = (
+            self.weight_sentiment_momentum
+            + self.weight_liquidity
+            + self.weight_technical
+            + self.weight_volatility
+        )
+        liquidity = (
+            self.liquidity_weight_volume
+            + self.liquidity_weight_spread
+            + self.liquidity_weight_open_interest
+        )
+        if abs(final - 1) > 1e-9:
+            raise ValueError(f"final score weights must sum to 1, got {final:g}")
+        if abs(liquidity - 1) > 1e-9:
+            raise ValueError(f"liquidity weights must sum to 1, got {liquidity:g}")
+        return self
+
+
+class ExecutionParams(_Section):
+    """Order execution: the simulated broker's slippage and the dispatcher's cadence."""
+
+    slippage_bps: float = Field(ge=0, le=500)
+    account_refresh_seconds: int = Field(ge=1, le=3600)
+    poll_interval_seconds: float = Field(gt=0, le=60)
+    params_reload_seconds: int = Field(ge=1, le=3600)
+
+
+class TradingParams(_Section):
+    """The whole document. `schema_version` must match this code's."""
+
+    schema_version: Literal[1]
+    live_trading_enabled: bool
+    risk: RiskParams
+    trading_hours: TradingHoursParams
+    confidence: ConfidenceParams
+    instruments: InstrumentParams
+    options: OptionParams
+    signal: SignalParams
+    watchlist: WatchlistParams
+    execution: ExecutionParams
+
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSON form: the same limits give the same hash."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class ParamsError(ValueError):
+    """A parameter document was refused. `errors` names every invalid field by its path.
+
+    Operator action: fix the document; the service keeps the last good one meanwhile.
+    """
+
+    def __init__(self, message: str, errors: list[str]):
+        super().__init__(message + ("\n  " + "\n  ".join(errors) if errors else ""))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class ParamsInForce:
+    """A validated document and where it came from; recorded with every decision."""
+
+    params: TradingParams
+    source: str  # "file:<path>" or "ssm:<name>"
+    version: str  # SSM parameter version, or "file"
+    content_hash: str
+
+
+def format_validation_errors(exc: ValidationError) -> list[str]:
+    """One line per invalid field: `risk.max_daily_loss: Input should be greater than 0`."""
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "<document>"
+        lines.append(f"{path}: {err['msg']}")
+    return lines
+
+
+def parse_params(text: str, origin: str = "document") -> TradingParams:
+    """Parse and validate a JSON document. Raises ParamsError naming every bad field."""
+    try:
+        raw = json.loads(text, parse_float=Decimal)
+    except json.JSONDecodeError as e:
+        raise ParamsError(f"{origin}: not valid JSON", [f"<document>: {e.msg} at line {e.lineno} column {e.colno}"]) from e
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{origin}: not a JSON object", [f"<document>: expected an object, got {type(raw).__name__}"])
+    return validate_params(raw, origin)
+
+
+def validate_params(raw: Mapping[str, Any], origin: str = "document") -> TradingParams:
+    try:
+        return TradingParams.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(f"{origin}: invalid trading params", format_validation_errors(e)) from e
+
+
+
+def load_params_file(path: Path | str = DEFAULT_PARAMS_PATH) -> ParamsInForce:
+    path = Path(path)
+    params = parse_params(path.read_text(), origin=str(path))
+    return ParamsInForce(params, f"file:{path}", "file", params.content_hash())
+
+
+@lru_cache(maxsize=1)
+def default_params() -> TradingParams:
+    """The reviewed defaults from config/trading_params.json."""
+    return load_params_file().params
+
+
+def _field_index() -> dict[str, str]:
+    index: dict[str, str] = {}
+    for section, info in TradingParams.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, _Section):
+            for name in annotation.model_fields:
+                index[name] = section
+    return index
+
+
+FIELD_SECTIONS: dict[str, str] = _field_index()
+
+
+def as_params(config: TradingParams | Mapping[str, Any]) -> TradingParams:
+    """Accept the typed params or a seed-style mapping of flat keys over the defaults.
+
+    ``{"max_daily_loss": 500, "max_open_positions": 5}`` becomes the defaults with those two
+    limits, validated like any other document: an unknown key or a bad value raises ParamsError.
+    """
+    if isinstance(config, TradingParams):
+        return config
+    base = default_params().model_dump()
+    for key, value in config.items():
+        if key in base and isinstance(base[key], dict) and isinstance(value, Mapping):
+            base[key] = {**base[key], **value}
+        elif key in FIELD_SECTIONS:
+            base[FIELD_SECTIONS[key]][key] = value
+        elif key in base:
+            base[key] = value
+        else:
+            raise ParamsError("invalid trading params", [f"{key}: Extra inputs are not permitted"])
+    return validate_params(base, origin="mapping")

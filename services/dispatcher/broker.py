@@ -1,0 +1,164 @@
+"""The broker interface the dispatcher trades through, and the errors it may raise.
+
+Two implementations: the simulated paper broker (`sim_broker.SimBroker`) and the alpaca-py
+adapter (`alpaca.client.AlpacaBroker`). Both keep money in Decimal and times aware.
+
+Errors are kept in three kinds, as the dispatcher records them differently:
+- BrokerRejected: the broker said no (recorded with its message; the recommendation is REJECTED).
+- DuplicateClientOrderId: the client_order_id was used before, i.e. the order was already
+  submitted; look it up and record it.
+- BrokerUnavailable: a timeout, a 5xx, a 429 after retries. The order MAY have been accepted:
+  look it up by client_order_id before deciding anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Protocol
+
+
+class BrokerError(Exception):
+    """Base of the broker errors."""
+
+
+class BrokerRejected(BrokerError):
+    """The broker refused the order (buying power, asset not tradable, ...).
+
+    Requires no retry: the same order would be refused again. Recorded as REJECTED.
+    """
+
+
+class DuplicateClientOrderId(BrokerError):
+    """The client_order_id was already used: the order was submitted before (a retry, a crash).
+
+    Resolves itself: look the order up by client_order_id and record what the broker has.
+    """
+
+
+class BrokerUnavailable(BrokerError):
+    """Timeout, connection error, HTTP 5xx or 429 after retries. Usually resolves itself.
+
+    An order may or may not have been accepted: look it up by client_order_id.
+    """
+
+
+@dataclass(frozen=True)
+class OrderRequest:
+    """A market order. `symbol` is the ticker, or the OCC symbol for an option."""
+
+    client_order_id: str
+    symbol: str
+    underlying: str
+    instrument: str  # STOCK / OPTION
+    side: str  # buy / sell
+    qty: int
+    position_intent: str | None = None  # buy_to_open, sell_to_close, ... (options)
+    time_in_force: str = "day"
+
+
+@dataclass(frozen=True)
+class OrderResult:
+    """What the broker has for an order."""
+
+    broker_order_id: str
+    client_order_id: str
+    symbol: str
+    side: str
+    qty: Decimal
+    status: str  # broker's status: new, accepted, filled, partially_filled, rejected, canceled, ...
+    filled_qty: Decimal
+    filled_avg_price: Decimal | None
+    submitted_at: datetime | None
+    filled_at: datetime | None
+    reject_reason: str | None = None
+
+    @property
+    def is_filled(self) -> bool:
+        return self.status == "filled"
+
+    @property
+    def is_rejected(self) -> bool:
+        return self.status in {"rejected", "canceled", "expired"}
+
+
+@dataclass(frozen=True)
+class AccountSnapshot:
+    """equity - last_equity is the day's P&L (realized + unrealized), as Alpaca reports it."""
+
+    equity: Decimal
+    last_equity: Decimal
+    cash: Decimal
+    buying_power: Decimal
+    as_of: datetime
+
+    @property
+    def daily_pnl(self) -> Decimal:
+        return self.equity - self.last_equity
+
+
+@dataclass(frozen=True)
+class BrokerPosition:
+    symbol: str
+    qty: Decimal  # negative for short
+    avg_entry_price: Decimal
+    current_price: Decimal | None
+    asset_class: str  # us_equity / us_option
+
+
+class Broker(Protocol):
+    """What the dispatcher needs from a broker."""
+
+    paper: bool
+
+    def submit_order(self, order: OrderRequest) -> OrderResult:
+        """Submit once. Raises BrokerRejected, DuplicateClientOrderId or BrokerUnavailable."""
+        ...
+
+    def get_order_by_client_id(self, client_order_id: str) -> OrderResult | None:
+        """The order with that client_order_id, or None when the broker has none."""
+        ...
+
+    def get_account(self) -> AccountSnapshot: ...
+
+    def get_positions(self) -> Sequence[BrokerPosition]: ...
+
+    def list_orders_since(self, since: datetime) -> Sequence[OrderResult]:
+        """Orders submitted since an instant, for reconciliation."""
+        ...
+
+
+def client_order_id(account_id: str, recommendation_id: int, leg: int = 0) -> str:
+    """Deterministic id of an order: the same (account, recommendation, leg) always gives the same id.
+
+    Alpaca allows 128 characters; a digest keeps the account name out of the broker's records.
+    """
+    digest = hashlib.sha256(f"{account_id}|{recommendation_id}|{leg}".encode()).hexdigest()[:20]
+    return f"ops-{recommendation_id}-{leg}-{digest}"
+
+
+def submit_exactly_once(broker: Broker, order: OrderRequest) -> OrderResult:
+    """Submit, and turn "maybe submitted" into what the broker really has.
+
+    A duplicate client_order_id means an earlier attempt got through: return that order.
+    An unavailable broker may have accepted the order: look it up; if the broker has no such
+    order the error is re-raised (nothing was placed), and if the lookup fails too the order's
+    fate is unknown and the caller leaves it for reconciliation.
+    """
+    try:
+        return broker.submit_order(order)
+    except DuplicateClientOrderId:
+        existing = broker.get_order_by_client_id(order.client_order_id)
+        if existing is None:
+            raise BrokerUnavailable(
+                f"broker reports client_order_id {order.client_order_id} as used but cannot find it"
+            ) from None
+        return existing
+    except BrokerUnavailable:
+        existing = broker.get_order_by_client_id(order.client_order_id)
+        if existing is not None:
+            return existing
+        raise
