@@ -71,3 +71,13 @@ def parse_occ_symbol(symbol: str) -> OccSymbol:
         right="call" if cp == "C" else "put",
         strike=strike,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class MarketClock:
+    """The broker's market clock, all instants aware UTC."""
+
+    timestamp: datetime
+    is_open: bool
+    next_open: datetime
+    next_close: datetime

@@ -1,0 +1,756 @@
+"""The alpaca-py adapter: orders, account, positions, clock and calendar, and market data.
+
+This is the only module that talks to the SDK. Everything it hands out is the product's own
+types (broker.OrderResult, AccountSnapshot, market_calendar.Session, models.OptionQuote) with
+Decimal money and aware UTC times, and every SDK or HTTP error leaves it translated into
+BrokerRejected / DuplicateClientOrderId / BrokerUnavailable.
+
+Three things the SDK does by default that a trading system cannot live with, and what we do:
+
+- No HTTP timeout: a hung server hangs the caller forever. Every client gets a session that
+  passes `timeout=` on every request.
+- It retries HTTP 429 and 504 three times, 3 s apart, for every method, POST /v2/orders
+  included. A 504 may come after Alpaca accepted the order, so a blind resubmit is a second
+  order unless the client_order_id stops it, and the 9 s of sleeping happen inside the
+  dispatcher's claim. We turn the SDK's retry off and retry ourselves: reads with exponential
+  backoff, an order submit never (it raises BrokerUnavailable and `submit_exactly_once` looks
+  the order up by client_order_id).
+- Nothing spaces requests: the trading API allows 200 requests/minute per account. A token
+  bucket spaces every trading HTTP request (retries and pages included).
+
+Account and positions are refreshed on a schedule by the dispatcher, not once per
+recommendation: with several dispatcher tasks per account, per-recommendation reads would spend
+the rate budget that order submits need.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import requests
+from alpaca.common.enums import Sort
+from alpaca.common.exceptions import APIError
+from alpaca.data.enums import DataFeed, OptionsFeed
+from alpaca.data.historical.option import OptionHistoricalDataClient
+from alpaca.data.historical.stock import StockHistoricalDataClient
+from alpaca.data.models.snapshots import OptionsSnapshot
+from alpaca.data.requests import OptionChainRequest, OptionSnapshotRequest, StockBarsRequest
+from alpaca.data.timeframe import TimeFrame, TimeFrameUnit
+from alpaca.trading.client import TradingClient
+from alpaca.trading.enums import (
+    AssetStatus,
+    OrderSide,
+    PositionIntent,
+    QueryOrderStatus,
+    TimeInForce,
+)
+from alpaca.trading.models import OptionContract, Order
+from alpaca.trading.requests import (
+    GetCalendarRequest,
+    GetOptionContractsRequest,
+    GetOrdersRequest,
+    MarketOrderRequest,
+)
+from pydantic import ValidationError
+
+from services.common.clock import Clock, SystemClock
+from services.common.logs import register_secret
+from services.common.market_calendar import ET, Session
+from services.dispatcher.alpaca.models import MarketClock, OptionQuote, parse_occ_symbol
+from services.dispatcher.alpaca.settings import AlpacaSettings
+from services.dispatcher.broker import (
+    AccountSnapshot,
+    BrokerError,
+    BrokerPosition,
+    BrokerRejected,
+    BrokerUnavailable,
+    DuplicateClientOrderId,
+    OrderRequest,
+    OrderResult,
+)
+
+log = logging.getLogger(__name__)
+
+UTC = timezone.utc
+T = TypeVar("T")
+
+DUPLICATE_CLIENT_ORDER_ID_MESSAGE = "client_order_id must be unique"
+ORDERS_PAGE_SIZE = 500  # Alpaca's maximum for GET /v2/orders
+MAX_PAGES = 1000  # a broker that never stops paging is an outage, not an infinite loop
+
+
+# --------------------------------------------------------------------------------------------
+# Rate limiting and the HTTP session
+
+
+class TokenBucket:
+    """Spaces requests to at most `rate_per_minute` on average with bursts of `burst`.
+
+    With 190/min and a burst of 10 no 60-second window sees more than 200 requests, Alpaca's
+    per-account limit. Thread-safe; a caller reserves a slot under the lock and sleeps outside
+    it, so waiting callers queue in order.
+    """
+
+    def __init__(
+        self,
+        rate_per_minute: float,
+        burst: int,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        if rate_per_minute <= 0 or burst < 1:
+            raise ValueError("rate_per_minute must be > 0 and burst >= 1")
+        self.rate_per_second = rate_per_minute / 60.0
+        self.burst = burst
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._tokens = float(burst)
+        self._last = monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        """Take one token, sleeping until it is available. Returns the seconds waited."""
+        with self._lock:
+            now = self._monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate_per_second)
+            self._last = now
+            self._tokens -= 1.0
+            wait = 0.0 if self._tokens >= 0 else -self._tokens / self.rate_per_second
+        if wait > 0:
+            self._sleep(wait)
+        return wait
+
+
+class _GuardedSession(requests.Session):
+    """A requests session that applies a timeout (and a rate limiter) to every request.
+
+    alpaca-py calls `self._session.request(method, url, headers=..., params|json=...)` and never
+    passes a timeout; this is the one place that sees every HTTP call of a client.
+    """
+
+    def __init__(self, timeout: float, limiter: TokenBucket | None):
+        super().__init__()
+        self._timeout = timeout
+        self._limiter = limiter
+
+    def request(self, method, url, *args, **kwargs):  # type: ignore[override]
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self._timeout
+        if self._limiter is not None:
+            self._limiter.acquire()
+        return super().request(method, url, *args, **kwargs)
+
+
+def _harden(client: Any, timeout: float, limiter: TokenBucket | None) -> None:
+    """Give an SDK client our session and switch its own 429/504 retry off.
+
+    RESTClient._request loops `while retry >= 0` and raises RetryException (then sleeps
+    `_retry_wait`) only when `retry > 0` and the status is in `_retry_codes`; with `_retry = 0`
+    and no retry codes each call is exactly one HTTP request. The constructor ignores 0 for
+    retry_attempts, hence the attributes.
+    """
+    old = client._session
+    client._session = _GuardedSession(timeout, limiter)
+    old.close()
+    client._retry = 0
+    client._retry_wait = 0
+    client._retry_codes = []
+
+
+# --------------------------------------------------------------------------------------------
+# Error translation
+
+
+def _api_error_message(error: APIError) -> str:
+    """The broker's own message (Alpaca sends {"code": ..., "message": ...}), else the raw text."""
+    try:
+        body = json.loads(str(error))
+    except (TypeError, ValueError):
+        return str(error)[:500]
+    if isinstance(body, dict) and body.get("message"):
+        return str(body["message"])
+    return str(error)[:500]
+
+
+def _status_of(error: APIError) -> int | None:
+    try:
+        return error.status_code
+    except AttributeError:
+        return None
+
+
+def translate_error(error: Exception, what: str) -> BrokerError:
+    """Map an SDK/HTTP failure to the product's broker errors (the caller raises it `from` error).
+
+    - 422 "client_order_id must be unique" -> DuplicateClientOrderId (already submitted)
+    - 429, 5xx, timeouts, connection errors, unreadable responses -> BrokerUnavailable
+    - any other 4xx (403 buying power, 422 invalid order, ...) -> BrokerRejected with its message
+    """
+    if isinstance(error, BrokerError):
+        return error
+    if isinstance(error, APIError):
+        status = _status_of(error)
+        message = _api_error_message(error)
+        if status == 422 and DUPLICATE_CLIENT_ORDER_ID_MESSAGE in message.lower():
+            return DuplicateClientOrderId(f"{what}: {message}")
+        if status is None or status == 429 or status >= 500:
+            return BrokerUnavailable(f"{what}: HTTP {status}: {message}")
+        rejected = BrokerRejected(f"{what}: HTTP {status}: {message}")
+        rejected.status_code = status  # type: ignore[attr-defined]
+        rejected.broker_message = message  # type: ignore[attr-defined]
+        return rejected
+    if isinstance(error, requests.Timeout):
+        return BrokerUnavailable(f"{what}: timed out: {type(error).__name__}")
+    if isinstance(error, requests.RequestException):
+        return BrokerUnavailable(f"{what}: {type(error).__name__}: {error}")
+    if isinstance(error, ValidationError):
+        return BrokerUnavailable(f"{what}: unexpected response shape: {error.error_count()} errors")
+    raise TypeError(f"not a broker failure: {error!r}")
+
+
+_FAILURES = (APIError, requests.RequestException, ValidationError)
+
+
+def _is_not_found(error: APIError) -> bool:
+    return _status_of(error) == 404
+
+
+class _Retrying:
+    """Read retries with exponential backoff: only BrokerUnavailable is retried, never a 4xx."""
+
+    def __init__(self, attempts: int, backoff: float, backoff_max: float, sleep: Callable[[float], None]):
+        self.attempts = attempts
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.sleep = sleep
+
+    def read(self, what: str, call: Callable[[], T]) -> T:
+        attempt = 1
+        while True:
+            try:
+                return call()
+            except _FAILURES as e:
+                err = translate_error(e, what)
+                if not isinstance(err, BrokerUnavailable) or attempt >= self.attempts:
+                    raise err from e
+                delay = min(self.backoff_max, self.backoff * (2 ** (attempt - 1)))
+                log.warning(
+                    "broker read failed, retrying",
+                    extra={"call": what, "attempt": attempt, "delay_s": delay, "error": str(err)},
+                )
+                self.sleep(delay)
+                attempt += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Conversions
+
+
+def _dec(value: Any) -> Decimal | None:
+    """Decimal from the SDK's strings and floats (via str, so 0.1 stays 0.1)."""
+    if value is None or value == "":
+        return None
+    return Decimal(str(value))
+
+
+def _dec0(value: Any) -> Decimal:
+    d = _dec(value)
+    return Decimal(0) if d is None else d
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime from the broker: {value!r}")
+    return value.astimezone(UTC)
+
+
+def _url(client: Any) -> str:
+    return _enum_value(client._base_url)
+
+
+def _enum_value(value: Any) -> str:
+    return str(getattr(value, "value", value) or "")
+
+
+def order_result(order: Order) -> OrderResult:
+    """alpaca-py Order -> OrderResult (Decimal quantities and price, aware UTC times)."""
+    return OrderResult(
+        broker_order_id=str(order.id),
+        client_order_id=order.client_order_id,
+        symbol=order.symbol or "",
+        side=_enum_value(order.side),
+        qty=_dec0(order.qty),
+        status=_enum_value(order.status),
+        filled_qty=_dec0(order.filled_qty),
+        filled_avg_price=_dec(order.filled_avg_price),
+        submitted_at=_utc(order.submitted_at),
+        filled_at=_utc(order.filled_at),
+    )
+
+
+def calendar_session(day: date, open_naive: datetime, close_naive: datetime) -> Session:
+    """alpaca-py's Calendar.open/close are naive ET wall times: attach ET, then convert to UTC."""
+
+    def to_utc(value: datetime) -> datetime:
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=ET)
+        return aware.astimezone(UTC)
+
+    return Session(day=day, open=to_utc(open_naive), close=to_utc(close_naive))
+
+
+def _position_intent(order: OrderRequest) -> PositionIntent | None:
+    """The option order's intent; the pipeline opens long options and closes them by selling."""
+    if order.position_intent:
+        return PositionIntent(order.position_intent)
+    if order.instrument == "OPTION":
+        return PositionIntent.BUY_TO_OPEN if order.side == "buy" else PositionIntent.SELL_TO_CLOSE
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The broker
+
+
+class AlpacaBroker:
+    """The `Broker` of broker.py on Alpaca's trading API (paper by default)."""
+
+    def __init__(
+        self,
+        settings: AlpacaSettings,
+        *,
+        clock: Clock | None = None,
+        limiter: TokenBucket | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        key = settings.api_key.get_secret_value()
+        secret = settings.secret_key.get_secret_value()
+        register_secret(key)
+        register_secret(secret)
+        self.paper = settings.paper
+        self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+        self.limiter = limiter or TokenBucket(
+            settings.trading_requests_per_minute, settings.trading_burst, sleep=sleep
+        )
+        self._retrying = _Retrying(
+            settings.read_attempts,
+            settings.retry_backoff_seconds,
+            settings.retry_backoff_max_seconds,
+            sleep,
+        )
+        self._client = TradingClient(
+            key, secret, paper=settings.paper, url_override=settings.trading_url
+        )
+        _harden(self._client, settings.timeout_seconds, self.limiter)
+
+    def __repr__(self) -> str:
+        return (
+            f"AlpacaBroker(paper={self.paper}, url={_url(self._client)}, "
+            f"timeout={self.settings.timeout_seconds}s)"
+        )
+
+    __str__ = __repr__
+
+    @property
+    def trading_client(self) -> TradingClient:
+        """The hardened SDK client (timeout, no SDK retry, rate-limited), for other adapters."""
+        return self._client
+
+    # Orders ---------------------------------------------------------------------------------
+
+    def submit_order(self, order: OrderRequest) -> OrderResult:
+        """Submit one market order, exactly one HTTP request, never retried here.
+
+        A timeout, 5xx or 429 raises BrokerUnavailable: the order may have been accepted, so
+        the caller (`submit_exactly_once`) looks it up by client_order_id rather than resend.
+        """
+        if order.qty <= 0:
+            raise BrokerRejected(f"qty must be positive, got {order.qty}")
+        request = MarketOrderRequest(
+            symbol=order.symbol,
+            qty=order.qty,
+            side=OrderSide(order.side),
+            time_in_force=TimeInForce(order.time_in_force),
+            client_order_id=order.client_order_id,
+            position_intent=_position_intent(order),
+        )
+        try:
+            submitted = self._client.submit_order(request)
+        except _FAILURES as e:
+            raise translate_error(e, f"submit {order.client_order_id}") from e
+        result = order_result(submitted)
+        log.info(
+            "order submitted",
+            extra={
+                "client_order_id": result.client_order_id,
+                "broker_order_id": result.broker_order_id,
+                "symbol": result.symbol,
+                "status": result.status,
+            },
+        )
+        return result
+
+    def get_order_by_client_id(self, client_order_id: str) -> OrderResult | None:
+        """The broker's order for a client_order_id; None on 404 (nothing was placed)."""
+
+        def call() -> OrderResult | None:
+            try:
+                return order_result(self._client.get_order_by_client_id(client_order_id))
+            except APIError as e:
+                if _is_not_found(e):
+                    return None
+                raise
+
+        return self._retrying.read(f"get order {client_order_id}", call)
+
+    def list_orders_since(self, since: datetime) -> list[OrderResult]:
+        """Every order submitted after `since` (all statuses), oldest first, all pages."""
+        if since.tzinfo is None:
+            raise ValueError("since must be aware")
+        seen: dict[str, OrderResult] = {}
+        after = since.astimezone(UTC)
+        for _ in range(MAX_PAGES):
+            request = GetOrdersRequest(
+                status=QueryOrderStatus.ALL, after=after, limit=ORDERS_PAGE_SIZE, direction=Sort.ASC
+            )
+            page = self._retrying.read("list orders", lambda: self._client.get_orders(request))
+            new = [order_result(o) for o in page if str(o.id) not in seen]
+            for r in new:
+                seen[r.broker_order_id] = r
+            if len(page) < ORDERS_PAGE_SIZE or not new:
+                return sorted(seen.values(), key=lambda r: (r.submitted_at or since, r.broker_order_id))
+            # `after` is exclusive: step back a microsecond so orders sharing the last
+            # timestamp are not skipped; the ids already seen are dropped above.
+            last = max(r.submitted_at for r in new if r.submitted_at is not None)
+            after = last - timedelta(microseconds=1)
+        raise BrokerUnavailable(f"list orders: more than {MAX_PAGES} pages")
+
+    # Account ----------------------------------------------------------------------------------
+
+    def get_account(self) -> AccountSnapshot:
+        account = self._retrying.read("get account", self._client.get_account)
+        fields = {
+            "equity": account.equity,
+            "last_equity": account.last_equity,
+            "cash": account.cash,
+            "buying_power": account.buying_power,
+        }
+        missing = [name for name, value in fields.items() if value in (None, "")]
+        if missing:
+            # Missing account state blocks entries upstream (NO_ACCOUNT_STATE), never zero.
+            raise BrokerUnavailable(f"get account: broker omitted {', '.join(missing)}")
+        return AccountSnapshot(
+            equity=Decimal(account.equity),
+            last_equity=Decimal(account.last_equity),
+            cash=Decimal(account.cash),
+            buying_power=Decimal(account.buying_power),
+            as_of=self.clock.now(),
+        )
+
+    def get_positions(self) -> list[BrokerPosition]:
+        positions = self._retrying.read("get positions", self._client.get_all_positions)
+        out = []
+        for p in positions:
+            qty = Decimal(p.qty)
+            if _enum_value(p.side) == "short" and qty > 0:
+                qty = -qty
+            out.append(
+                BrokerPosition(
+                    symbol=p.symbol,
+                    qty=qty,
+                    avg_entry_price=Decimal(p.avg_entry_price),
+                    current_price=_dec(p.current_price),
+                    asset_class=_enum_value(p.asset_class),
+                )
+            )
+        return out
+
+    # Clock and calendar -----------------------------------------------------------------------
+
+    def get_clock(self) -> MarketClock:
+        clock = self._retrying.read("get clock", self._client.get_clock)
+        return MarketClock(
+            timestamp=_utc(clock.timestamp),
+            is_open=clock.is_open,
+            next_open=_utc(clock.next_open),
+            next_close=_utc(clock.next_close),
+        )
+
+    def get_calendar(self, start: date, end: date) -> list[Session]:
+        """Sessions from start to end (ET dates, inclusive), open/close as aware UTC."""
+        request = GetCalendarRequest(start=start, end=end)
+        days = self._retrying.read("get calendar", lambda: self._client.get_calendar(request))
+        return [calendar_session(d.date, d.open, d.close) for d in days]
+
+
+# --------------------------------------------------------------------------------------------
+# Market data
+
+
+def _option_quote(
+    symbol: str,
+    snapshot: OptionsSnapshot | None,
+    daily_volume: int | None,
+    contract: OptionContract | None,
+    underlying: str | None,
+) -> OptionQuote:
+    occ = parse_occ_symbol(symbol)
+    quote = snapshot.latest_quote if snapshot is not None else None
+    greeks = snapshot.greeks if snapshot is not None else None
+    bid = ask = None
+    bid_size = ask_size = None
+    quote_time = None
+    if quote is not None:
+        bid = Decimal(str(quote.bid_price))
+        # Alpaca reports "no offer" as an ask of 0: that is no quote, not a free option.
+        ask = Decimal(str(quote.ask_price)) if quote.ask_price > 0 else None
+        bid_size = int(quote.bid_size)
+        ask_size = int(quote.ask_size)
+        quote_time = _utc(quote.timestamp)
+    open_interest = None
+    if contract is not None and contract.open_interest not in (None, ""):
+        open_interest = int(Decimal(contract.open_interest))
+    return OptionQuote(
+        symbol=symbol,
+        underlying=(contract.underlying_symbol if contract is not None else underlying) or occ.underlying,
+        expiration=contract.expiration_date if contract is not None else occ.expiration,
+        strike=occ.strike,
+        right=occ.right,
+        bid=bid,
+        ask=ask,
+        bid_size=bid_size,
+        ask_size=ask_size,
+        quote_time=quote_time,
+        volume=daily_volume,
+        open_interest=open_interest,
+        implied_volatility=snapshot.implied_volatility if snapshot is not None else None,
+        delta=greeks.delta if greeks is not None else None,
+        gamma=greeks.gamma if greeks is not None else None,
+        theta=greeks.theta if greeks is not None else None,
+        vega=greeks.vega if greeks is not None else None,
+    )
+
+
+def _daily_volume(raw: Mapping[str, Any]) -> int | None:
+    """The day's volume from the snapshot's daily bar.
+
+    OptionsSnapshot drops `dailyBar`, so the chain is fetched raw and parsed here. A latest
+    trade's size is one print, not the day's volume, so it is not used as a stand-in.
+    """
+    bar = raw.get("dailyBar")
+    if not isinstance(bar, Mapping) or bar.get("v") is None:
+        return None
+    return int(bar["v"])
+
+
+class AlpacaMarketData:
+    """Option chains (snapshots + contracts) and stock bars through the official data clients."""
+
+    def __init__(
+        self,
+        settings: AlpacaSettings,
+        *,
+        trading_client: TradingClient | None = None,
+        trading_limiter: TokenBucket | None = None,
+        data_limiter: TokenBucket | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        """Pass `AlpacaBroker.trading_client` so contract lookups share the account's rate budget."""
+        key = settings.api_key.get_secret_value()
+        secret = settings.secret_key.get_secret_value()
+        register_secret(key)
+        register_secret(secret)
+        self.settings = settings
+        self._retrying = _Retrying(
+            settings.read_attempts,
+            settings.retry_backoff_seconds,
+            settings.retry_backoff_max_seconds,
+            sleep,
+        )
+        if trading_client is None:
+            trading_client = TradingClient(
+                key, secret, paper=settings.paper, url_override=settings.trading_url
+            )
+            _harden(
+                trading_client,
+                settings.timeout_seconds,
+                trading_limiter
+                or TokenBucket(settings.trading_requests_per_minute, settings.trading_burst, sleep=sleep),
+            )
+        self._trading = trading_client
+        data_limiter = data_limiter or TokenBucket(
+            settings.trading_requests_per_minute, settings.trading_burst, sleep=sleep
+        )
+        # raw_data: the chain's daily bar (volume) is dropped by OptionsSnapshot; we parse
+        # each snapshot with the SDK model ourselves and read the bar from the raw dict.
+        self._options = OptionHistoricalDataClient(
+            key, secret, raw_data=True, url_override=settings.data_url
+        )
+        self._stocks = StockHistoricalDataClient(key, secret, url_override=settings.data_url)
+        for client in (self._options, self._stocks):
+            _harden(client, settings.timeout_seconds, data_limiter)
+
+    def __repr__(self) -> str:
+        return f"AlpacaMarketData(data_url={_url(self._options)}, paper={self.settings.paper})"
+
+    __str__ = __repr__
+
+    def option_contracts(
+        self,
+        underlying: str,
+        *,
+        expiration_gte: date | None = None,
+        expiration_lte: date | None = None,
+    ) -> list[OptionContract]:
+        """Active contracts of an underlying, every page (the SDK does not follow page_token)."""
+        contracts: list[OptionContract] = []
+        token: str | None = None
+        seen_tokens: set[str] = set()
+        for _ in range(MAX_PAGES):
+            request = GetOptionContractsRequest(
+                underlying_symbols=[underlying],
+                status=AssetStatus.ACTIVE,
+                expiration_date_gte=expiration_gte,
+                expiration_date_lte=expiration_lte,
+                limit=self.settings.option_contracts_page_size,
+                page_token=token,
+            )
+            page = self._retrying.read(
+                f"option contracts {underlying}", lambda: self._trading.get_option_contracts(request)
+            )
+            contracts.extend(page.option_contracts or [])
+            token = page.next_page_token
+            if not token:
+                return contracts
+            if token in seen_tokens:
+                raise BrokerUnavailable(f"option contracts {underlying}: page token repeats")
+            seen_tokens.add(token)
+        raise BrokerUnavailable(f"option contracts {underlying}: more than {MAX_PAGES} pages")
+
+    def option_chain(
+        self,
+        underlying: str,
+        *,
+        expiration_gte: date | None = None,
+        expiration_lte: date | None = None,
+    ) -> list[OptionQuote]:
+        """Every active contract of an underlying with its quote, volume, open interest and greeks.
+
+        Snapshots (quote, IV, greeks, daily bar) and contracts (open interest) are merged by OCC
+        symbol. A contract without a snapshot has no quote (bid/ask None); a snapshot without a
+        contract has no open interest (None). Sorted by expiration, strike, right.
+        """
+        contracts = {
+            c.symbol: c
+            for c in self.option_contracts(
+                underlying, expiration_gte=expiration_gte, expiration_lte=expiration_lte
+            )
+        }
+        request = OptionChainRequest(
+            underlying_symbol=underlying,
+            feed=OptionsFeed(self.settings.options_feed) if self.settings.options_feed else None,
+            expiration_date_gte=expiration_gte,
+            expiration_date_lte=expiration_lte,
+        )
+        raw = self._retrying.read(
+            f"option chain {underlying}", lambda: self._options.get_option_chain(request)
+        ) or {}
+        quotes = self._merge(raw, contracts, underlying)
+        return sorted(quotes, key=lambda q: (q.expiration, q.strike, q.right, q.symbol))
+
+    def option_quotes(
+        self, symbols: Sequence[str], contracts: Mapping[str, OptionContract] | None = None
+    ) -> dict[str, OptionQuote]:
+        """Fresh snapshots of given contracts (GET /v1beta1/options/snapshots?symbols=), by symbol.
+
+        Open interest is filled from `contracts` when given (it is not part of a snapshot).
+        """
+        if not symbols:
+            return {}
+        request = OptionSnapshotRequest(
+            symbol_or_symbols=list(symbols),
+            feed=OptionsFeed(self.settings.options_feed) if self.settings.options_feed else None,
+        )
+        raw = self._retrying.read(
+            "option snapshots", lambda: self._options.get_option_snapshot(request)
+        ) or {}
+        wanted = {s: (contracts or {}).get(s) for s in symbols}
+        merged = self._merge(raw, wanted, None, only=set(symbols))
+        return {q.symbol: q for q in merged}
+
+    @staticmethod
+    def _merge(
+        raw_snapshots: Mapping[str, Any],
+        contracts: Mapping[str, OptionContract | None],
+        underlying: str | None,
+        only: set[str] | None = None,
+    ) -> list[OptionQuote]:
+        symbols = set(contracts) | {s for s, v in raw_snapshots.items() if v is not None}
+        if only is not None:
+            symbols &= only
+        out = []
+        for symbol in symbols:
+            raw = raw_snapshots.get(symbol)
+            try:
+                snapshot = OptionsSnapshot(symbol, raw) if raw else None
+            except ValidationError as e:
+                raise BrokerUnavailable(f"option snapshot {symbol}: unexpected shape") from e
+            out.append(
+                _option_quote(
+                    symbol,
+                    snapshot,
+                    _daily_volume(raw) if raw else None,
+                    contracts.get(symbol),
+                    underlying,
+                )
+            )
+        return out
+
+    def stock_bars(
+        self,
+        symbols: Iterable[str],
+        start: datetime,
+        end: datetime,
+        *,
+        timeframe: TimeFrame | None = None,
+    ) -> list[dict[str, Any]]:
+        """Bars (1-minute by default) as dicts: ticker, ts (bar start, aware UTC), OHLC Decimal, volume int."""
+        if start.tzinfo is None or end.tzinfo is None:
+            raise ValueError("start and end must be aware")
+        symbols = list(symbols)
+        if not symbols:
+            return []
+        request = StockBarsRequest(
+            symbol_or_symbols=symbols,
+            timeframe=timeframe or TimeFrame(1, TimeFrameUnit.Minute),
+            start=start,
+            end=end,
+            feed=DataFeed(self.settings.stock_feed) if self.settings.stock_feed else None,
+        )
+        barset = self._retrying.read("stock bars", lambda: self._stocks.get_stock_bars(request))
+        rows = []
+        for ticker, bars in barset.data.items():
+            for bar in bars:
+                rows.append(
+                    {
+                        "ticker": ticker,
+                        "ts": _utc(bar.timestamp),
+                        "open": Decimal(str(bar.open)),
+                        "high": Decimal(str(bar.high)),
+                        "low": Decimal(str(bar.low)),
+                        "close": Decimal(str(bar.close)),
+                        "volume": int(bar.volume),
+                    }
+                )
+        rows.sort(key=lambda r: (r["ticker"], r["ts"]))
+        return rows
