@@ -46,6 +46,14 @@ class BrokerUnavailable(BrokerError):
     """
 
 
+class OrderStateUnknown(BrokerUnavailable):
+    """The order may or may not have been placed, and the broker could not be asked.
+
+    Resolves itself: the recommendation stays SUBMITTING and reconciliation asks the broker
+    for the client_order_id again. Never resubmit under a new id.
+    """
+
+
 @dataclass(frozen=True)
 class OrderRequest:
     """A market order. `symbol` is the ticker, or the OCC symbol for an option."""
@@ -150,15 +158,24 @@ def submit_exactly_once(broker: Broker, order: OrderRequest) -> OrderResult:
     """
     try:
         return broker.submit_order(order)
-    except DuplicateClientOrderId:
-        existing = broker.get_order_by_client_id(order.client_order_id)
+    except DuplicateClientOrderId as e:
+        existing = _lookup(broker, order.client_order_id, e)
         if existing is None:
-            raise BrokerUnavailable(
+            raise OrderStateUnknown(
                 f"broker reports client_order_id {order.client_order_id} as used but cannot find it"
-            ) from None
+            ) from e
         return existing
-    except BrokerUnavailable:
-        existing = broker.get_order_by_client_id(order.client_order_id)
+    except BrokerUnavailable as e:
+        existing = _lookup(broker, order.client_order_id, e)
         if existing is not None:
             return existing
         raise
+
+
+def _lookup(broker: Broker, client_order_id: str, cause: Exception) -> OrderResult | None:
+    try:
+        return broker.get_order_by_client_id(client_order_id)
+    except BrokerUnavailable as e:
+        raise OrderStateUnknown(
+            f"order {client_order_id} may have been placed ({cause}); lookup failed: {e}"
+        ) from e

@@ -1,0 +1,259 @@
+"""Deciding one recommendation: pure, over the inputs the dispatcher gathered.
+
+Gather, then decide: `decide` reads only its arguments (the gathered context, the params, the
+option chain when the recommendation is for an option, and `now`) and returns a Decision: an
+order plan with every gate result, or a denial with every gate result. No I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from services.common.market_calendar import SessionCalendar
+from services.common.params import TradingParams
+from services.dispatcher.risk.gates import (
+    GateResult,
+    NamedGate,
+    ProposedOrder,
+    check_kill_switch,
+    check_max_exposure,
+    check_max_positions,
+    check_no_open_position,
+    evaluate_all_gates,
+    first_denial,
+)
+from services.dispatcher.risk.sizing import contract_multiplier, size_order, to_decimal
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything the gates need about one recommendation, gathered in one round trip."""
+
+    recommendation: dict[str, Any]
+    bar: dict[str, Any] | None
+    features: dict[str, Any] | None
+    last_trade_time: datetime | None
+    ticker_count_today: int
+    open_position: dict[str, Any] | None
+    open_positions: int
+    exposure: Decimal
+    account_state: dict[str, Any] | None
+    kill_state: str
+
+    @property
+    def ticker(self) -> str:
+        return self.recommendation["ticker"]
+
+    @property
+    def action(self) -> str:
+        return self.recommendation["action"]
+
+
+@dataclass(frozen=True)
+class OrderPlan:
+    """An order the gates let through; the dispatcher records it, then submits it."""
+
+    instrument: str
+    symbol: str
+    underlying: str
+    side: str  # buy / sell
+    qty: int
+    est_price: Decimal
+    position_intent: str | None
+    opens_position: bool
+    position_side: str  # long / short
+
+    @property
+    def multiplier(self) -> int:
+        return contract_multiplier(self.instrument)
+
+    @property
+    def notional(self) -> Decimal:
+        return Decimal(self.qty) * self.est_price * self.multiplier
+
+
+@dataclass(frozen=True)
+class Decision:
+    code: str
+    detail: str
+    gates: list[NamedGate]
+    plan: OrderPlan | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_order(self) -> bool:
+        return self.plan is not None
+
+    def gates_json(self) -> list[dict[str, Any]]:
+        return [g.as_json() for g in self.gates] + list(self.info.get("option_gates", []))
+
+
+def _denied(gates: list[NamedGate], info: dict[str, Any] | None = None) -> Decision:
+    failed = first_denial(gates)
+    assert failed is not None
+    return Decision(failed.result.code, failed.result.reason, gates, None, info or {})
+
+
+def _evaluate(ctx: Context, rec: dict[str, Any], params: TradingParams, now: datetime,
+              calendar: SessionCalendar | None, proposed: ProposedOrder | None) -> tuple[bool, list[NamedGate]]:
+    return evaluate_all_gates(
+        rec, ctx.bar, ctx.features, ctx.ticker_count_today, ctx.last_trade_time,
+        ctx.open_position is not None, params,
+        now=now, account_state=ctx.account_state, kill_switch_state=ctx.kill_state,
+        open_positions_count=ctx.open_positions, total_notional=ctx.exposure,
+        proposed_order=proposed, calendar=calendar,
+    )
+
+
+def _stock_entry(ctx: Context, rec: dict[str, Any], params: TradingParams, now: datetime,
+                 calendar: SessionCalendar | None, info: dict[str, Any]) -> Decision:
+    price = to_decimal((ctx.bar or {}).get("close"))
+    equity = to_decimal((ctx.account_state or {}).get("equity"))
+    proposed = None
+    if price is not None and equity is not None:
+        size = size_order("STOCK", price, equity, ctx.exposure, params)
+        info["sizing"] = size.reason
+        if size.qty > 0:
+            proposed = ProposedOrder("STOCK", size.qty, price)
+    passed, gates = _evaluate(ctx, rec, params, now, calendar, proposed)
+    if not passed:
+        return _denied(gates, info)
+    assert proposed is not None  # the exposure gate denies when sizing gave nothing
+    bullish = rec["action"] == "BUY"
+    plan = OrderPlan(
+        instrument="STOCK", symbol=ctx.ticker, underlying=ctx.ticker,
+        side="buy" if bullish else "sell", qty=proposed.qty, est_price=proposed.price,
+        position_intent=None, opens_position=True, position_side="long" if bullish else "short",
+    )
+    return Decision("ORDER_PLANNED", f"{plan.side} {plan.qty} {plan.symbol} @~{plan.est_price}", gates, plan, info)
+
+
+def _exit(ctx: Context, rec: dict[str, Any], params: TradingParams, now: datetime,
+          calendar: SessionCalendar | None) -> Decision:
+    passed, gates = _evaluate(ctx, rec, params, now, calendar, None)
+    if not passed:
+        return _denied(gates)
+    pos = ctx.open_position or {}
+    qty = to_decimal(pos.get("qty"))
+    price = to_decimal(pos.get("market_price")) or to_decimal((ctx.bar or {}).get("close"))
+    if pos.get("status") != "OPEN" or qty is None or qty != qty.to_integral_value() or price is None:
+        gates = gates + [NamedGate("exit_position", check_no_open_position(False, "EXIT"))]
+        return _denied(gates)
+    long = pos.get("side") == "long"
+    plan = OrderPlan(
+        instrument=pos["instrument"], symbol=pos["symbol"], underlying=ctx.ticker,
+        side="sell" if long else "buy", qty=int(qty), est_price=price,
+        position_intent=("sell_to_close" if long else "buy_to_close") if pos["instrument"] == "OPTION" else None,
+        opens_position=False, position_side=pos.get("side", "long"),
+    )
+    return Decision("ORDER_PLANNED", f"exit {plan.qty} {plan.symbol}", gates, plan)
+
+
+def decide(
+    ctx: Context,
+    params: TradingParams,
+    now: datetime,
+    calendar: SessionCalendar | None = None,
+    option_planner: Any = None,
+) -> Decision:
+    """Gates, sizing and, for options, contract choice with the stock fallback.
+
+    `option_planner(ctx, params, now, calendar) -> OptionOutcome` chooses and validates a
+    contract from the chain gathered for this recommendation; without one, an option
+    recommendation is denied (NO_OPTION_CHAIN): fail closed.
+    """
+    rec = ctx.recommendation
+    if rec.get("action") == "EXIT":
+        return _exit(ctx, rec, params, now, calendar)
+    if rec.get("instrument") != "OPTION":
+        return _stock_entry(ctx, rec, params, now, calendar, {})
+    return _option_entry(ctx, rec, params, now, calendar, option_planner)
+
+
+@dataclass(frozen=True)
+class OptionOutcome:
+    """What the option planner found: a valid contract to buy, or why not, and whether stock may stand in."""
+
+    passed: bool
+    code: str
+    reason: str
+    fallback_to_stock: bool
+    symbol: str | None = None
+    ask: Decimal | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    option_gates: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _option_entry(ctx: Context, rec: dict[str, Any], params: TradingParams, now: datetime,
+                  calendar: SessionCalendar | None, option_planner: Any) -> Decision:
+    if option_planner is None:
+        outcome = OptionOutcome(False, "NO_OPTION_CHAIN", "NO_OPTION_CHAIN: no option market data configured", True)
+    else:
+        outcome = option_planner(ctx, params, now, calendar)
+    info: dict[str, Any] = {"option": {"code": outcome.code, "reason": outcome.reason, **outcome.details},
+                            "option_gates": [{**g, "name": f"option.{g['name']}"} for g in outcome.option_gates]}
+    if outcome.passed and outcome.ask is not None and outcome.symbol:
+        equity = to_decimal((ctx.account_state or {}).get("equity"))
+        proposed = None
+        if equity is not None:
+            size = size_order("OPTION", outcome.ask, equity, ctx.exposure, params)
+            info["sizing"] = size.reason
+            if size.qty > 0:
+                proposed = ProposedOrder("OPTION", size.qty, outcome.ask)
+        if proposed is None:
+            # The option costs more than the budget allows: a size-zero skip, never rounded up.
+            _, gates = _evaluate(ctx, rec, params, now, calendar, ProposedOrder("OPTION", 1, outcome.ask))
+            sizing = info.get("sizing") or "SIZE_ZERO: no account equity to size against"
+            return _denied(gates + [NamedGate("option_sizing", GateResult(False, sizing, None, None))], info)
+        passed, gates = _evaluate(ctx, rec, params, now, calendar, proposed)
+        if not passed:
+            return _denied(gates, info)
+        plan = OrderPlan(
+            instrument="OPTION", symbol=outcome.symbol, underlying=ctx.ticker, side="buy",
+            qty=proposed.qty, est_price=outcome.ask, position_intent="buy_to_open",
+            opens_position=True, position_side="long",
+        )
+        return Decision("ORDER_PLANNED", f"buy {plan.qty} {plan.symbol} @~{plan.est_price}", gates, plan, info)
+
+    # The option failed its gates. Stock may stand in, re-gated as a stock order in full.
+    allow = params.instruments
+    if not outcome.fallback_to_stock or not allow.allow_stock_fallback or "STOCK" not in allow.allowed_instruments:
+        passed, gates = _evaluate(ctx, rec, params, now, calendar, None)
+        code = outcome.code if passed else _denied(gates).code
+        return Decision(code, outcome.reason, gates, None, {**info, "fallback": "not allowed"})
+    if rec["action"] == "SELL" and not allow.allow_short:
+        passed, gates = _evaluate(ctx, rec, params, now, calendar, None)
+        return Decision("FALLBACK_SHORT_NOT_ALLOWED",
+                        f"FALLBACK_SHORT_NOT_ALLOWED: option failed ({outcome.code}); a bearish stock fallback is a short sale",
+                        gates, None, {**info, "fallback": "short not allowed"})
+    info["fallback"] = f"stock instead of option ({outcome.code})"
+    stock_rec = {**rec, "instrument": "STOCK"}
+    decision = _stock_entry(ctx, stock_rec, params, now, calendar, info)
+    if decision.is_order:
+        return replace(decision, code="ORDER_PLANNED_FALLBACK")
+    return decision
+
+
+def recheck_capacity(decision: Decision, ctx: Context, fresh: dict[str, Any], params: TradingParams) -> Decision:
+    """Re-run the capacity gates on counts read under the account lock.
+
+    Two dispatchers may both have seen 4 of 5 positions; only the first to take the lock may
+    open the fifth.
+    """
+    plan = decision.plan
+    if plan is None or not plan.opens_position:
+        return decision
+    rechecked = [
+        NamedGate("kill_switch", check_kill_switch(fresh.get("kill_state") or "ACTIVE", ctx.action)),
+        NamedGate("open_position", check_no_open_position(bool(fresh["has_open_position"]), ctx.action)),
+        NamedGate("max_positions", check_max_positions(int(fresh["open_positions"]), params)),
+        NamedGate("max_exposure", check_max_exposure(fresh["exposure"], params, plan.notional)),
+    ]
+    names = {g.name for g in rechecked}
+    gates = [g for g in decision.gates if g.name not in names] + rechecked
+    if first_denial(rechecked) is None:
+        return replace(decision, gates=gates)
+    return _denied(gates, {**decision.info, "capacity": "denied on recheck under the account lock"})

@@ -1,0 +1,120 @@
+"""The account kill switch: state in Postgres, with a history of every change.
+
+ACTIVE: trading. REDUCING: only risk-reducing orders; a daily-loss trip puts the account here
+and it stays until the next session opens, whatever the P&L does meanwhile and across
+restarts. HALTED: nothing goes out until an operator resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import date, datetime
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+DAILY_LOSS_ACTOR = "daily-loss-limit"
+SESSION_ROLL_ACTOR = "session-roll"
+
+
+@dataclass(frozen=True)
+class KillSwitch:
+    state: str
+    changed_by: str | None = None
+    tripped_session: date | None = None
+
+
+def effective_state(switch: KillSwitch | None, session_day: date) -> tuple[str, bool]:
+    """The state in force on a trading day, and whether a latched daily-loss trip has expired.
+
+    A daily-loss REDUCING belongs to the session it tripped in; from the next session on the
+    account is ACTIVE again. Operator states never expire by themselves.
+    """
+    if switch is None or switch.state is None:
+        return "ACTIVE", False
+    if (
+        switch.state == "REDUCING"
+        and switch.changed_by == DAILY_LOSS_ACTOR
+        and switch.tripped_session is not None
+        and session_day > switch.tripped_session
+    ):
+        return "ACTIVE", True
+    return switch.state, False
+
+
+_SET_STATE = """
+WITH previous AS (
+    SELECT state FROM kill_switch WHERE account_id = %(account_id)s FOR UPDATE
+), upsert AS (
+    INSERT INTO kill_switch (account_id, state, reason, changed_by, changed_at, tripped_session)
+    VALUES (%(account_id)s, %(state)s, %(reason)s, %(by)s, %(now)s, %(tripped_session)s)
+    ON CONFLICT (account_id) DO UPDATE
+    SET state = EXCLUDED.state, reason = EXCLUDED.reason, changed_by = EXCLUDED.changed_by,
+        changed_at = EXCLUDED.changed_at, tripped_session = EXCLUDED.tripped_session
+    RETURNING account_id
+)
+INSERT INTO kill_switch_history (account_id, from_state, to_state, reason, changed_by, changed_at)
+SELECT %(account_id)s, (SELECT state FROM previous), %(state)s, %(reason)s, %(by)s, %(now)s
+FROM upsert
+"""
+
+
+def set_state(
+    conn: psycopg.Connection,
+    account_id: str,
+    state: str,
+    reason: str,
+    changed_by: str,
+    now: datetime,
+    tripped_session: date | None = None,
+) -> None:
+    """Set the state and append to the history, atomically (joins the caller's transaction)."""
+    if state not in {"ACTIVE", "REDUCING", "HALTED"}:
+        raise ValueError(f"unknown kill-switch state {state!r}")
+    conn.execute(
+        _SET_STATE,
+        {"account_id": account_id, "state": state, "reason": reason, "by": changed_by,
+         "now": now, "tripped_session": tripped_session},
+    )
+    log.warning("kill switch set", extra={"account_id": account_id, "state": state, "reason": reason, "changed_by": changed_by})
+
+
+def trip_daily_loss(conn: psycopg.Connection, account_id: str, reason: str, now: datetime, session_day: date) -> bool:
+    """Move an ACTIVE account to REDUCING for the rest of the session. True when it tripped now.
+
+    A HALTED account stays HALTED (stricter); an account already REDUCING is left as it is.
+    """
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT state FROM kill_switch WHERE account_id = %s FOR UPDATE", (account_id,)
+        ).fetchone()
+        current = (row["state"] if isinstance(row, dict) else row[0]) if row else "ACTIVE"
+        if current != "ACTIVE":
+            return False
+        set_state(conn, account_id, "REDUCING", reason, DAILY_LOSS_ACTOR, now, tripped_session=session_day)
+    return True
+
+
+def expire_latch(conn: psycopg.Connection, account_id: str, now: datetime, session_day: date) -> None:
+    """Record the end of a daily-loss latch when a new session begins."""
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT state, changed_by, tripped_session FROM kill_switch WHERE account_id = %s FOR UPDATE",
+            (account_id,),
+        ).fetchone()
+        if not row:
+            return
+        switch = KillSwitch(row["state"], row["changed_by"], row["tripped_session"])
+        state, expired = effective_state(switch, session_day)
+        if expired:
+            set_state(conn, account_id, state, f"daily-loss latch of {switch.tripped_session} ended: new session {session_day}",
+                      SESSION_ROLL_ACTOR, now)
+
+
+def read_state(conn: psycopg.Connection, account_id: str) -> dict | None:
+    return conn.execute(
+        "SELECT state, reason, changed_by, changed_at, tripped_session FROM kill_switch WHERE account_id = %s",
+        (account_id,),
+    ).fetchone()

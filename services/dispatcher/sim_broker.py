@@ -1,0 +1,224 @@
+"""The simulated paper broker: fills market orders at the quote plus slippage.
+
+Its book lives in Postgres (sim_account, sim_orders), so several dispatcher processes share
+one broker and a reused client_order_id is refused across processes, as Alpaca refuses it.
+
+Quotes: a stock's quote is built around the close of its latest 1-minute bar (bid/ask at
+`half_spread_bps` either side); an option's comes from `sim_option_marks`, written by the
+simulated market. A buy fills at the ask plus `slippage_bps`, a sell at the bid minus it.
+Positions are marked to mid. equity = cash + marked positions; last_equity is rolled to the
+equity at the first look of each new ET session, so equity - last_equity is the day's P&L, as
+Alpaca reports it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+
+from psycopg_pool import ConnectionPool
+
+from services.common.clock import Clock
+from services.common.market_calendar import SessionCalendar, nyse_calendar
+from services.dispatcher.broker import (
+    AccountSnapshot,
+    BrokerPosition,
+    BrokerRejected,
+    DuplicateClientOrderId,
+    OrderRequest,
+    OrderResult,
+)
+from services.dispatcher.risk.sizing import contract_multiplier
+
+_BPS = Decimal("0.0001")
+
+_STOCK_QUOTE = """
+SELECT close FROM lane_telemetry WHERE ticker = %(symbol)s AND ts <= %(now)s ORDER BY ts DESC LIMIT 1
+"""
+_OPTION_QUOTE = """
+SELECT bid, ask FROM sim_option_marks WHERE symbol = %(symbol)s AND ts <= %(now)s ORDER BY ts DESC LIMIT 1
+"""
+# Net position per symbol from the filled orders, marked to the latest mid.
+_POSITIONS = """
+SELECT o.symbol, o.asset_class, o.multiplier,
+       sum(CASE WHEN o.side = 'buy' THEN o.filled_qty ELSE -o.filled_qty END) AS qty,
+       sum(CASE WHEN o.side = 'buy' THEN o.filled_qty * o.filled_avg_price ELSE 0 END)
+         / nullif(sum(CASE WHEN o.side = 'buy' THEN o.filled_qty ELSE 0 END), 0) AS avg_entry_price,
+       CASE WHEN o.asset_class = 'us_option'
+            THEN (SELECT (m.bid + m.ask) / 2 FROM sim_option_marks m
+                  WHERE m.symbol = o.symbol AND m.ts <= %(now)s ORDER BY m.ts DESC LIMIT 1)
+            ELSE (SELECT b.close FROM lane_telemetry b
+                  WHERE b.ticker = o.symbol AND b.ts <= %(now)s ORDER BY b.ts DESC LIMIT 1)
+       END AS mark
+FROM sim_orders o
+WHERE o.account_id = %(account_id)s AND o.status = 'filled'
+GROUP BY o.symbol, o.asset_class, o.multiplier
+HAVING sum(CASE WHEN o.side = 'buy' THEN o.filled_qty ELSE -o.filled_qty END) <> 0
+"""
+_ORDER_COLUMNS = "id, client_order_id, symbol, side, qty, status, filled_qty, filled_avg_price, submitted_at, filled_at, reject_reason"
+
+
+def _order_result(row: dict) -> OrderResult:
+    return OrderResult(
+        broker_order_id=str(row["id"]),
+        client_order_id=row["client_order_id"],
+        symbol=row["symbol"],
+        side=row["side"],
+        qty=Decimal(row["qty"]),
+        status=row["status"],
+        filled_qty=Decimal(row["filled_qty"]),
+        filled_avg_price=row["filled_avg_price"],
+        submitted_at=row["submitted_at"],
+        filled_at=row["filled_at"],
+        reject_reason=row["reject_reason"],
+    )
+
+
+class SimBroker:
+    """A paper broker over Postgres. Every method is one short transaction."""
+
+    paper = True
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        account_id: str,
+        clock: Clock,
+        *,
+        slippage_bps: float = 5,
+        half_spread_bps: float = 2,
+        starting_cash: Decimal = Decimal("100000"),
+        calendar: SessionCalendar | None = None,
+    ):
+        self.pool = pool
+        self.account_id = account_id
+        self.clock = clock
+        self.slippage = Decimal(str(slippage_bps)) * _BPS
+        self.half_spread = Decimal(str(half_spread_bps)) * _BPS
+        self.starting_cash = starting_cash
+        self.calendar = calendar or nyse_calendar()
+
+    def __repr__(self) -> str:
+        return f"SimBroker(account_id={self.account_id!r})"
+
+    # --- orders -------------------------------------------------------------------------
+
+    def _quote(self, conn, order: OrderRequest, now: datetime) -> tuple[Decimal, Decimal] | None:
+        if order.instrument == "OPTION":
+            row = conn.execute(_OPTION_QUOTE, {"symbol": order.symbol, "now": now}).fetchone()
+            return (row["bid"], row["ask"]) if row else None
+        row = conn.execute(_STOCK_QUOTE, {"symbol": order.symbol, "now": now}).fetchone()
+        if not row:
+            return None
+        close = row["close"]
+        return close * (1 - self.half_spread), close * (1 + self.half_spread)
+
+    def submit_order(self, order: OrderRequest) -> OrderResult:
+        now = self.clock.now()
+        if order.qty <= 0:
+            raise BrokerRejected(f"qty must be positive, got {order.qty}")
+        multiplier = contract_multiplier(order.instrument)
+        with self.pool.connection() as conn, conn.transaction():
+            self._ensure_account(conn, now)
+            quote = self._quote(conn, order, now)
+            status, price, reject = "filled", None, None
+            if quote is None or quote[0] <= 0 or quote[1] <= 0:
+                status, reject = "rejected", f"no market for {order.symbol}"
+            else:
+                bid, ask = quote
+                price = (ask * (1 + self.slippage) if order.side == "buy" else bid * (1 - self.slippage)).quantize(Decimal("0.0001"))
+            row = conn.execute(
+                f"""INSERT INTO sim_orders (id, account_id, client_order_id, symbol, underlying, asset_class, side,
+                        position_intent, qty, multiplier, status, filled_qty, filled_avg_price, reject_reason,
+                        submitted_at, filled_at)
+                    VALUES (%(id)s, %(account_id)s, %(cid)s, %(symbol)s, %(underlying)s, %(asset_class)s, %(side)s,
+                        %(intent)s, %(qty)s, %(multiplier)s, %(status)s, %(filled_qty)s, %(price)s, %(reject)s,
+                        %(now)s, %(filled_at)s)
+                    ON CONFLICT (account_id, client_order_id) DO NOTHING
+                    RETURNING {_ORDER_COLUMNS}""",
+                {
+                    "id": uuid.uuid4(), "account_id": self.account_id, "cid": order.client_order_id,
+                    "symbol": order.symbol, "underlying": order.underlying,
+                    "asset_class": "us_option" if order.instrument == "OPTION" else "us_equity",
+                    "side": order.side, "intent": order.position_intent, "qty": order.qty,
+                    "multiplier": multiplier, "status": status,
+                    "filled_qty": order.qty if status == "filled" else 0, "price": price,
+                    "reject": reject, "now": now, "filled_at": now if status == "filled" else None,
+                },
+            ).fetchone()
+            if row is None:
+                raise DuplicateClientOrderId(f"client_order_id must be unique: {order.client_order_id}")
+            if status == "filled":
+                cash_flow = Decimal(order.qty) * price * multiplier
+                conn.execute(
+                    "UPDATE sim_account SET cash = cash + %(flow)s, updated_at = %(now)s WHERE account_id = %(a)s",
+                    {"flow": -cash_flow if order.side == "buy" else cash_flow, "now": now, "a": self.account_id},
+                )
+        result = _order_result(row)
+        if result.is_rejected:
+            raise BrokerRejected(result.reject_reason or "rejected")
+        return result
+
+    def get_order_by_client_id(self, client_order_id: str) -> OrderResult | None:
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                f"SELECT {_ORDER_COLUMNS} FROM sim_orders WHERE account_id = %s AND client_order_id = %s",
+                (self.account_id, client_order_id),
+            ).fetchone()
+        return _order_result(row) if row else None
+
+    def list_orders_since(self, since: datetime) -> Sequence[OrderResult]:
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                f"SELECT {_ORDER_COLUMNS} FROM sim_orders WHERE account_id = %s AND submitted_at >= %s ORDER BY submitted_at",
+                (self.account_id, since),
+            ).fetchall()
+        return [_order_result(r) for r in rows]
+
+    # --- account --------------------------------------------------------------------------
+
+    def _ensure_account(self, conn, now: datetime) -> None:
+        day = self.calendar.current_or_previous_session(now).day
+        conn.execute(
+            """INSERT INTO sim_account (account_id, cash, last_equity, session_day, updated_at)
+               VALUES (%s, %s, %s, %s, %s) ON CONFLICT (account_id) DO NOTHING""",
+            (self.account_id, self.starting_cash, self.starting_cash, day, now),
+        )
+
+    def get_positions(self) -> Sequence[BrokerPosition]:
+        now = self.clock.now()
+        with self.pool.connection() as conn:
+            rows = conn.execute(_POSITIONS, {"account_id": self.account_id, "now": now}).fetchall()
+        return [
+            BrokerPosition(r["symbol"], r["qty"], r["avg_entry_price"] or Decimal(0), r["mark"], r["asset_class"])
+            for r in rows
+        ]
+
+    def get_account(self) -> AccountSnapshot:
+        now = self.clock.now()
+        day = self.calendar.current_or_previous_session(now).day
+        with self.pool.connection() as conn, conn.transaction():
+            self._ensure_account(conn, now)
+            acct = conn.execute(
+                "SELECT cash, last_equity, session_day FROM sim_account WHERE account_id = %s FOR UPDATE",
+                (self.account_id,),
+            ).fetchone()
+            rows = conn.execute(_POSITIONS, {"account_id": self.account_id, "now": now}).fetchall()
+            market_value = sum(
+                (r["qty"] * (r["mark"] if r["mark"] is not None else r["avg_entry_price"] or 0) * r["multiplier"] for r in rows),
+                Decimal(0),
+            )
+            equity = acct["cash"] + market_value
+            last_equity = acct["last_equity"]
+            if day > acct["session_day"]:
+                # A new session: the equity carried over is the previous close's.
+                last_equity = equity
+                conn.execute(
+                    "UPDATE sim_account SET last_equity = %s, session_day = %s, updated_at = %s WHERE account_id = %s",
+                    (equity, day, now, self.account_id),
+                )
+        return AccountSnapshot(
+            equity=equity, last_equity=last_equity, cash=acct["cash"], buying_power=max(acct["cash"], Decimal(0)), as_of=now
+        )
