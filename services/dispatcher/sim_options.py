@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 from services.common.market_calendar import SessionCalendar, et_date, nyse_calendar, option_expiry_instant
@@ -143,6 +143,7 @@ def simulate_chain(
         raise ValueError(f"spot={spot!r} must be positive")
     cal = calendar or nyse_calendar()
     today = et_date(now)
+    quote_time = now.astimezone(timezone.utc)
     step = strike_step(spot_f)
     atm = (Decimal(str(spot_f)) / step).to_integral_value() * step
     strikes = [atm + step * i for i in range(-spec.strikes_each_side, spec.strikes_each_side + 1)]
@@ -190,7 +191,7 @@ def simulate_chain(
                         ask=ask,
                         bid_size=size,
                         ask_size=size + 3,
-                        quote_time=now,
+                        quote_time=quote_time,
                         volume=volume,
                         open_interest=open_interest,
                         implied_volatility=round(vol, 6),
