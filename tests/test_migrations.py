@@ -1,0 +1,275 @@
+"""Migrations: numbered SQL applied in order, each once, each in a transaction, tracked with a
+checksum; failures roll back and exit non-zero; the schema keeps one NOT NULL account key."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from services.common.migrate import MIGRATIONS_DIR, MigrationError, discover, migrate
+
+REPO = Path(__file__).resolve().parents[1]
+ACCOUNT_SCOPED = {
+    "dispatch_recommendations",
+    "dispatch_executions",
+    "active_positions",
+    "account_state",
+    "kill_switch",
+    "kill_switch_history",
+}
+
+
+def real_migration_files() -> list[Path]:
+    return sorted(MIGRATIONS_DIR.glob("*.sql"), key=lambda p: int(p.name.split("_", 1)[0]))
+
+
+@pytest.fixture
+def migrations_copy(tmp_path) -> Path:
+    """A private copy of migrations/ that a test may edit or extend."""
+    target = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS_DIR, target)
+    return target
+
+
+def write(directory: Path, name: str, sql: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(sql)
+    return path
+
+
+def query(url: str, sql: str, params=()) -> list[tuple]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def execute(url: str, sql: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def recorded(url: str) -> list[tuple]:
+    return query(url, "SELECT version, name, checksum FROM schema_migrations ORDER BY version")
+
+
+def table_exists(url: str, name: str) -> bool:
+    return query(url, "SELECT to_regclass(%s) IS NOT NULL", (f"public.{name}",))[0][0]
+
+
+def test_applies_all_migrations_in_order_and_records_their_checksums(empty_db_url, migrations_copy):
+    files = real_migration_files()
+    applied = migrate(empty_db_url, migrations_copy)
+    assert applied == [p.name for p in files]
+    assert recorded(empty_db_url) == [
+        (int(p.name.split("_", 1)[0]), p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in files
+    ]
+    assert table_exists(empty_db_url, "dispatch_recommendations")
+
+
+def test_a_second_run_applies_nothing(empty_db_url, migrations_copy):
+    migrate(empty_db_url, migrations_copy)
+    before = query(empty_db_url, "SELECT version, applied_at FROM schema_migrations ORDER BY version")
+    assert migrate(empty_db_url, migrations_copy) == []
+    assert query(empty_db_url, "SELECT version, applied_at FROM schema_migrations ORDER BY version") == before
+
+
+def test_a_new_migration_is_applied_alone_after_the_others(empty_db_url, migrations_copy):
+    migrate(empty_db_url, migrations_copy)
+    write(migrations_copy, "900_extra.sql", "CREATE TABLE extra_t (id int NOT NULL);")
+    assert migrate(empty_db_url, migrations_copy) == ["900_extra.sql"]
+    assert table_exists(empty_db_url, "extra_t")
+
+
+def test_an_edited_applied_migration_raises_and_names_the_file(empty_db_url, migrations_copy):
+    migrate(empty_db_url, migrations_copy)
+    first = real_migration_files()[0].name
+    edited = migrations_copy / first
+    edited.write_text(edited.read_text() + "\n-- a later edit\n")
+    write(migrations_copy, "900_pending.sql", "CREATE TABLE pending_t (id int);")
+    with pytest.raises(MigrationError, match=first) as info:
+        migrate(empty_db_url, migrations_copy)
+    assert "edited" in str(info.value)
+    assert not table_exists(empty_db_url, "pending_t")
+
+
+def test_a_failing_migration_is_rolled_back_not_recorded_and_raises(empty_db_url, migrations_copy):
+    write(
+        migrations_copy,
+        "900_broken.sql",
+        "CREATE TABLE half_done (id int);\nINSERT INTO half_done VALUES (1);\nINSERT INTO no_such_table VALUES (1);\n",
+    )
+    with pytest.raises(MigrationError, match="900_broken.sql"):
+        migrate(empty_db_url, migrations_copy)
+    assert not table_exists(empty_db_url, "half_done")
+    versions = [r[0] for r in recorded(empty_db_url)]
+    assert 900 not in versions
+    assert versions == [int(p.name.split("_", 1)[0]) for p in real_migration_files()]
+    # The lock was released and a fixed file goes through on the next run.
+    write(migrations_copy, "900_broken.sql", "CREATE TABLE half_done (id int);\n")
+    assert migrate(empty_db_url, migrations_copy) == ["900_broken.sql"]
+    assert table_exists(empty_db_url, "half_done")
+
+
+def test_a_failure_stops_the_run_before_later_migrations(empty_db_url, tmp_path):
+    d = tmp_path / "m"
+    write(d, "001_ok.sql", "CREATE TABLE ok_t (id int);")
+    write(d, "002_bad.sql", "CREATE TABLE bad_t (id int); SELECT 1/0;")
+    write(d, "003_later.sql", "CREATE TABLE later_t (id int);")
+    with pytest.raises(MigrationError, match="002_bad.sql"):
+        migrate(empty_db_url, d)
+    assert [r[1] for r in recorded(empty_db_url)] == ["001_ok.sql"]
+    assert (table_exists(empty_db_url, "ok_t"), table_exists(empty_db_url, "bad_t"), table_exists(empty_db_url, "later_t")) == (
+        True, False, False,
+    )
+
+
+def test_two_concurrent_runs_apply_each_file_once(empty_db_url, tmp_path):
+    d = tmp_path / "m"
+    # Plain CREATE TABLE fails if run twice; the sleep keeps the first run inside its lock
+    # while the others arrive.
+    write(d, "001_slow.sql", "SELECT pg_sleep(0.2);\nCREATE TABLE slow_t (id int);")
+    write(d, "002_next.sql", "CREATE TABLE next_t (id int);")
+    write(d, "003_counter.sql", "CREATE TABLE applied_count (n int);\nINSERT INTO applied_count VALUES (1);")
+    workers = 4
+    barrier = threading.Barrier(workers)
+    results: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def run():
+        barrier.wait()
+        try:
+            results.append(migrate(empty_db_url, d))
+        except BaseException as e:  # collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    assert sorted(name for r in results for name in r) == ["001_slow.sql", "002_next.sql", "003_counter.sql"]
+    assert sorted(len(r) for r in results) == [0] * (workers - 1) + [3]
+    assert query(empty_db_url, "SELECT count(*) FROM applied_count")[0][0] == 1
+    assert len(recorded(empty_db_url)) == 3
+
+
+def test_a_database_with_unknown_migrations_raises(empty_db_url, tmp_path):
+    d = tmp_path / "m"
+    write(d, "001_a.sql", "CREATE TABLE a_t (id int);")
+    write(d, "002_b.sql", "CREATE TABLE b_t (id int);")
+    migrate(empty_db_url, d)
+    (d / "002_b.sql").unlink()
+    with pytest.raises(MigrationError, match="does not know"):
+        migrate(empty_db_url, d)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        pytest.param(["001_a.sql", "0001_b.sql"], id="duplicate-version"),
+        pytest.param(["1_a.sql"], id="short-number"),
+        pytest.param(["001-a.sql"], id="dash"),
+        pytest.param(["001_Add.sql"], id="uppercase"),
+        pytest.param(
+            ["001_a.sql", "003_c.sql"],
+            id="gap-in-numbering",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="migrate.py's docstring says a gap in the numbering stops the run, but discover() "
+                "does not check for gaps, so a missing 002 is silently skipped",
+            ),
+        ),
+    ],
+)
+def test_badly_numbered_files_are_refused_before_touching_the_database(tmp_path, names):
+    d = tmp_path / "m"
+    for name in names:
+        write(d, name, "SELECT 1;")
+    with pytest.raises(MigrationError):
+        discover(d)
+
+
+def test_an_unreachable_database_raises_migration_error(tmp_path):
+    with pytest.raises(MigrationError, match="cannot connect"):
+        migrate(f"postgresql:///nope?host={tmp_path}", tmp_path)
+
+
+def test_real_migrations_are_numbered_without_gaps_or_duplicates():
+    versions = [m.version for m in discover()]
+    assert versions == list(range(1, len(versions) + 1))
+
+
+def test_every_account_scoped_table_has_a_not_null_account_id(empty_db_url):
+    migrate(empty_db_url)  # the real migrations/ directory
+    rows = query(
+        empty_db_url,
+        """SELECT c.table_name, c.is_nullable
+           FROM information_schema.columns c
+           JOIN information_schema.tables t
+             ON t.table_schema = c.table_schema AND t.table_name = c.table_name
+           WHERE c.table_schema = 'public' AND t.table_type = 'BASE TABLE' AND c.column_name = 'account_id'
+           ORDER BY c.table_name""",
+    )
+    nullable = {table: flag for table, flag in rows}
+    assert ACCOUNT_SCOPED <= set(nullable), f"missing account_id in {sorted(ACCOUNT_SCOPED - set(nullable))}"
+    assert {t: f for t, f in nullable.items() if f != "NO"} == {}
+
+
+def test_no_table_uses_another_name_for_the_account_key(empty_db_url):
+    """One key name everywhere: the old system's two names hid positions from the limits."""
+    migrate(empty_db_url)
+    rows = query(
+        empty_db_url,
+        r"""SELECT table_name, column_name FROM information_schema.columns
+            WHERE table_schema = 'public'
+              AND column_name ~ '(^|_)(account|acct)(_|$)' AND column_name <> 'account_id'
+            ORDER BY 1, 2""",
+    )
+    assert rows == []
+
+
+def test_timestamps_are_timestamptz(empty_db_url):
+    migrate(empty_db_url)
+    rows = query(
+        empty_db_url,
+        """SELECT table_name, column_name FROM information_schema.columns
+           WHERE table_schema = 'public' AND data_type = 'timestamp without time zone'""",
+    )
+    assert rows == []
+
+
+def _cli() -> list[str]:
+    exe = Path(sys.executable).parent / "ops-pipeline"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "services.cli"]
+
+
+def _admin_cli_present() -> bool:
+    return (REPO / "services" / "common" / "admin_cli.py").exists()
+
+
+@pytest.mark.skipif(not _admin_cli_present(), reason="services/common/admin_cli.py (the migrate command) is not in this build")
+def test_cli_migrate_exits_non_zero_on_a_failing_migration(empty_db_url):
+    # A table already named like one in 001 makes 001's CREATE TABLE fail.
+    execute(empty_db_url, "CREATE TABLE lane_telemetry (squatter int)")
+    env = {**os.environ, "DATABASE_URL": empty_db_url}
+    proc = subprocess.run([*_cli(), "migrate"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "001_" in proc.stderr
+    assert not table_exists(empty_db_url, "dispatch_recommendations")
+
+
+@pytest.mark.skipif(not _admin_cli_present(), reason="services/common/admin_cli.py (the migrate command) is not in this build")
+def test_cli_migrate_exits_zero_and_builds_the_schema(empty_db_url):
+    env = {**os.environ, "DATABASE_URL": empty_db_url}
+    proc = subprocess.run([*_cli(), "migrate"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(recorded(empty_db_url)) == len(real_migration_files())
