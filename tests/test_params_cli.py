@@ -239,3 +239,14 @@ def test_name_option_targets_another_parameter(ssm, tmp_path, capsys):
     assert ssm.get_parameter(Name="/other/params")["Parameter"]["Version"] == 1
     with pytest.raises(ssm.exceptions.ParameterNotFound):
         ssm.get_parameter(Name=NAME)
+
+
+def test_aws_endpoint_url_is_honoured(monkeypatch, capsys):
+    # Where a moto server (or any SSM endpoint) would be reached; nothing listens on port 9.
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_SSM", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert main(["params", "history"]) == 2
+    assert 'Could not connect to the endpoint URL: "http://127.0.0.1:9/"' in capsys.readouterr().err
