@@ -427,6 +427,10 @@ def _exposure_gate(recommendation, bar, account_state, total_notional, proposed_
             return _deny("NO_SIZE_INPUTS", f"price={price} equity={equity} exposure={current}", None, params.risk.max_notional_exposure)
         size = size_order("STOCK", price, equity, current, params)
         if size.qty == 0:
+            # When not even one share fits under the limit, the exposure limit is what blocks.
+            one_share = check_max_exposure(current, params, price)
+            if not one_share.passed:
+                return one_share
             return GateResult(False, size.reason, current, params.risk.max_notional_exposure)
         proposed_order = ProposedOrder("STOCK", size.qty, price)
     return check_max_exposure(total_notional, params, proposed_order.notional)

@@ -1,0 +1,153 @@
+"""Operator commands: migrate, halt, resume, status."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from datetime import datetime
+from typing import Any
+
+from services.common.clock import SystemClock
+from services.common.market_calendar import et_date, et_day_bounds
+
+DEFAULT_ACCOUNT = "paper-main"
+
+
+def _account(args) -> str:
+    return args.account or os.environ.get("ACCOUNT_ID", DEFAULT_ACCOUNT)
+
+
+def _url() -> str:
+    from services.common.db import database_url
+    from services.common.migrate import migrate
+
+    url = database_url()
+    migrate(url)
+    return url
+
+
+def cmd_migrate(args) -> int:
+    from services.common.db import database_url
+    from services.common.migrate import MigrationError, migrate
+
+    try:
+        applied = migrate(database_url())
+    except MigrationError as e:
+        print(f"migration failed: {e}", file=sys.stderr)
+        return 1
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+    return 0
+
+
+def _set(args, state: str, reason: str) -> int:
+    from services.common.db import connect
+    from services.dispatcher.kill_switch import set_state
+
+    actor = args.by or f"operator:{getpass.getuser()}"
+    with connect(_url()) as conn, conn.transaction():
+        set_state(conn, _account(args), state, reason, actor, SystemClock().now())
+    print(f"{_account(args)}: {state} ({reason}) by {actor}")
+    return 0
+
+
+def cmd_halt(args) -> int:
+    return _set(args, "HALTED", args.reason)
+
+
+def cmd_resume(args) -> int:
+    return _set(args, "ACTIVE", args.reason or "resumed by operator")
+
+
+def status_report(conn, account_id: str, now: datetime) -> dict[str, Any]:
+    """What an operator asks first: is it trading, what does it hold, what did it decide today."""
+    day_start, day_end = et_day_bounds(et_date(now))
+    switch = conn.execute(
+        "SELECT state, reason, changed_by, changed_at, tripped_session FROM kill_switch WHERE account_id = %s",
+        (account_id,),
+    ).fetchone()
+    account = conn.execute(
+        "SELECT equity, last_equity, equity - last_equity AS daily_pnl, as_of FROM account_state WHERE account_id = %s",
+        (account_id,),
+    ).fetchone()
+    positions = conn.execute(
+        """SELECT ticker, instrument, symbol, side, qty, avg_price, market_price, multiplier, status,
+                  qty * coalesce(market_price, avg_price) * multiplier AS notional
+           FROM active_positions WHERE account_id = %s AND status IN ('PENDING', 'OPEN') ORDER BY ticker""",
+        (account_id,),
+    ).fetchall()
+    by_status = conn.execute(
+        """SELECT status, count(*)::int AS n FROM dispatch_recommendations
+           WHERE account_id = %s AND created_at >= %s AND created_at < %s GROUP BY status ORDER BY status""",
+        (account_id, day_start, day_end),
+    ).fetchall()
+    by_gate = conn.execute(
+        """SELECT outcome_code, count(*)::int AS n FROM dispatch_recommendations
+           WHERE account_id = %s AND created_at >= %s AND created_at < %s AND status IN ('SKIPPED', 'REJECTED', 'FAILED')
+           GROUP BY outcome_code ORDER BY n DESC, outcome_code""",
+        (account_id, day_start, day_end),
+    ).fetchall()
+    return {
+        "account_id": account_id,
+        "kill_switch": switch or {"state": "ACTIVE", "reason": "never set"},
+        "account": account,
+        "positions": positions,
+        "exposure": sum((p["notional"] for p in positions), 0),
+        "decisions_by_status": {r["status"]: r["n"] for r in by_status},
+        "blocked_by": {r["outcome_code"]: r["n"] for r in by_gate},
+    }
+
+
+def format_status(report: dict[str, Any], params_status: dict[str, Any] | None = None) -> str:
+    ks = report["kill_switch"]
+    lines = [f"account       {report['account_id']}",
+             f"kill switch   {ks['state']}  ({ks.get('reason')}"
+             + (f", by {ks['changed_by']} at {ks['changed_at']:%Y-%m-%d %H:%M:%S%z}" if ks.get("changed_by") else "") + ")"]
+    acct = report["account"]
+    if acct:
+        lines.append(f"daily P&L     {acct['daily_pnl']:+,.2f}  (equity {acct['equity']:,.2f}, last_equity "
+                     f"{acct['last_equity']:,.2f}, as of {acct['as_of']:%Y-%m-%d %H:%M:%S%z})")
+    else:
+        lines.append("daily P&L     unknown: no account state yet (entries are denied until there is one)")
+    lines.append(f"exposure      {report['exposure']:,.2f} in {len(report['positions'])} position(s)")
+    for p in report["positions"]:
+        lines.append(f"  {p['ticker']:<6} {p['instrument']:<6} {p['symbol']:<22} {p['side']:<5} {p['qty']:>6} "
+                     f"@ {p['avg_price']:.2f}  notional {p['notional']:,.2f}  {p['status']}")
+    statuses = ", ".join(f"{k} {v}" for k, v in report["decisions_by_status"].items()) or "none"
+    lines.append(f"decisions     today (ET): {statuses}")
+    for code, n in report["blocked_by"].items():
+        lines.append(f"  blocked by {code:<28} {n}")
+    if params_status:
+        lines.append(f"params        {params_status.get('source')} version {params_status.get('version')} "
+                     f"hash {str(params_status.get('hash'))[:12]}"
+                     + (f"  LAST ERROR: {params_status['last_error']}" if params_status.get("last_error") else ""))
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    from services.common.db import connect
+    from services.dispatcher.main import params_provider
+
+    with connect(_url()) as conn:
+        report = status_report(conn, _account(args), SystemClock().now())
+    print(format_status(report, params_provider().status()))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("migrate", help="apply pending database migrations")
+    p.set_defaults(handler=cmd_migrate)
+
+    for name, handler, help_text in [
+        ("halt", cmd_halt, "halt the account: no order goes out until resume"),
+        ("resume", cmd_resume, "return the account to ACTIVE"),
+    ]:
+        p = subparsers.add_parser(name, help=help_text)
+        p.add_argument("--account", help="account id (default $ACCOUNT_ID or paper-main)")
+        p.add_argument("--reason", required=(name == "halt"), help="why, recorded in the history")
+        p.add_argument("--by", help="who (default operator:<user>)")
+        p.set_defaults(handler=handler)
+
+    p = subparsers.add_parser("status", help="kill switch, P&L, exposure, positions, today's decisions")
+    p.add_argument("--account", help="account id (default $ACCOUNT_ID or paper-main)")
+    p.set_defaults(handler=cmd_status)

@@ -1,0 +1,287 @@
+"""`ops-pipeline demo`: one simulated trading session on the embedded Postgres.
+
+A seeded synthetic market writes 1-minute bars; a desk stream of recommendations (and, where
+the signal pipeline is installed, the signal engine) feeds the dispatcher, which decides each
+one through every gate and trades on the simulated paper broker, with the repo's params file.
+The scenario is built so that every account kill switch blocks at least once: orders before
+09:35 and after 15:45, positions and exposure at their limits, and a sell-off that trips the
+daily-loss switch, which then stays tripped while the market recovers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any, TextIO
+
+from services.common.clock import FixedClock
+from services.common.market_calendar import ET, nyse_calendar
+from services.common.params import ParamsInForce, load_params_file
+from services.dispatcher import kill_switch
+from services.dispatcher.main import Dispatcher, Outcome, StaticParams
+from services.dispatcher.sim_broker import SimBroker
+from services.sim_market import Move, SimMarket, TickerSpec, write_bars
+
+log = logging.getLogger("demo")
+
+DEMO_ACCOUNT = "demo"
+DEMO_DAY = date(2026, 11, 25)
+
+TICKERS = [
+    TickerSpec("AAPL", 231.0, 0.0008, 40_000, 1.0),
+    TickerSpec("AMD", 152.0, 0.0012, 30_000, 0.8),
+    TickerSpec("F", 11.2, 0.0010, 60_000, 0.2),
+    TickerSpec("META", 590.0, 0.0009, 15_000, 0.9),
+    TickerSpec("MSFT", 421.0, 0.0007, 25_000, 1.0),
+    TickerSpec("NVDA", 181.0, 0.0013, 80_000, 1.2),
+    TickerSpec("SPY", 601.0, 0.0005, 90_000, 1.5),
+    TickerSpec("TSLA", 342.0, 0.0016, 50_000, 0.6),
+]
+ALL = tuple(t.ticker for t in TICKERS)
+
+# Minutes after the open. The sell-off runs 12:50-13:30 ET, the recovery 13:50-15:00 ET.
+MOVES = [
+    Move(("AAPL", "NVDA"), 15, 60, 0.012),
+    Move(("AMD",), 40, 80, 0.015),
+    Move(("TSLA",), 90, 120, -0.012),
+    Move(("META", "MSFT"), 120, 150, 0.010),
+    Move(ALL, 200, 240, -0.085, volume_factor=3.0),
+    Move(ALL, 260, 330, 0.075, volume_factor=2.0),
+]
+
+
+@dataclass(frozen=True)
+class DeskRec:
+    minute: int
+    ticker: str
+    action: str
+    instrument: str = "STOCK"
+    strategy: str = "day_trade"
+    confidence: float = 0.75
+    note: str = ""
+
+
+# The desk's stream: entries through the day, exits, and a few malformed recommendations.
+DESK = [
+    DeskRec(1, "AAPL", "BUY", note="before 09:35: opening block"),
+    DeskRec(10, "AAPL", "BUY"),
+    DeskRec(12, "MSFT", "BUY"),
+    DeskRec(14, "AAPL", "BUY", note="ticker already held, in cooldown"),
+    DeskRec(20, "NVDA", "BUY", "OPTION"),
+    DeskRec(22, "AMD", "BUY"),
+    DeskRec(24, "META", "BUY", "OPTION"),
+    DeskRec(26, "TSLA", "BUY"),
+    DeskRec(28, "F", "BUY", note="sixth position"),
+    DeskRec(30, "SPY", "BUY", note="sixth position"),
+    DeskRec(45, "MSFT", "EXIT"),
+    DeskRec(47, "SPY", "BUY", "OPTION", "swing_trade", 0.55),
+    DeskRec(60, "F", "BUY", note="exposure"),
+    DeskRec(62, "XYZ", "BUY", note="no market data"),
+    DeskRec(64, "AAPL", "HOLD", note="unknown action"),
+    DeskRec(66, "MSFT", "BUY", confidence=0.4, note="low confidence"),
+    DeskRec(95, "TSLA", "SELL", note="bearish stock entry: a short sale"),
+    DeskRec(150, "AMD", "EXIT"),
+    DeskRec(160, "F", "BUY"),
+    DeskRec(245, "MSFT", "BUY", note="after the daily-loss trip"),
+    DeskRec(250, "AAPL", "EXIT", note="risk-reducing: allowed while REDUCING"),
+    DeskRec(340, "AMD", "BUY", note="P&L recovered; the switch stays tripped"),
+    DeskRec(378, "MSFT", "BUY", note="after 15:45"),
+    DeskRec(386, "NVDA", "EXIT", note="after the operator's halt"),
+]
+HALT_MINUTE = 384
+
+
+@dataclass
+class DemoResult:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _demo_database() -> str:
+    """A fresh demo database: on the embedded server by default, or DATABASE_URL's server."""
+    import psycopg
+
+    from services.common.db import embedded_server
+
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return url
+    server = embedded_server()
+    with psycopg.connect(server.get_uri("postgres"), autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS ops_demo WITH (FORCE)")
+        conn.execute("CREATE DATABASE ops_demo")
+        # A replay needs no durability; commits that skip the WAL flush make the demo several times faster.
+        conn.execute("ALTER DATABASE ops_demo SET synchronous_commit = off")
+    return server.get_uri("ops_demo")
+
+
+def _reset_account(conn, account: str) -> None:
+    # Only needed on a shared DATABASE_URL: the demo's own account starts from nothing.
+    for table in ("active_positions", "dispatch_executions", "dispatch_recommendations", "account_state",
+                  "kill_switch", "kill_switch_history", "sim_orders", "sim_account"):
+        conn.execute(f"DELETE FROM {table} WHERE account_id = %s", (account,))
+
+
+def run_demo(day: date = DEMO_DAY, seed: int = 7, in_force: ParamsInForce | None = None,
+             url: str | None = None) -> DemoResult:
+    from services.common.db import connect, make_pool
+    from services.common.migrate import migrate
+
+    started = time.perf_counter()
+    calendar = nyse_calendar()
+    session = calendar.session_on(day)
+    if session is None:
+        raise SystemExit(f"{day} is not a trading day")
+    url = url or _demo_database()
+    migrate(url)
+    in_force = in_force or load_params_file()
+    clock = FixedClock(session.open)
+    pool = make_pool(url, min_size=1, max_size=2, application_name="ops-dispatcher:demo")
+    result = DemoResult()
+    try:
+        with connect(url) as conn:
+            _reset_account(conn, DEMO_ACCOUNT)
+        broker = SimBroker(pool, DEMO_ACCOUNT, clock, slippage_bps=in_force.params.execution.slippage_bps)
+        dispatcher = Dispatcher(pool, broker, StaticParams(in_force), DEMO_ACCOUNT, clock=clock,
+                                calendar=calendar, worker_id="demo")
+        market = SimMarket(TICKERS, session, MOVES, seed=seed)
+        desk = {}
+        for rec in DESK:
+            desk.setdefault(rec.minute, []).append(rec)
+        trip_seen: dict[str, Any] = {}
+        with connect(url) as conn:
+            for minute in range(market.minutes):
+                bars = market.next_bars(minute)
+                clock.set(market.bar_time(minute) + timedelta(minutes=1))
+                now = clock.now()
+                write_bars(conn, bars)
+                _write_features(conn, bars)
+                if minute == HALT_MINUTE:
+                    with conn.transaction():
+                        kill_switch.set_state(conn, DEMO_ACCOUNT, "HALTED", "operator halt (demo)", "operator:demo", now)
+                    result.rows.append({"time": now, "ticker": "-", "action": "HALT", "instrument": "-",
+                                        "status": "HALTED", "codes": "operator halt", "detail": ""})
+                notes = {}
+                for rec in desk.get(minute, []):
+                    rec_id = _insert_rec(conn, rec, now)
+                    notes[rec_id] = rec.note
+                dispatcher.refresh_account()
+                for outcome in dispatcher.drain():
+                    result.rows.append(_row(conn, outcome, now, notes.get(outcome.recommendation_id, "")))
+                if not trip_seen:
+                    ks = kill_switch.read_state(conn, DEMO_ACCOUNT)
+                    if ks and ks["state"] == "REDUCING":
+                        trip_seen.update(ks)
+                        result.rows.append({"time": now, "ticker": "-", "action": "TRIP", "instrument": "-",
+                                            "status": "REDUCING", "codes": "daily loss limit", "detail": ks["reason"]})
+            result.summary = _summary(conn, dispatcher, trip_seen)
+    finally:
+        pool.close()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _write_features(conn, bars: list[dict]) -> None:
+    """Features for the demo's bars: the feature computer when installed, else a minimal row."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO lane_features (ticker, ts, close) VALUES (%(ticker)s, %(ts)s, %(close)s) ON CONFLICT DO NOTHING",
+            bars,
+        )
+
+
+def _insert_rec(conn, rec: DeskRec, now: datetime) -> int:
+    return conn.execute(
+        """INSERT INTO dispatch_recommendations (account_id, ticker, action, instrument, strategy, confidence,
+                                                 reason, created_at)
+           VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s) RETURNING id""",
+        (DEMO_ACCOUNT, rec.ticker, rec.action, rec.instrument, rec.strategy, rec.confidence,
+         '{"source": "desk"}', now),
+    ).fetchone()["id"]
+
+
+def _row(conn, outcome: Outcome, now: datetime, note: str) -> dict[str, Any]:
+    rec = conn.execute(
+        "SELECT instrument, gate_results, decision FROM dispatch_recommendations WHERE id = %s",
+        (outcome.recommendation_id,),
+    ).fetchone()
+    failed = [g["code"] for g in (rec["gate_results"] or []) if not g["passed"]]
+    codes = ", ".join(dict.fromkeys(failed)) if failed else outcome.code
+    instrument = rec["instrument"]
+    plan = (rec["decision"] or {}).get("plan")
+    if plan and plan.get("instrument") != instrument:
+        instrument = f"{instrument}->{plan['instrument']}"
+    return {"time": now, "ticker": outcome.ticker, "action": outcome.action, "instrument": instrument,
+            "status": outcome.status, "codes": codes, "detail": note or outcome.detail}
+
+
+def _summary(conn, dispatcher: Dispatcher, trip: dict[str, Any]) -> dict[str, Any]:
+    from services.common.admin_cli import status_report
+
+    report = status_report(conn, DEMO_ACCOUNT, dispatcher.clock.now())
+    orders = conn.execute(
+        "SELECT count(*)::int AS n, count(*) FILTER (WHERE status = 'FILLED')::int AS filled FROM dispatch_executions WHERE account_id = %s",
+        (DEMO_ACCOUNT,),
+    ).fetchone()
+    gate_blocks = Counter()
+    for row in conn.execute(
+        "SELECT gate_results FROM dispatch_recommendations WHERE account_id = %s AND gate_results IS NOT NULL",
+        (DEMO_ACCOUNT,),
+    ):
+        for g in row["gate_results"]:
+            if not g["passed"]:
+                gate_blocks[g["name"]] += 1
+    realized = conn.execute(
+        "SELECT coalesce(sum(realized_pnl), 0) AS r FROM active_positions WHERE account_id = %s AND status = 'CLOSED'",
+        (DEMO_ACCOUNT,),
+    ).fetchone()["r"]
+    return {**report, "orders": orders["n"], "filled": orders["filled"], "gate_blocks": dict(gate_blocks),
+            "realized_pnl": realized, "trip": trip}
+
+
+def print_report(result: DemoResult, out: TextIO = sys.stdout) -> None:
+    w = out.write
+    w(f"{'time (ET)':<9} {'ticker':<6} {'action':<5} {'instrument':<13} {'outcome':<10} {'gate / code':<44} note\n")
+    w("-" * 120 + "\n")
+    for r in result.rows:
+        w(f"{r['time'].astimezone(ET):%H:%M}     {r['ticker']:<6} {r['action']:<5} {r['instrument']:<13} "
+          f"{r['status']:<10} {r['codes'][:44]:<44} {r['detail'][:60]}\n")
+    s = result.summary
+    ks = s["kill_switch"]
+    acct = s["account"] or {}
+    w("\nSummary\n-------\n")
+    w(f"orders            {s['orders']} submitted, {s['filled']} filled\n")
+    w(f"open positions    {len(s['positions'])}   exposure {s['exposure']:,.2f}\n")
+    for p in s["positions"]:
+        w(f"  {p['ticker']:<6} {p['instrument']:<6} {p['symbol']:<22} {p['qty']:>6} @ {p['avg_price']:.2f}  "
+          f"marked {p['market_price'] or p['avg_price']:.2f}\n")
+    if acct:
+        w(f"P&L today         {acct['daily_pnl']:+,.2f}  (realized {s['realized_pnl']:+,.2f}; equity {acct['equity']:,.2f})\n")
+    w(f"kill switch       {ks['state']}: {ks.get('reason')}\n")
+    if s["trip"]:
+        w(f"daily-loss trip   at {s['trip']['changed_at'].astimezone(ET):%H:%M} ET, latched for the session of {s['trip']['tripped_session']}\n")
+    w("decisions         " + ", ".join(f"{k} {v}" for k, v in s["decisions_by_status"].items()) + "\n")
+    w("blocked by gate   " + ", ".join(f"{k} {v}" for k, v in sorted(s["gate_blocks"].items(), key=lambda kv: -kv[1])) + "\n")
+    w(f"\nsimulated {len(result.rows)} events in {result.seconds:.1f} s\n")
+
+
+def cmd_demo(args) -> int:
+    logging.getLogger().setLevel(logging.ERROR if not args.verbose else logging.INFO)
+    result = run_demo(day=date.fromisoformat(args.date), seed=args.seed)
+    print_report(result)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="run a simulated trading session on the embedded Postgres")
+    p.add_argument("--date", default=DEMO_DAY.isoformat(), help="the NYSE session to simulate (YYYY-MM-DD)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--verbose", action="store_true", help="also print the JSON decision log")
+    p.set_defaults(handler=cmd_demo)
