@@ -12,7 +12,6 @@ import pytest
 from services.common.params import (
     DEFAULT_PARAMS_PATH,
     ParamsError,
-    TradingParams,
     as_params,
     default_params,
     load_params_file,

@@ -8,7 +8,6 @@ import json
 import logging
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from pathlib import Path
 
 import boto3
 import pytest
