@@ -608,3 +608,31 @@ def test_server_process_keeps_its_order_book_across_a_crash(tmp_path):
     assert again.broker_order_id == first.broker_order_id
     assert [o["client_order_id"] for o in book] == ["ops-20-0-h"]
     assert json.loads(state.read_text())["orders"][0]["id"] == first.broker_order_id
+
+
+def test_submit_stock_order_sends_no_position_intent(fake_alpaca):
+    order = OrderRequest(
+        client_order_id="ops-30-0-s", symbol="AAPL", underlying="AAPL", instrument="STOCK", side="buy", qty=5
+    )
+
+    result = broker(fake_alpaca).submit_order(order)
+
+    body = fake_alpaca.requests_to("/v2/orders", "POST")[0].json
+    assert body == {
+        "symbol": "AAPL", "qty": 5, "side": "buy", "type": "market",
+        "time_in_force": "day", "client_order_id": "ops-30-0-s",
+    }
+    assert result.qty == Decimal("5")
+
+
+def test_option_chain_when_data_server_hangs_then_unavailable_within_timeout(fake_alpaca):
+    fake_alpaca.add_option(OCC)
+    fake_alpaca.hang_next("/v1beta1/options/snapshots/SPY", 10, times=5)
+    market = AlpacaMarketData(settings(fake_alpaca, timeout_seconds=0.3, read_attempts=1), sleep=SleepRecorder())
+
+    started = time.perf_counter()
+    with pytest.raises(BrokerUnavailable, match="timed out"):
+        market.option_chain("SPY")
+
+    assert time.perf_counter() - started < 1.0
+    assert len(fake_alpaca.requests_to("/v1beta1/options/snapshots/SPY")) == 1

@@ -192,7 +192,9 @@ def translate_error(error: Exception, what: str) -> BrokerError:
 
     - 422 "client_order_id must be unique" -> DuplicateClientOrderId (already submitted)
     - 429, 5xx, timeouts, connection errors, unreadable responses -> BrokerUnavailable
-    - any other 4xx (403 buying power, 422 invalid order, ...) -> BrokerRejected with its message
+    - any other 4xx (403 buying power, 422 invalid order, 401 bad keys) -> BrokerRejected with
+      the broker's message in `broker_message` and the status in `status_code`; these need a
+      person (or a different order), not a retry
     """
     if isinstance(error, BrokerError):
         return error
@@ -427,8 +429,12 @@ class AlpacaBroker:
             new = [order_result(o) for o in page if str(o.id) not in seen]
             for r in new:
                 seen[r.broker_order_id] = r
-            if len(page) < ORDERS_PAGE_SIZE or not new:
+            if len(page) < ORDERS_PAGE_SIZE:
                 return sorted(seen.values(), key=lambda r: (r.submitted_at or since, r.broker_order_id))
+            if not new:
+                # A full page of orders already seen: more than a page share one timestamp and
+                # `after` cannot move past them. Say so rather than return a partial list.
+                raise BrokerUnavailable(f"list orders: cannot page past {after.isoformat()}")
             # `after` is exclusive: step back a microsecond so orders sharing the last
             # timestamp are not skipped; the ids already seen are dropped above.
             last = max(r.submitted_at for r in new if r.submitted_at is not None)
