@@ -7,7 +7,9 @@ to exactly 2,000 contracts, then times `choose_contract` followed by `validate_o
 on the chosen contract, as the dispatcher runs them. Cases:
   day/swing       the normal chain (the calendar cache warm, as in a running dispatcher)
   no-greeks       deltas removed, so every delta in the window is estimated from the IV
-  all-illiquid    every contract fails the liquidity pre-check: the slowest ranking path
+  all-illiquid    every contract fails the liquidity pre-check
+  all-stale       every quote is an hour old: it passes the pre-check but fails the full
+                  gates, so the full gates run on every candidate (the slowest path)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import argparse
 import dataclasses
 import statistics
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from services.common.market_calendar import ET, nyse_calendar
 from services.common.params import default_params
@@ -38,20 +40,27 @@ def _time(label: str, chain: list, direction: str, strategy: str, spot: float, n
     params = default_params()
     cal = nyse_calendar()
     iv = (42.0, "OK")
-    samples = []
+    wall, cpu = [], []
     result = None
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         selection = choose_contract(chain, direction, strategy, spot, params, now, cal, iv_percentile=iv)
         if selection.choice is not None:
             validate_option_contract(selection.choice.contract, params, now=now, iv_percentile=iv, calendar=cal)
-        samples.append((time.perf_counter() - t0) * 1000)
+        cpu.append((time.thread_time() - c0) * 1000)
+        wall.append((time.perf_counter() - t0) * 1000)
         result = selection
-    samples.sort()
-    median = statistics.median(samples)
-    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
-    print(f"{label:<14} median={median:6.3f} ms  p99={p99:6.3f} ms  max={samples[-1]:6.3f} ms  runs={runs}  -> {result.reason[:90]}")
-    return p99
+    wall.sort()
+    cpu.sort()
+
+    def p99(xs: list[float]) -> float:
+        return xs[min(len(xs) - 1, int(len(xs) * 0.99))]
+
+    print(
+        f"{label:<13} wall median={statistics.median(wall):6.3f} p99={p99(wall):6.3f} max={wall[-1]:6.3f} ms | "
+        f"cpu median={statistics.median(cpu):6.3f} p99={p99(cpu):6.3f} ms | runs={runs} -> {result.reason[:60]}"
+    )
+    return p99(cpu)
 
 
 def main() -> int:
@@ -63,15 +72,19 @@ def main() -> int:
     chain = _chain(now, spot)
     no_greeks = [dataclasses.replace(c, delta=None) for c in chain]
     illiquid = [dataclasses.replace(c, volume=5, open_interest=5) for c in chain]
+    stale = [dataclasses.replace(c, quote_time=now - timedelta(hours=1)) for c in chain]
     print(f"chain: {len(chain)} contracts, {len({c.expiration for c in chain})} expiries, spot={spot}")
     worst = max(
         _time("day_trade", chain, "BULL", "day_trade", spot, now, args.runs),
         _time("swing_trade", chain, "BEAR", "swing_trade", spot, now, args.runs),
         _time("no-greeks", no_greeks, "BULL", "swing_trade", spot, now, args.runs),
         _time("all-illiquid", illiquid, "BULL", "swing_trade", spot, now, args.runs),
+        _time("all-stale", stale, "BULL", "swing_trade", spot, now, args.runs),
     )
     verdict = "meets" if worst < TARGET_MS else "MISSES"
-    print(f"worst p99 {worst:.3f} ms {verdict} the {TARGET_MS:.0f} ms target")
+    # The verdict uses CPU time: on a shared 2-core machine the wall-clock tail measures the
+    # neighbours' load (preemption), not this code. Both are printed.
+    print(f"worst cpu p99 {worst:.3f} ms {verdict} the {TARGET_MS:.0f} ms target")
     return 0 if worst < TARGET_MS else 1
 
 
