@@ -55,6 +55,10 @@ SEED_CONFIG = {
     "max_iv_percentile": 80,
 }
 
+# The seed's limits plus the sizing limits the exposure gate's observed values depend on, pinned
+# so that a change to the reviewed defaults does not change what the tables prove.
+PINNED_CONFIG = {**SEED_CONFIG, "max_notional_per_trade": 2500, "max_equity_pct_per_trade": 0.05}
+
 # A Monday in November (EST), mid-session: 10:00 ET.
 NOW = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
 
@@ -714,7 +718,7 @@ def good_context(**overrides) -> dict:
         ticker_count_today=0,
         last_trade_time=None,
         has_open_position=False,
-        config=SEED_CONFIG,
+        config=PINNED_CONFIG,
         now=NOW,
         account_state=account(Decimal("100000")),
         kill_switch_state="ACTIVE",
@@ -793,7 +797,11 @@ def test_all_gates_run_after_a_failure_and_keep_every_result():
         pytest.param({"kill_switch_state": "REDUCING"}, "kill_switch", "KILL_SWITCH_REDUCING", id="reducing-blocks-entry"),
         pytest.param({"kill_switch_state": None}, "kill_switch", "NO_KILL_SWITCH_STATE", id="unknown-kill-switch-state"),
         pytest.param({"open_positions_count": 5}, "max_positions", "MAX_POSITIONS", id="five-of-five"),
-        pytest.param({"total_notional": Decimal("9950")}, "max_exposure", "SIZE_ZERO", id="room-below-one-share"),
+        pytest.param({"total_notional": Decimal("9950")}, "max_exposure", "MAX_EXPOSURE", id="room-below-one-share"),
+        pytest.param(
+            {"account_state": account(Decimal("1999"), last_equity=Decimal("1999"))}, "max_exposure", "SIZE_ZERO",
+            id="5pct-of-equity-below-one-share",
+        ),
         pytest.param(
             {"total_notional": Decimal("9400"), "proposed_order": ProposedOrder("OPTION", 2, Decimal("3.50"))},
             "max_exposure", "MAX_EXPOSURE", id="option-order-x100-over-limit",
@@ -812,6 +820,12 @@ def test_all_gates_deny_an_entry_with_the_failing_gates_code(overrides, gate, co
     assert len(gates) == 14
     assert by_name(gates)[gate].code == code
     assert [g.name for g in gates if not g.result.passed] == [gate]
+
+
+def test_exposure_room_below_one_share_reports_the_one_share_overshoot():
+    _, gates = run_gates(total_notional=Decimal("9950"))  # bar close 100: one share would make 10050
+    result = by_name(gates)["max_exposure"]
+    assert (result.passed, result.code, result.observed, result.limit) == (False, "MAX_EXPOSURE", Decimal("10050"), Decimal(10000))
 
 
 def test_option_order_exposure_observed_counts_the_multiplier():

@@ -2,7 +2,8 @@
 
 budget = min(per-trade cap [options: also the premium cap], equity x pct, room under the
 exposure limit); qty = floor(budget / (price x multiplier)); below one unit is SIZE_ZERO.
-Defaults: 2500 per trade, 5% of equity, 10,000 exposure, 1500 premium, 10 contracts.
+The tables pin their own limits (2500 per trade, 5% of equity, 10,000 exposure, 1500 premium,
+10 contracts) so that a change to the reviewed defaults does not change what they prove.
 """
 
 from __future__ import annotations
@@ -24,9 +25,18 @@ def code(result: SizeResult) -> str:
     return result.reason.split(":", 1)[0]
 
 
+SIZING = {
+    "max_notional_per_trade": 2500,
+    "max_equity_pct_per_trade": 0.05,
+    "max_notional_exposure": 10000,
+    "max_premium_per_trade": 1500,
+    "max_contracts_per_trade": 10,
+}
+
+
 @pytest.fixture
 def params():
-    return default_params()
+    return as_params(SIZING)
 
 
 @pytest.mark.parametrize(
@@ -103,14 +113,14 @@ def test_option_size_above_the_premium_cap_is_size_zero(params):
 
 
 def test_option_size_follows_max_contracts_and_max_premium_params():
-    tight = as_params({"max_contracts_per_trade": 3, "max_premium_per_trade": 5000})
+    tight = as_params({**SIZING, "max_contracts_per_trade": 3, "max_premium_per_trade": 5000})
     assert size_order("OPTION", D("0.50"), EQUITY, D(0), tight).qty == 3
     # The per-trade cap (2500) still applies when the premium cap is higher.
-    assert size_order("OPTION", D("5.00"), EQUITY, D(0), as_params({"max_premium_per_trade": 5000})).qty == 5
+    assert size_order("OPTION", D("5.00"), EQUITY, D(0), as_params({**SIZING, "max_premium_per_trade": 5000})).qty == 5
 
 
 def test_stock_size_ignores_the_option_caps():
-    tight = as_params({"max_contracts_per_trade": 1, "max_premium_per_trade": 100})
+    tight = as_params({**SIZING, "max_contracts_per_trade": 1, "max_premium_per_trade": 100})
     assert size_order("STOCK", D("10"), EQUITY, D(0), tight).qty == 250
 
 
@@ -124,6 +134,26 @@ def test_size_with_a_bad_price_is_size_zero(params, instrument, price):
 @pytest.mark.parametrize("equity", [D("NaN"), D("0"), D("-5000"), None], ids=repr)
 def test_size_with_bad_equity_is_size_zero(params, equity):
     result = size_order("STOCK", D("10"), equity, D(0), params)
+    assert (result.qty, code(result)) == (0, "SIZE_ZERO")
+
+
+@pytest.mark.parametrize(
+    "current",
+    [
+        pytest.param(
+            D("NaN"), id="nan",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="size_order does not validate current_exposure: a NaN (numeric columns hold NaN) "
+                "raises decimal.InvalidOperation in min() instead of returning SIZE_ZERO",
+            ),
+        ),
+        pytest.param(D("Infinity"), id="infinite"),
+        pytest.param(D("12000"), id="over-the-limit"),
+    ],
+)
+def test_size_with_unusable_current_exposure_is_size_zero(params, current):
+    result = size_order("STOCK", D("10"), EQUITY, current, params)
     assert (result.qty, code(result)) == (0, "SIZE_ZERO")
 
 
@@ -159,7 +189,7 @@ money = st.decimals(min_value=D("0.01"), max_value=D("5000"), places=2)
     current=st.decimals(min_value=D("0"), max_value=D("12000"), places=2),
 )
 def test_sized_order_never_exceeds_any_budget_and_is_the_largest_whole_size(instrument, price, equity, current):
-    params = default_params()
+    params = default_params()  # whatever the reviewed defaults are, the invariants hold
     risk, options = params.risk, params.options
     result = size_order(instrument, price, equity, current, params)
     unit = price * contract_multiplier(instrument)
