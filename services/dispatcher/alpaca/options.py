@@ -34,7 +34,7 @@ from services.common.market_calendar import (
     nyse_calendar,
     option_expiry_instant,
 )
-from services.common.params import TradingParams, as_params
+from services.common.params import OptionParams, TradingParams, as_params
 from services.dispatcher.risk.gates import GateResult, NamedGate
 from services.dispatcher.risk.sizing import SizeResult, size_order, to_decimal
 
@@ -424,7 +424,7 @@ def estimate_abs_delta(right: str, spot: float, strike: float, years: float, iv:
     return call_delta if right == "call" else 1.0 - call_delta
 
 
-def _quick_liquid(bid: Any, ask: Any, volume: Any, oi: Any, o) -> tuple[bool, float]:
+def _quick_liquid(bid: Any, ask: Any, volume: Any, oi: Any, o: OptionParams) -> tuple[bool, float]:
     """A float pre-check of the quote and liquidity gates, and the spread for the score.
 
     It never fails a contract the Decimal gates would pass (a failure here implies a failure
