@@ -1,0 +1,116 @@
+"""The feature computer: bars in lane_telemetry -> one lane_features row per ticker and bar.
+
+Each cycle computes, in ONE statement for every ticker, the features of each ticker's latest
+complete bar (see features.py for the definitions) and upserts them on (ticker, ts). A bar that
+began at `ts` is complete at ts + 60 s, so with `now` given only bars with ts <= now - 60 s
+count: a replay that has a whole day of bars loaded never computes from a bar still in the
+future. Rows whose values did not change are left as they were, so cycles are idempotent and
+the returned count is the number of rows written (new bars, or corrected bars).
+
+`backfill_features` computes every bar of a time range (replays, tests, after a bulk load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+import psycopg
+
+from services.feature_computer import features as q
+
+log = logging.getLogger(__name__)
+
+BAR = timedelta(minutes=1)
+DEFAULT_INTERVAL_SECONDS = 5.0
+# No cutoff: every bar in the table counts (a loader that has just written completed bars).
+NO_CUTOFF = "infinity"
+
+
+def compute_features(conn: psycopg.Connection, now: datetime | None = None,
+                     tickers: Sequence[str] | None = None) -> int:
+    """Upsert the features of each ticker's latest complete bar; return the rows written.
+
+    now: bars count when complete by `now` (ts + 60 s <= now); None means every bar stored.
+    tickers: restrict the cycle to these tickers; None means every ticker with bars.
+    """
+    if now is not None and now.tzinfo is None:
+        raise ValueError("naive datetime: compute_features needs an aware `now`")
+    cutoff = NO_CUTOFF if now is None else now - BAR
+    if tickers is None:
+        cur = conn.execute(q.UPSERT_LATEST_ALL, {"cutoff": cutoff})
+    else:
+        cur = conn.execute(q.UPSERT_LATEST_FOR_TICKERS, {"cutoff": cutoff, "tickers": list(tickers)})
+    return cur.rowcount
+
+
+def backfill_features(conn: psycopg.Connection, start: datetime, end: datetime,
+                      tickers: Sequence[str] | None = None) -> int:
+    """Upsert the features of every bar with start <= ts < end; return the rows written."""
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ValueError("naive datetime: backfill_features needs aware bounds")
+    cur = conn.execute(q.UPSERT_BACKFILL, {
+        "start": start, "end": end, "tickers": list(tickers) if tickers is not None else None})
+    return cur.rowcount
+
+
+def run_loop(conninfo: str, *, interval: float = DEFAULT_INTERVAL_SECONDS, once: bool = False,
+             stop: threading.Event | None = None, clock=None) -> int:
+    """Compute a cycle every `interval` seconds until `stop` is set (or once).
+
+    A failed cycle is logged and retried at the next tick; the loop does not die on a database
+    blip, and a new connection is opened after an error.
+    """
+    from services.common.clock import SystemClock
+    from services.common.db import connect
+
+    clock = clock or SystemClock()
+    stop = stop or threading.Event()
+    conn = None
+    while True:
+        started = time.monotonic()
+        try:
+            if conn is None or conn.closed:
+                conn = connect(conninfo, application_name="feature-computer")
+            rows = compute_features(conn, now=clock.now())
+            log.info("features computed", extra={"rows": rows,
+                                                 "ms": round((time.monotonic() - started) * 1000, 1)})
+        except psycopg.Error as e:
+            log.error("feature cycle failed", extra={"error": str(e)})
+            if once:
+                return 1
+            if conn is not None:
+                conn.close()
+            conn = None
+        if once:
+            if conn is not None:
+                conn.close()
+            return 0
+        if stop.wait(max(0.0, interval - (time.monotonic() - started))):
+            if conn is not None:
+                conn.close()
+            return 0
+
+
+def _handle(args: argparse.Namespace) -> int:
+    from services.common.db import database_url
+    from services.common.migrate import migrate
+
+    url = database_url()
+    migrate(url)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return run_loop(url, interval=args.interval, once=args.once, stop=stop)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("feature-computer", help="compute lane_features from lane_telemetry")
+    p.add_argument("--once", action="store_true", help="run one cycle and exit")
+    p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_SECONDS,
+                   help="seconds between cycles (default %(default)s)")
+    p.set_defaults(handler=_handle)
