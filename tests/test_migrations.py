@@ -39,6 +39,12 @@ def migrations_copy(tmp_path) -> Path:
     return target
 
 
+def next_name(directory: Path, description: str) -> str:
+    """The file name of the next migration after those in `directory` (numbering has no gaps)."""
+    last = max(int(p.name.split("_", 1)[0]) for p in directory.glob("*.sql"))
+    return f"{last + 1:03d}_{description}.sql"
+
+
 def write(directory: Path, name: str, sql: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
@@ -83,8 +89,9 @@ def test_a_second_run_applies_nothing(empty_db_url, migrations_copy):
 
 def test_a_new_migration_is_applied_alone_after_the_others(empty_db_url, migrations_copy):
     migrate(empty_db_url, migrations_copy)
-    write(migrations_copy, "900_extra.sql", "CREATE TABLE extra_t (id int NOT NULL);")
-    assert migrate(empty_db_url, migrations_copy) == ["900_extra.sql"]
+    name = next_name(migrations_copy, "extra")
+    write(migrations_copy, name, "CREATE TABLE extra_t (id int NOT NULL);")
+    assert migrate(empty_db_url, migrations_copy) == [name]
     assert table_exists(empty_db_url, "extra_t")
 
 
@@ -93,7 +100,7 @@ def test_an_edited_applied_migration_raises_and_names_the_file(empty_db_url, mig
     first = real_migration_files()[0].name
     edited = migrations_copy / first
     edited.write_text(edited.read_text() + "\n-- a later edit\n")
-    write(migrations_copy, "900_pending.sql", "CREATE TABLE pending_t (id int);")
+    write(migrations_copy, next_name(migrations_copy, "pending"), "CREATE TABLE pending_t (id int);")
     with pytest.raises(MigrationError, match=first) as info:
         migrate(empty_db_url, migrations_copy)
     assert "edited" in str(info.value)
@@ -101,20 +108,20 @@ def test_an_edited_applied_migration_raises_and_names_the_file(empty_db_url, mig
 
 
 def test_a_failing_migration_is_rolled_back_not_recorded_and_raises(empty_db_url, migrations_copy):
+    broken = next_name(migrations_copy, "broken")
     write(
         migrations_copy,
-        "900_broken.sql",
+        broken,
         "CREATE TABLE half_done (id int);\nINSERT INTO half_done VALUES (1);\nINSERT INTO no_such_table VALUES (1);\n",
     )
-    with pytest.raises(MigrationError, match="900_broken.sql"):
+    with pytest.raises(MigrationError, match=broken):
         migrate(empty_db_url, migrations_copy)
     assert not table_exists(empty_db_url, "half_done")
     versions = [r[0] for r in recorded(empty_db_url)]
-    assert 900 not in versions
     assert versions == [int(p.name.split("_", 1)[0]) for p in real_migration_files()]
     # The lock was released and a fixed file goes through on the next run.
-    write(migrations_copy, "900_broken.sql", "CREATE TABLE half_done (id int);\n")
-    assert migrate(empty_db_url, migrations_copy) == ["900_broken.sql"]
+    write(migrations_copy, broken, "CREATE TABLE half_done (id int);\n")
+    assert migrate(empty_db_url, migrations_copy) == [broken]
     assert table_exists(empty_db_url, "half_done")
 
 
