@@ -31,10 +31,14 @@ def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def contract_source_modules() -> set[str]:
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    return {m for c in config["contracts"] for m in c.get("source_modules", [])}
+
+
 def test_every_module_a_contract_names_exists():
     """lint-imports refuses a contract over a missing module; say which one, plainly."""
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
-    named = {m for c in config["contracts"] for m in c.get("source_modules", [])}
+    named = contract_source_modules()
     assert named, "no contract names a source module"
     missing = sorted(
         m for m in named
@@ -51,23 +55,18 @@ def test_pyproject_import_contracts_hold():
 
 
 def _scratch_tree(root: Path, files: dict[str, str]) -> None:
-    """A minimal `services` package with the modules the contract names."""
+    """A `services` package holding, as empty packages, every module the contracts name."""
     shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
-    base = {
-        "services/__init__.py": "",
-        "services/common/__init__.py": "",
-        "services/dispatcher/__init__.py": "",
-        "services/dispatcher/risk/__init__.py": "",
-        "services/dispatcher/risk/gates.py": "from decimal import Decimal\n",
-        "services/signal_engine/__init__.py": "",
-        "services/signal_engine/rules.py": "",
-        "services/watchlist_engine/__init__.py": "",
-        "services/watchlist_engine/scoring.py": "",
-    }
-    for rel, text in {**base, **files}.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+    paths = [Path(*m.split(".")) / "__init__.py" for m in contract_source_modules()]
+    paths += [Path(rel) for rel in files]
+    for rel in paths:
+        for parent in reversed(rel.parents[:-1]):
+            init = root / parent / "__init__.py"
+            init.parent.mkdir(parents=True, exist_ok=True)
+            init.touch()
+        (root / rel).touch()
+    for rel, text in files.items():
+        (root / rel).write_text(text)
 
 
 def test_scratch_tree_without_violations_passes(tmp_path):
@@ -81,10 +80,10 @@ def test_scratch_tree_without_violations_passes(tmp_path):
     [
         pytest.param({"services/dispatcher/risk/gates.py": "import psycopg\n"}, "psycopg", id="risk-imports-psycopg"),
         pytest.param(
-            {"services/signal_engine/rules.py": "from alpaca.trading.client import TradingClient\n"},
+            {"services/signal_engine/rules/__init__.py": "from alpaca.trading.client import TradingClient\n"},
             "alpaca", id="rules-imports-alpaca",
         ),
-        pytest.param({"services/watchlist_engine/scoring.py": "import boto3\n"}, "boto3", id="scoring-imports-boto3"),
+        pytest.param({"services/watchlist_engine/scoring/__init__.py": "import boto3\n"}, "boto3", id="scoring-imports-boto3"),
         pytest.param(
             {
                 "services/common/db.py": "import psycopg\n",
