@@ -1,0 +1,176 @@
+"""The watchlist engine: scores candidate tickers for one account and stores the selection.
+
+Inputs, gathered in one round trip:
+- candidates: every ticker with bars in the last AVG_VOLUME_LOOKBACK (10 calendar days);
+- average daily volume from lane_telemetry: the mean of the per-ET-day volume sums of the
+  days BEFORE today's ET date (complete sessions); a ticker with bars only today uses today's
+  volume so far;
+- the latest features complete by `now` (trend_state, distance_sma20, vol_ratio);
+- the confidence-weighted mean sentiment over params.signal.sentiment_lookback_minutes;
+- the account's current selection (for hysteresis).
+Spread quality and the option open-interest proxy are not in the database: the caller passes
+them as `liquidity_inputs` ({ticker: {"spread_quality": x, "oi_proxy": y}}, higher is better,
+any scale), e.g. from the option chain or the simulated market. A ticker missing from it
+scores 0 on those two liquidity terms (and says so in its components).
+
+Every candidate's row is upserted with its score, rank, components and selected flag; rows of
+the account's tickers that are no longer candidates are deselected. One transaction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal as signal_module
+import threading
+import time
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from services.common.market_calendar import et_date
+from services.common.params import ParamsInForce, TradingParams, as_params
+from services.watchlist_engine.scoring import WatchlistInput, WatchlistScore, as_float, score_watchlist
+
+log = logging.getLogger(__name__)
+
+AVG_VOLUME_LOOKBACK = timedelta(days=10)
+BAR = timedelta(minutes=1)
+
+# -- gather_watchlist_inputs --
+# Per candidate (a ticker with bars since %(since)s): the average daily volume of complete ET
+# days (today's partial day only when there is no earlier day), the latest features complete
+# by now, the weighted sentiment over the lookback, and whether the account holds it selected.
+GATHER_WATCHLIST_INPUTS = """
+WITH daily AS (
+    SELECT b.ticker, (b.ts AT TIME ZONE 'America/New_York')::date AS day, sum(b.volume) AS volume
+    FROM lane_telemetry b
+    WHERE b.ts >= %(since)s AND b.ts <= %(now)s
+    GROUP BY 1, 2
+),
+candidates AS (
+    SELECT d.ticker,
+           coalesce(avg(d.volume) FILTER (WHERE d.day < %(today)s), avg(d.volume)) AS avg_daily_volume
+    FROM daily d
+    GROUP BY d.ticker
+)
+SELECT c.ticker, c.avg_daily_volume, f.trend_state, f.distance_sma20, f.vol_ratio,
+       s.score AS sentiment_score,
+       coalesce(w.selected, false) AS incumbent
+FROM candidates c
+LEFT JOIN LATERAL (
+    SELECT f.trend_state, f.distance_sma20, f.vol_ratio FROM lane_features f
+    WHERE f.ticker = c.ticker AND f.ts <= %(cutoff)s ORDER BY f.ts DESC LIMIT 1
+) f ON true
+LEFT JOIN LATERAL (
+    SELECT CASE WHEN sum(s.confidence) > 0 THEN sum(s.score * s.confidence) / sum(s.confidence)
+                ELSE avg(s.score) END AS score
+    FROM sentiment s
+    WHERE s.ticker = c.ticker AND s.ts > %(sentiment_since)s AND s.ts <= %(now)s
+) s ON true
+LEFT JOIN watchlist_state w ON w.account_id = %(account_id)s AND w.ticker = c.ticker
+ORDER BY c.ticker
+"""
+
+# -- upsert_watchlist_row --
+UPSERT_WATCHLIST_ROW = """
+INSERT INTO watchlist_state (account_id, ticker, selected, score, components, rank, updated_at)
+VALUES (%(account_id)s, %(ticker)s, %(selected)s, %(score)s, %(components)s, %(rank)s, %(now)s)
+ON CONFLICT (account_id, ticker) DO UPDATE SET
+    selected = EXCLUDED.selected, score = EXCLUDED.score, components = EXCLUDED.components,
+    rank = EXCLUDED.rank, updated_at = EXCLUDED.updated_at
+"""
+
+# -- deselect_vanished --
+# Tickers the account had that are no longer candidates (no bars in the lookback).
+DESELECT_VANISHED = """
+UPDATE watchlist_state SET selected = false, rank = NULL, updated_at = %(now)s
+WHERE account_id = %(account_id)s AND NOT (ticker = ANY(%(tickers)s::text[])) AND (selected OR rank IS NOT NULL)
+"""
+
+
+def _params(params: ParamsInForce | TradingParams | Mapping[str, Any]) -> TradingParams:
+    return params.params if isinstance(params, ParamsInForce) else as_params(params)
+
+
+def run_watchlist_cycle(conn: psycopg.Connection, account_id: str,
+                        params: ParamsInForce | TradingParams | Mapping[str, Any], now: datetime, *,
+                        liquidity_inputs: Mapping[str, Mapping[str, Any]] | None = None) -> list[WatchlistScore]:
+    """Score the candidates at `now`, store them for the account, return them by rank."""
+    if not account_id:
+        raise ValueError("account_id is required")
+    if now.tzinfo is None:
+        raise ValueError("naive datetime: run_watchlist_cycle needs an aware `now`")
+    p = _params(params)
+    liquidity_inputs = liquidity_inputs or {}
+    rows = conn.execute(GATHER_WATCHLIST_INPUTS, {
+        "account_id": account_id, "now": now, "cutoff": now - BAR, "since": now - AVG_VOLUME_LOOKBACK,
+        "today": et_date(now), "sentiment_since": now - timedelta(minutes=p.signal.sentiment_lookback_minutes),
+    }).fetchall()
+    candidates = [
+        WatchlistInput(
+            ticker=r["ticker"],
+            sentiment_score=as_float(r["sentiment_score"]),
+            avg_daily_volume=as_float(r["avg_daily_volume"]),
+            spread_quality=as_float(liquidity_inputs.get(r["ticker"], {}).get("spread_quality")),
+            oi_proxy=as_float(liquidity_inputs.get(r["ticker"], {}).get("oi_proxy")),
+            trend_state=r["trend_state"],
+            distance_sma20=as_float(r["distance_sma20"]),
+            vol_ratio=as_float(r["vol_ratio"]),
+        )
+        for r in rows
+    ]
+    scores = score_watchlist(candidates, p, incumbents=[r["ticker"] for r in rows if r["incumbent"]])
+    with conn.transaction():
+        with conn.cursor() as cur:
+            cur.executemany(UPSERT_WATCHLIST_ROW, [
+                {"account_id": account_id, "ticker": s.ticker, "selected": s.selected, "score": s.score,
+                 "components": Jsonb(dict(s.components)), "rank": s.rank, "now": now}
+                for s in scores])
+        conn.execute(DESELECT_VANISHED, {"account_id": account_id, "now": now,
+                                         "tickers": [s.ticker for s in scores]})
+    log.info("watchlist scored", extra={"account_id": account_id, "candidates": len(scores),
+                                        "selected": [s.ticker for s in scores if s.selected]})
+    return scores
+
+
+def _handle(args: argparse.Namespace) -> int:
+    from services.common.clock import SystemClock
+    from services.common.db import connect, database_url
+    from services.common.migrate import migrate
+    from services.common.params import ParamsError
+    from services.common.params_source import provider_from_settings
+    from services.common.settings import load_settings
+
+    settings = load_settings()
+    account_id = args.account or settings.account_id
+    url = database_url()
+    migrate(url)
+    provider = provider_from_settings(settings)
+    clock = SystemClock()
+    stop = threading.Event()
+    signal_module.signal(signal_module.SIGTERM, lambda *_: stop.set())
+    with connect(url, application_name="watchlist-engine") as conn:
+        while True:
+            started = time.monotonic()
+            status = 0
+            try:
+                run_watchlist_cycle(conn, account_id, provider.current(), clock.now())
+            except (psycopg.Error, ParamsError) as e:
+                log.error("watchlist cycle failed", extra={"account_id": account_id, "error": str(e)})
+                status = 1
+            if args.once:
+                return status
+            if stop.wait(max(0.0, args.interval - (time.monotonic() - started))):
+                return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("watchlist-engine", help="score tickers and select the account's watchlist")
+    p.add_argument("--once", action="store_true", help="run one cycle and exit")
+    p.add_argument("--account", help="account id (default: ACCOUNT_ID)")
+    p.add_argument("--interval", type=float, default=300.0, help="seconds between cycles")
+    p.set_defaults(handler=_handle)
