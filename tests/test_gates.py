@@ -649,11 +649,6 @@ def test_ticker_trades_today_limit_2(config, count, passed, code):
         1.0,
         pytest.param(
             True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="check_ticker_trades_today accepts a bool as a count (True counts as 1 trade); "
-                "check_max_positions rejects bools",
-            ),
         ),
     ],
     ids=repr,
@@ -943,11 +938,6 @@ def test_gate_json_has_name_passed_code_reason_observed_limit():
         (None, None),
         pytest.param(
             Decimal("NaN"), "NaN",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="_jsonable turns Decimal('NaN') into float nan, which json.dumps writes as a bare NaN "
-                "token that Postgres jsonb rejects (numeric columns hold NaN)",
-            ),
         ),
     ],
     ids=repr,
@@ -960,11 +950,6 @@ def test_named_gate_as_json_is_strict_json(observed, expected):
     assert stored["limit"] == 500
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a NaN confidence read from a numeric column (Decimal('NaN')) makes the gate results "
-    "unstorable: as_json yields float nan and jsonb rejects NaN",
-)
 def test_all_gates_with_decimal_nan_confidence_store_as_strict_json():
     rec = {**good_context()["recommendation"], "confidence": Decimal("NaN")}
     passed, gates = run_gates(recommendation=rec)

@@ -142,11 +142,6 @@ def test_size_with_bad_equity_is_size_zero(params, equity):
     [
         pytest.param(
             D("NaN"), id="nan",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="size_order does not validate current_exposure: a NaN (numeric columns hold NaN) "
-                "raises decimal.InvalidOperation in min() instead of returning SIZE_ZERO",
-            ),
         ),
         pytest.param(D("Infinity"), id="infinite"),
         pytest.param(D("12000"), id="over-the-limit"),

@@ -49,7 +49,11 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
         if version in found:
             raise MigrationError(f"{path.name}: version {version} is used twice")
         found[version] = Migration(version, path.name, path.read_text())
-    return [found[v] for v in sorted(found)]
+    versions = sorted(found)
+    for prev, nxt in zip(versions, versions[1:]):
+        if nxt != prev + 1:
+            raise MigrationError(f"{found[nxt].name}: numbering gap after {found[prev].name} (a migration file is missing)")
+    return [found[v] for v in versions]
 
 
 def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[str]:

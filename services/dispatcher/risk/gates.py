@@ -277,7 +277,7 @@ def check_feature_freshness(features: Any, now: datetime, config: TradingParams 
 
 def check_ticker_trades_today(ticker_count_today: Any, config: TradingParams | Mapping) -> GateResult:
     limit = as_params(config).risk.max_trades_per_ticker_per_day
-    if not isinstance(ticker_count_today, int) or ticker_count_today < 0:
+    if not isinstance(ticker_count_today, int) or isinstance(ticker_count_today, bool) or ticker_count_today < 0:
         return _deny("NO_TRADE_COUNT", f"count={ticker_count_today!r}", None, limit)
     if ticker_count_today >= limit:
         return _deny("TICKER_DAILY_TRADES", f"trades_today={ticker_count_today} limit={limit}", ticker_count_today, limit)
@@ -345,7 +345,7 @@ class NamedGate:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Decimal):
-        return float(value)
+        return float(value) if value.is_finite() else str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, (list, tuple)):

@@ -73,6 +73,8 @@ def size_order(
         return SizeResult(0, Decimal(0), f"SIZE_ZERO: price={price} is not a positive price")
     if equity is None or not equity.is_finite() or equity <= 0:
         return SizeResult(0, Decimal(0), f"SIZE_ZERO: equity={equity} is not positive")
+    if current_exposure is None or not current_exposure.is_finite():
+        return SizeResult(0, Decimal(0), f"SIZE_ZERO: current_exposure={current_exposure} is not a notional")
     cap = params.risk.max_notional_per_trade
     if instrument == "OPTION":
         cap = min(cap, params.options.max_premium_per_trade)
