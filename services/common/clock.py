@@ -41,3 +41,17 @@ class FixedClock:
         with self._lock:
             self._now += delta
             return self._now
+
+
+class OffsetClock:
+    """Real time shifted by a constant: a replay or benchmark that runs inside a past session."""
+
+    def __init__(self, offset: timedelta):
+        self.offset = offset
+
+    @classmethod
+    def starting_at(cls, start: datetime) -> OffsetClock:
+        return cls(start - datetime.now(timezone.utc))
+
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc) + self.offset

@@ -44,10 +44,12 @@ def effective_state(switch: KillSwitch | None, session_day: date) -> tuple[str, 
     return switch.state, False
 
 
+# The previous state is read by its own statement first: every part of one statement sees the
+# same snapshot, so a CTE cannot read the row that the upsert beside it changes.
+_PREVIOUS_STATE = "SELECT state FROM kill_switch WHERE account_id = %(account_id)s FOR UPDATE"
+
 _SET_STATE = """
-WITH previous AS (
-    SELECT state FROM kill_switch WHERE account_id = %(account_id)s FOR UPDATE
-), upsert AS (
+WITH upsert AS (
     INSERT INTO kill_switch (account_id, state, reason, changed_by, changed_at, tripped_session)
     VALUES (%(account_id)s, %(state)s, %(reason)s, %(by)s, %(now)s, %(tripped_session)s)
     ON CONFLICT (account_id) DO UPDATE
@@ -56,7 +58,7 @@ WITH previous AS (
     RETURNING account_id
 )
 INSERT INTO kill_switch_history (account_id, from_state, to_state, reason, changed_by, changed_at)
-SELECT %(account_id)s, (SELECT state FROM previous), %(state)s, %(reason)s, %(by)s, %(now)s
+SELECT %(account_id)s, %(from_state)s, %(state)s, %(reason)s, %(by)s, %(now)s
 FROM upsert
 """
 
@@ -73,11 +75,12 @@ def set_state(
     """Set the state and append to the history, atomically (joins the caller's transaction)."""
     if state not in {"ACTIVE", "REDUCING", "HALTED"}:
         raise ValueError(f"unknown kill-switch state {state!r}")
-    conn.execute(
-        _SET_STATE,
-        {"account_id": account_id, "state": state, "reason": reason, "by": changed_by,
-         "now": now, "tripped_session": tripped_session},
-    )
+    args = {"account_id": account_id, "state": state, "reason": reason, "by": changed_by,
+            "now": now, "tripped_session": tripped_session}
+    with conn.transaction():
+        previous = conn.execute(_PREVIOUS_STATE, args).fetchone()
+        from_state = (previous["state"] if isinstance(previous, dict) else previous[0]) if previous else None
+        conn.execute(_SET_STATE, {**args, "from_state": from_state})
     log.warning("kill switch set", extra={"account_id": account_id, "state": state, "reason": reason, "changed_by": changed_by})
 
 

@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -54,6 +55,9 @@ from services.dispatcher.sim_broker import SimBroker
 log = logging.getLogger("dispatcher")
 
 TERMINAL = ("EXECUTED", "SKIPPED", "REJECTED", "FAILED")
+# After a fill the account is refreshed, but at most this often: two trading-API requests a
+# refresh against a budget of 200 a minute.
+FILL_REFRESH_SECONDS = 1.0
 _BROKER_STATUS = {
     "filled": "FILLED",
     "partially_filled": "PARTIALLY_FILLED",
@@ -285,7 +289,7 @@ class Dispatcher:
             self._log_decision(ctx, "FAILED", "ORDER_NOT_PLACED", str(e))
             return Outcome(rec_id, "FAILED", "ORDER_NOT_PLACED", str(e), ctx.ticker, ctx.action)
         status = self.record_broker_answer(cid, result)
-        self.refresh_account(force=True)
+        self.refresh_account(min_interval=FILL_REFRESH_SECONDS)
         code = "ORDER_FILLED" if result.is_filled else "ORDER_ACCEPTED"
         detail = f"{plan.side} {result.filled_qty or plan.qty} {plan.symbol} @ {result.filled_avg_price}"
         if decision.code == "ORDER_PLANNED_FALLBACK":
@@ -344,7 +348,7 @@ class Dispatcher:
 
     # --- account state, recovery ----------------------------------------------------------
 
-    def refresh_account(self, force: bool = False) -> None:
+    def refresh_account(self, force: bool = False, min_interval: float | None = None) -> None:
         """Account snapshot and position marks from the broker, on a schedule and after fills.
 
         The trading API allows 200 requests a minute: this is the only place that asks for
@@ -353,7 +357,8 @@ class Dispatcher:
         """
         now = self.clock.now()
         in_force = self.params.current()
-        every = timedelta(seconds=in_force.params.execution.account_refresh_seconds)
+        every = timedelta(seconds=min_interval if min_interval is not None
+                          else in_force.params.execution.account_refresh_seconds)
         if not force and self._last_refresh is not None and now - self._last_refresh < every:
             return
         try:
@@ -465,9 +470,7 @@ class Dispatcher:
                 self.drain(stop)
                 self._periodic()
                 backoff = 0.5
-                poll = self.params.current().params.execution.poll_interval_seconds
-                for _ in listener.notifies(timeout=poll, stop_after=1):
-                    pass
+                self._wait_for_work(listener, stop)
             except (psycopg.OperationalError, psycopg.InterfaceError) as e:
                 log.error("database unavailable; retrying", extra={"error": str(e), "backoff_s": backoff})
                 if listener is not None:
@@ -477,6 +480,18 @@ class Dispatcher:
                 backoff = min(backoff * 2, 30)
         if listener is not None:
             listener.close()
+
+    def _wait_for_work(self, listener: psycopg.Connection, stop: threading.Event) -> None:
+        """Until a NOTIFY, the poll interval, or `stop`, whichever comes first."""
+        poll = self.params.current().params.execution.poll_interval_seconds
+        deadline = time.monotonic() + poll
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            # Short slices so a SIGTERM is seen within a quarter second.
+            if any(True for _ in listener.notifies(timeout=min(remaining, 0.25), stop_after=1)):
+                return
 
     def _periodic(self) -> None:
         now = self.clock.now()
@@ -497,9 +512,8 @@ def build_broker(pool: ConnectionPool, account_id: str, clock: Clock, in_force: 
         from services.dispatcher.alpaca.settings import AlpacaSettings
 
         mode, reason = trading_mode(None, in_force.params)
-        settings = AlpacaSettings()
-        if mode == "live":
-            settings = settings.model_copy(update={"paper": False})
+        # Both keys decide, never the adapter's own setting alone: anything but "live" is paper.
+        settings = AlpacaSettings().model_copy(update={"paper": mode != "live"})
         log.warning("trading mode", extra={"mode": mode, "reason": reason})
         return AlpacaBroker(settings, clock=clock)
     if kind != "sim":

@@ -125,7 +125,7 @@ UPDATE_EXECUTION = """
 UPDATE dispatch_executions
 SET status = %(status)s, broker_order_id = %(broker_order_id)s, filled_qty = %(filled_qty)s,
     filled_avg_price = %(filled_avg_price)s,
-    notional = coalesce(%(filled_qty)s * %(filled_avg_price)s * multiplier, notional),
+    notional = coalesce(%(filled_qty)s::numeric * %(filled_avg_price)s::numeric * multiplier, notional),
     broker_message = %(message)s, filled_at = %(filled_at)s, updated_at = %(now)s
 WHERE account_id = %(account_id)s AND client_order_id = %(client_order_id)s
 RETURNING id, recommendation_id, ticker, instrument, side, multiplier
