@@ -192,8 +192,15 @@ class TradingParams(_Section):
 
     def content_hash(self) -> str:
         """sha256 of the canonical JSON form: the same limits give the same hash."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # Decimals normalised, so 500 and 500.00 are the same limit and give the same hash.
+        canonical = json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"), default=_canonical)
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return format(value.normalize(), "f")
+    raise TypeError(f"not serialisable: {type(value).__name__}")
 
 
 class ParamsError(ValueError):
@@ -229,12 +236,27 @@ def format_validation_errors(exc: ValidationError) -> list[str]:
 def parse_params(text: str, origin: str = "document") -> TradingParams:
     """Parse and validate a JSON document. Raises ParamsError naming every bad field."""
     try:
-        raw = json.loads(text, parse_float=Decimal)
+        raw = json.loads(text, parse_float=Decimal, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        raise ParamsError(f"{origin}: a key appears twice", [f"{e.args[0]}: duplicate key (the later value would silently win)"]) from e
     except json.JSONDecodeError as e:
         raise ParamsError(f"{origin}: not valid JSON", [f"<document>: {e.msg} at line {e.lineno} column {e.colno}"]) from e
     if not isinstance(raw, dict):
         raise ParamsError(f"{origin}: not a JSON object", [f"<document>: expected an object, got {type(raw).__name__}"])
     return validate_params(raw, origin)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
 
 
 def validate_params(raw: Mapping[str, Any], origin: str = "document") -> TradingParams:
