@@ -192,12 +192,6 @@ class BrokenCalendar(SessionCalendar):
         raise CalendarUnavailable("calendar source unreachable")
 
 
-NOTIONAL_NULL_BUG = ("queries.UPDATE_EXECUTION computes coalesce(%(filled_qty)s * %(filled_avg_price)s * multiplier, "
-                     "notional); with no fill both parameters are untyped NULLs and Postgres raises AmbiguousFunction "
-                     "'operator is not unique: unknown * unknown', so a rejection or a not-placed order cannot be "
-                     "recorded (fix: %(filled_qty)s::numeric * %(filled_avg_price)s::numeric)")
-
-
 def gate(rec: dict, name: str) -> dict:
     matches = [g for g in rec["gate_results"] if g["name"] == name]
     assert len(matches) == 1, f"gate {name} recorded {len(matches)} times: {rec['gate_results']}"
@@ -453,8 +447,8 @@ def test_daily_loss_trip_latches_through_recovery_and_restart_until_the_next_ses
     ks = kill_switch_row(conn)
     assert (ks["state"], ks["changed_by"]) == ("ACTIVE", "session-roll")
     rows = history(conn)
-    assert [(r["to_state"], r["changed_by"]) for r in rows] == [
-        ("REDUCING", "daily-loss-limit"), ("ACTIVE", "session-roll")]
+    assert [(r["from_state"], r["to_state"], r["changed_by"]) for r in rows] == [
+        (None, "REDUCING", "daily-loss-limit"), ("REDUCING", "ACTIVE", "session-roll")]
     assert rows[1]["changed_at"] == next_day
 
 
@@ -475,9 +469,6 @@ def test_daily_loss_in_account_state_when_a_buy_is_decided_then_denied_and_switc
     assert count(conn, "SELECT count(*) AS n FROM sim_orders") == 0
 
 
-@pytest.mark.xfail(strict=True, reason="kill_switch._SET_STATE reads the previous state with SELECT ... FOR UPDATE in a "
-                                       "CTE that runs after the upsert CTE changed the row in the same statement, so "
-                                       "the row is skipped and from_state is always NULL")
 def test_kill_switch_history_records_the_state_it_changed_from(harness, conn, db_url):
     from services.dispatcher import kill_switch
 
@@ -521,9 +512,9 @@ def test_operator_halt_and_resume_from_the_cli_with_history_and_status(harness, 
         assert cli(["resume", "--account", ACCOUNT]) == 0
     assert kill_switch_row(conn)["state"] == "ACTIVE"
     rows = history(conn)
-    assert [(r["to_state"], r["changed_by"], r["reason"], r["changed_at"]) for r in rows] == [
-        ("HALTED", "ops-oncall", "test", NOW),
-        ("ACTIVE", rows[1]["changed_by"], "resumed by operator", later),
+    assert [(r["from_state"], r["to_state"], r["changed_by"], r["reason"], r["changed_at"]) for r in rows] == [
+        (None, "HALTED", "ops-oncall", "test", NOW),
+        ("HALTED", "ACTIVE", rows[1]["changed_by"], "resumed by operator", later),
     ]
     assert rows[1]["changed_by"].startswith("operator:")
 
@@ -661,7 +652,6 @@ def test_crash_after_the_broker_accepted_then_recovery_records_its_order_once(ha
     assert survivor.recover_in_flight() == 0  # nothing left, nothing recorded twice
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason=NOTIONAL_NULL_BUG)
 def test_crash_before_the_broker_got_the_order_then_recovery_fails_it_and_releases_the_position(harness, conn):
     h = harness()
     crashed_pool = h.new_pool(application_name="ops-dispatcher:worker-a")
@@ -775,7 +765,6 @@ def test_duplicate_client_order_id_then_recorded_as_the_existing_order(harness, 
     assert count(conn, "SELECT count(*) AS n FROM active_positions WHERE status = 'OPEN'") == 1
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason=NOTIONAL_NULL_BUG)
 def test_broker_rejection_then_rejected_the_reserved_position_released_and_the_next_decided(harness, conn):
     h = harness()
     broker = RejectingBroker(h.broker, "AAPL")
@@ -887,19 +876,20 @@ def test_notify_wakes_the_loop_long_before_its_poll_interval(harness, db_url):
     assert loop.errors == []
 
 
-@pytest.mark.xfail(strict=True, reason="run_forever waits the whole poll interval in listener.notifies() without "
-                                       "looking at `stop`: a SIGTERM takes up to poll_interval_seconds (<= 60 s)")
 def test_stop_ends_the_loop_promptly_without_a_notify(harness, db_url):
     h = harness(overrides={"execution": {"poll_interval_seconds": 30}})
     d = h.dispatcher(worker_id="loop-s")
     loop = LoopThread(d, db_url)
     loop.start(db_url, "loop-s")
+    started = time.monotonic()
     loop.stop.set()
     loop.thread.join(timeout=3)
     alive = loop.thread.is_alive()
     if alive:
         loop.shutdown(db_url)
-    assert not alive
+    assert not alive, "run_forever kept waiting out its 30 s poll interval after stop"
+    assert time.monotonic() - started < 1.0
+    assert loop.errors == []
 
 
 def test_database_restart_then_the_loop_reconnects_and_still_decides(harness, db_url):
