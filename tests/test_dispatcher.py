@@ -36,6 +36,7 @@ from services.dispatcher.broker import (
     OrderRequest,
     client_order_id,
 )
+from services.dispatcher.decision import OptionInputs
 from services.dispatcher.main import Dispatcher, StaticParams
 from services.dispatcher.sim_broker import SimBroker
 from tests.factories import (
@@ -790,13 +791,23 @@ def test_broker_rejection_then_rejected_the_reserved_position_released_and_the_n
     assert count(conn, "SELECT count(*) AS n FROM active_positions WHERE ticker = 'AAPL' AND status IN ('OPEN', 'PENDING')") == 0
 
 
-def test_exception_inside_decide_then_that_recommendation_failed_and_the_next_still_decided(harness, conn):
-    h = harness()
+class ExplodingContract:
+    """A chain entry the parser mangled: touching any field raises."""
 
-    def broken_planner(ctx, params, now, calendar):
+    def __getattr__(self, name):
         raise RuntimeError("chain parser bug")
 
-    d = h.dispatcher(option_planner=broken_planner)
+
+class CorruptOptionData:
+    """Option market data whose chain holds a corrupt entry: the contract choice inside decide() raises."""
+
+    def gather(self, conn, ticker, spot, now, params):
+        return OptionInputs([ExplodingContract()], None)
+
+
+def test_exception_inside_decide_then_that_recommendation_failed_and_the_next_still_decided(harness, conn):
+    h = harness()
+    d = h.dispatcher(option_data=CorruptOptionData())
     add_market(conn, "AAPL", NOW, 200)
     add_market(conn, "MSFT", NOW, 300)
     bad = add_recommendation(conn, "AAPL", NOW - timedelta(seconds=1), instrument="OPTION")
