@@ -62,21 +62,33 @@ GATE_NAMES = {
 # --- harness -------------------------------------------------------------------------------------
 
 
-def params_in_force(overrides: dict[str, Any] | None = None) -> StaticParams:
-    """The reviewed defaults, or the defaults with some limits changed (recorded as source "test")."""
-    if not overrides:
+# The limits these tests are written against, pinned so that a review of the defaults file
+# does not silently change what a test proves.
+PINNED = {
+    "max_daily_loss": 500, "max_open_positions": 5, "max_notional_exposure": 10_000,
+    "max_notional_per_trade": 2_000, "max_equity_pct_per_trade": 0.05, "max_trades_per_ticker_per_day": 2,
+    "ticker_cooldown_minutes": 30, "max_bar_age_seconds": 180, "max_feature_age_seconds": 300,
+    "max_recommendation_age_seconds": 300, "max_account_state_age_seconds": 600,
+    "block_after_open_minutes": 5, "block_before_close_minutes": 15, "min_confidence_day_trade": 0.6,
+}
+
+
+def params_in_force(overrides: dict[str, Any] | None = None, *, reviewed_file: bool = False) -> StaticParams:
+    """The reviewed defaults file as it is, or the pinned limits plus overrides (recorded as source "test")."""
+    if reviewed_file:
         return StaticParams(load_params_file())
-    params = as_params(overrides)
+    params = as_params({**PINNED, **(overrides or {})})
     return StaticParams(ParamsInForce(params, "test", "1", params.content_hash()))
 
 
 class Harness:
     """Pools, a fixed clock, the simulated broker and dispatchers over one test database."""
 
-    def __init__(self, db_url: str, now: datetime, overrides: dict[str, Any] | None = None):
+    def __init__(self, db_url: str, now: datetime, overrides: dict[str, Any] | None = None,
+                 reviewed_file: bool = False):
         self.db_url = db_url
         self.clock = FixedClock(now)
-        self.params = params_in_force(overrides)
+        self.params = params_in_force(overrides, reviewed_file=reviewed_file)
         self._pools: list = []
         self.pool = self.new_pool()
         self.broker = SimBroker(self.pool, ACCOUNT, self.clock)
@@ -98,8 +110,8 @@ class Harness:
 def harness(db_url):
     made: list[Harness] = []
 
-    def make(now: datetime = NOW, overrides: dict[str, Any] | None = None) -> Harness:
-        h = Harness(db_url, now, overrides)
+    def make(now: datetime = NOW, overrides: dict[str, Any] | None = None, reviewed_file: bool = False) -> Harness:
+        h = Harness(db_url, now, overrides, reviewed_file)
         made.append(h)
         return h
 
@@ -252,7 +264,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.02):
 
 
 def test_stock_entry_when_all_gates_pass_then_filled_and_recorded_with_every_gate_and_params(harness, conn):
-    h = harness()
+    h = harness(reviewed_file=True)
     d = h.dispatcher()
     add_market(conn, "AAPL", NOW, 200)
     rid = add_recommendation(conn, "AAPL", NOW)
@@ -273,8 +285,13 @@ def test_stock_entry_when_all_gates_pass_then_filled_and_recorded_with_every_gat
     for g in rec["gate_results"]:
         assert set(g) >= {"name", "passed", "code", "reason", "observed", "limit"}
         assert (g["passed"], g["code"]) == (True, "OK"), g
-    # Sized from the defaults: min(per-trade 2000, 5% of 100000 equity, room 10000) / 200 = 10 shares.
-    assert gate(rec, "max_exposure")["observed"] == Decimal("2000")
+    # Sized from the params in force: min(per-trade, pct of the 100,000 equity, room) / 200, whole shares.
+    risk = params.params.risk
+    budget = min(risk.max_notional_per_trade, Decimal("100000") * Decimal(str(risk.max_equity_pct_per_trade)),
+                 risk.max_notional_exposure)
+    qty = int(budget // 200)
+    assert qty >= 1
+    assert gate(rec, "max_exposure")["observed"] == qty * 200
     assert gate(rec, "max_positions")["observed"] == 1
 
     cid = client_order_id(ACCOUNT, rid)
@@ -282,7 +299,7 @@ def test_stock_entry_when_all_gates_pass_then_filled_and_recorded_with_every_gat
     assert len(execs) == 1
     ex = execs[0]
     assert (ex["account_id"], ex["client_order_id"], ex["status"], ex["side"], ex["qty"], ex["filled_qty"]) == (
-        ACCOUNT, cid, "FILLED", "buy", 10, 10)
+        ACCOUNT, cid, "FILLED", "buy", qty, qty)
     # The simulated fill: ask (close + 2 bps) plus 5 bps slippage.
     assert ex["filled_avg_price"] == Decimal("200.1400")
     sim = conn.execute("SELECT * FROM sim_orders WHERE client_order_id = %s", (cid,)).fetchall()
@@ -290,13 +307,13 @@ def test_stock_entry_when_all_gates_pass_then_filled_and_recorded_with_every_gat
 
     positions = conn.execute("SELECT * FROM active_positions WHERE account_id = %s", (ACCOUNT,)).fetchall()
     assert [(p["ticker"], p["status"], p["qty"], p["avg_price"], p["execution_id"]) for p in positions] == [
-        ("AAPL", "OPEN", 10, Decimal("200.1400"), ex["id"])]
+        ("AAPL", "OPEN", qty, Decimal("200.1400"), ex["id"])]
 
     why = conn.execute("SELECT * FROM decision_log WHERE account_id = %s AND recommendation_id = %s",
                        (ACCOUNT, rid)).fetchall()
     assert len(why) == 1
     assert (why[0]["status"], why[0]["outcome_code"], why[0]["client_order_id"], why[0]["qty"],
-            why[0]["params_source"]) == ("EXECUTED", "ORDER_FILLED", cid, 10, params.source)
+            why[0]["params_source"]) == ("EXECUTED", "ORDER_FILLED", cid, qty, params.source)
     assert len(why[0]["gate_results"]) == 14
 
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from services.common.clock import FixedClock
 from services.common.db import connect, make_pool
-from services.common.params import load_params_file
+from services.common.params import ParamsInForce, as_params
 from services.dispatcher.broker import client_order_id
 from services.dispatcher.main import Dispatcher, StaticParams
 from services.dispatcher.risk.gates import ACTIONS, INSTRUMENTS
@@ -34,6 +34,9 @@ RESET = """TRUNCATE dispatch_recommendations, dispatch_executions, active_positi
                     lane_telemetry, lane_features, account_state, kill_switch, kill_switch_history
            RESTART IDENTITY CASCADE"""
 CODE = re.compile(r"^[A-Z][A-Z_]+$")
+# The limits the cases are written against (a stale bar is older than 180 s, and so on).
+PINNED = {"max_bar_age_seconds": 180, "max_feature_age_seconds": 300, "min_confidence_day_trade": 0.6,
+          "max_open_positions": 5, "max_notional_exposure": 10_000, "max_notional_per_trade": 2_000}
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ class Loop:
         self.db_url = db_url
         self.clock = FixedClock(NOW)
         self.pool = make_pool(db_url)
-        self.params = StaticParams(load_params_file())
+        params = as_params(PINNED)
+        self.params = StaticParams(ParamsInForce(params, "test", "1", params.content_hash()))
 
     def run(self, case: BadCase) -> tuple[list, dict, dict]:
         with connect(self.db_url) as conn:
