@@ -396,6 +396,28 @@ def test_max_positions_when_limit_two_then_third_entry_denied_counting_the_propo
     assert count(conn, "SELECT count(*) AS n FROM active_positions WHERE status = 'OPEN'") == 2
 
 
+def test_another_accounts_positions_and_recommendations_are_invisible_to_this_account(harness, conn):
+    h = harness(overrides={"max_open_positions": 1})
+    other = "acct-other"
+    add_position(conn, "MSFT", 40, 300, account=other)  # would fill both limits of this account
+    add_market(conn, "AAPL", NOW, 200)
+    theirs = add_recommendation(conn, "AAPL", NOW - timedelta(seconds=1), account=other)
+    ours = add_recommendation(conn, "AAPL", NOW)
+    d = h.dispatcher()
+    d.refresh_account(force=True)
+
+    outcomes = d.drain()
+
+    assert [o.recommendation_id for o in outcomes] == [ours]
+    rec = recommendation(conn, ours)
+    assert rec["status"] == "EXECUTED"
+    assert (gate(rec, "max_positions")["observed"], gate(rec, "open_position")["passed"]) == (1, True)
+    assert gate(rec, "max_exposure")["observed"] == Decimal("2000")
+    assert recommendation(conn, theirs)["status"] == "PENDING"
+    assert conn.execute("SELECT account_id FROM dispatch_executions").fetchall() == [{"account_id": ACCOUNT}]
+    assert conn.execute("SELECT account_id FROM sim_orders").fetchall() == [{"account_id": ACCOUNT}]
+
+
 # --- the kill switch -----------------------------------------------------------------------------
 
 
@@ -613,6 +635,21 @@ def test_account_unavailable_then_no_account_state_and_entry_denied_without_an_o
     assert (loss["passed"], loss["code"], loss["observed"]) == (False, "NO_ACCOUNT_STATE", None)
     assert gate(rec, "max_exposure")["passed"] is False
     assert broker.submits == 0
+    assert count(conn, "SELECT count(*) AS n FROM sim_orders") == 0
+
+
+def test_stale_account_state_then_entry_denied_without_an_order(harness, conn):
+    h = harness()
+    set_account_state(conn, NOW - timedelta(minutes=20), 100_000, 100_000)  # the broker stopped answering
+    add_market(conn, "AAPL", NOW, 200)
+    rid = add_recommendation(conn, "AAPL", NOW)
+
+    h.dispatcher(AccountUnavailableBroker(h.broker)).drain()
+
+    rec = recommendation(conn, rid)
+    assert (rec["status"], rec["outcome_code"]) == ("SKIPPED", "STALE_ACCOUNT_STATE")
+    loss = gate(rec, "daily_loss")
+    assert (loss["passed"], loss["observed"], loss["limit"]) == (False, Decimal("1200"), 600)
     assert count(conn, "SELECT count(*) AS n FROM sim_orders") == 0
 
 
