@@ -99,3 +99,67 @@ ON CONFLICT (ticker, ts) DO NOTHING
 def write_bars(conn, bars: list[dict]) -> None:
     with conn.cursor() as cur:
         cur.executemany(INSERT_BARS, bars)
+
+
+# -- Options ------------------------------------------------------------------------------------
+
+UPSERT_OPTION_MARKS = """
+INSERT INTO sim_option_marks (symbol, ts, bid, ask) VALUES (%(symbol)s, %(ts)s, %(bid)s, %(ask)s)
+ON CONFLICT (symbol, ts) DO UPDATE SET bid = EXCLUDED.bid, ask = EXCLUDED.ask
+"""
+
+# Live option positions and the latest close of their underlying, to re-mark them each minute.
+HELD_OPTIONS = """
+SELECT DISTINCT p.symbol, p.ticker,
+       (SELECT b.close FROM lane_telemetry b WHERE b.ticker = p.ticker AND b.ts <= %(now)s
+        ORDER BY b.ts DESC LIMIT 1) AS spot
+FROM active_positions p
+WHERE p.instrument = 'OPTION' AND p.status IN ('PENDING', 'OPEN')
+"""
+
+
+class SimOptionMarket:
+    """The simulated option market: Black-Scholes chains around the simulated underlying.
+
+    A chain that is looked at publishes its quotes (sim_option_marks), so the simulated broker
+    fills an option order at the quote the dispatcher chose from; held contracts are re-marked
+    as the underlying moves. `liquidity` scales a ticker's option volume and open interest:
+    below 1, more strikes fail the liquidity gates.
+    """
+
+    def __init__(self, pool, seed: int = 11, liquidity: dict[str, float] | None = None):
+        self.pool = pool
+        self.seed = seed
+        self.liquidity = liquidity or {}
+
+    def _chain(self, ticker: str, spot, now: datetime):
+        from services.dispatcher.sim_options import SimChainSpec, simulate_chain
+
+        factor = self.liquidity.get(ticker, 1.0)
+        base = SimChainSpec()
+        spec = SimChainSpec(
+            base_volume=max(1, int(base.base_volume * factor)),
+            base_open_interest=max(1, int(base.base_open_interest * factor)),
+            illiquid_share=min(0.9, base.illiquid_share / max(factor, 0.05)),
+        )
+        return simulate_chain(ticker, spot, now, seed=self.seed, spec=spec)
+
+    def chain(self, ticker: str, spot, now: datetime):
+        chain = self._chain(ticker, spot, now)
+        marks = [{"symbol": q.symbol, "ts": now, "bid": q.bid, "ask": q.ask}
+                 for q in chain if q.bid is not None and q.ask is not None]
+        with self.pool.connection() as conn, conn.cursor() as cur:
+            cur.executemany(UPSERT_OPTION_MARKS, marks)
+        return chain
+
+    def mark_held(self, conn, now: datetime) -> int:
+        held = conn.execute(HELD_OPTIONS, {"now": now}).fetchall()
+        marks = []
+        for ticker in {h["ticker"] for h in held if h["spot"] is not None}:
+            symbols = {h["symbol"] for h in held if h["ticker"] == ticker}
+            spot = next(h["spot"] for h in held if h["ticker"] == ticker)
+            marks += [{"symbol": q.symbol, "ts": now, "bid": q.bid, "ask": q.ask}
+                      for q in self._chain(ticker, spot, now) if q.symbol in symbols and q.bid is not None]
+        with conn.cursor() as cur:
+            cur.executemany(UPSERT_OPTION_MARKS, marks)
+        return len(marks)

@@ -25,6 +25,7 @@ from services.dispatcher.risk.gates import (
     evaluate_all_gates,
     first_denial,
 )
+from services.dispatcher.alpaca.options import choose_contract
 from services.dispatcher.risk.sizing import contract_multiplier, size_order, to_decimal
 
 
@@ -65,6 +66,7 @@ class OrderPlan:
     position_intent: str | None
     opens_position: bool
     position_side: str  # long / short
+    option: dict[str, Any] | None = None  # strike, expiration, right, quote, greeks, gates of an option
 
     @property
     def multiplier(self) -> int:
@@ -152,25 +154,79 @@ def _exit(ctx: Context, rec: dict[str, Any], params: TradingParams, now: datetim
     return Decision("ORDER_PLANNED", f"exit {plan.qty} {plan.symbol}", gates, plan)
 
 
+@dataclass(frozen=True)
+class OptionInputs:
+    """What was gathered for an option entry: the underlying's chain and its IV percentile.
+
+    `error` says why the chain could not be had (an outage, no market data configured); the
+    option is then denied with NO_OPTION_CHAIN and stock does not stand in: missing inputs
+    fail closed.
+    """
+
+    chain: list[Any] | None
+    iv_percentile: Any = None
+    error: str | None = None
+
+
+def is_option_entry(rec: dict[str, Any]) -> bool:
+    return rec.get("instrument") == "OPTION" and rec.get("action") in ("BUY", "SELL")
+
+
 def decide(
     ctx: Context,
     params: TradingParams,
     now: datetime,
     calendar: SessionCalendar | None = None,
-    option_planner: Any = None,
+    option_inputs: OptionInputs | None = None,
 ) -> Decision:
-    """Gates, sizing and, for options, contract choice with the stock fallback.
-
-    `option_planner(ctx, params, now, calendar) -> OptionOutcome` chooses and validates a
-    contract from the chain gathered for this recommendation; without one, an option
-    recommendation is denied (NO_OPTION_CHAIN): fail closed.
-    """
+    """Gates, sizing and, for an option entry, contract choice with the stock fallback."""
     rec = ctx.recommendation
     if rec.get("action") == "EXIT":
         return _exit(ctx, rec, params, now, calendar)
     if rec.get("instrument") != "OPTION":
         return _stock_entry(ctx, rec, params, now, calendar, {})
-    return _option_entry(ctx, rec, params, now, calendar, option_planner)
+    return _option_entry(ctx, rec, params, now, calendar, option_inputs)
+
+
+def plan_option(ctx: Context, params: TradingParams, now: datetime, calendar: SessionCalendar | None,
+                inputs: OptionInputs | None) -> OptionOutcome:
+    """Choose and validate a contract from the gathered chain (calls for BUY, puts for SELL)."""
+    if inputs is None or inputs.error is not None or inputs.chain is None:
+        reason = (inputs.error if inputs and inputs.error else "no option market data configured")
+        return OptionOutcome(False, "NO_OPTION_CHAIN", f"NO_OPTION_CHAIN: {reason}", False)
+    rec = ctx.recommendation
+    spot = to_decimal((ctx.bar or {}).get("close"))
+    selection = choose_contract(inputs.chain, rec["action"], rec.get("strategy"), spot, params, now, calendar,
+                                iv_percentile=inputs.iv_percentile)
+    choice = selection.choice
+    if choice is None:
+        code = selection.reason.split(":", 1)[0]
+        # No contract in the window or band is a market without a usable option: stock may stand in.
+        return OptionOutcome(False, code, selection.reason, code in _NO_CONTRACT_FALLBACK)
+    contract = choice.contract
+    details = {"contract": choice.as_json(), "iv_percentile": _iv_json(inputs.iv_percentile)}
+    if not choice.passed:
+        return OptionOutcome(False, choice.reason.split(":", 1)[0], choice.reason, choice.fallback_to_stock,
+                             contract.symbol, contract.ask, details, choice.gate_results())
+    option = {
+        "strike": contract.strike, "expiration": contract.expiration, "right": contract.right,
+        "quote": {"bid": contract.bid, "ask": contract.ask, "bid_size": contract.bid_size,
+                  "ask_size": contract.ask_size, "quote_time": contract.quote_time},
+        "greeks": {"implied_volatility": contract.implied_volatility, "delta": contract.delta,
+                   "gamma": contract.gamma, "theta": contract.theta, "vega": contract.vega},
+        "gates": choice.gate_results(),
+    }
+    return OptionOutcome(True, "OPTION_CHOSEN", choice.reason, False, contract.symbol, contract.ask,
+                         {**details, "order": option}, choice.gate_results())
+
+
+_NO_CONTRACT_FALLBACK = frozenset({"NO_CANDIDATE", "NO_PASSING_CONTRACT"})
+
+
+def _iv_json(iv: Any) -> Any:
+    if isinstance(iv, tuple) and len(iv) == 2:
+        return {"percentile": iv[0], "reason": iv[1]}
+    return iv
 
 
 @dataclass(frozen=True)
@@ -188,12 +244,10 @@ class OptionOutcome:
 
 
 def _option_entry(ctx: Context, rec: dict[str, Any], params: TradingParams, now: datetime,
-                  calendar: SessionCalendar | None, option_planner: Any) -> Decision:
-    if option_planner is None:
-        outcome = OptionOutcome(False, "NO_OPTION_CHAIN", "NO_OPTION_CHAIN: no option market data configured", True)
-    else:
-        outcome = option_planner(ctx, params, now, calendar)
-    info: dict[str, Any] = {"option": {"code": outcome.code, "reason": outcome.reason, **outcome.details},
+                  calendar: SessionCalendar | None, inputs: OptionInputs | None) -> Decision:
+    outcome = plan_option(ctx, params, now, calendar, inputs)
+    details = {k: v for k, v in outcome.details.items() if k != "order"}
+    info: dict[str, Any] = {"option": {"code": outcome.code, "reason": outcome.reason, **details},
                             "option_gates": [{**g, "name": f"option.{g['name']}"} for g in outcome.option_gates]}
     if outcome.passed and outcome.ask is not None and outcome.symbol:
         equity = to_decimal((ctx.account_state or {}).get("equity"))
@@ -214,7 +268,7 @@ def _option_entry(ctx: Context, rec: dict[str, Any], params: TradingParams, now:
         plan = OrderPlan(
             instrument="OPTION", symbol=outcome.symbol, underlying=ctx.ticker, side="buy",
             qty=proposed.qty, est_price=outcome.ask, position_intent="buy_to_open",
-            opens_position=True, position_side="long",
+            opens_position=True, position_side="long", option=outcome.details.get("order"),
         )
         return Decision("ORDER_PLANNED", f"buy {plan.qty} {plan.symbol} @~{plan.est_price}", gates, plan, info)
 

@@ -48,7 +48,7 @@ from services.dispatcher.broker import (
     client_order_id,
     submit_exactly_once,
 )
-from services.dispatcher.decision import Context, Decision, decide, recheck_capacity
+from services.dispatcher.decision import Context, Decision, OptionInputs, decide, is_option_entry, recheck_capacity
 from services.dispatcher.risk.gates import check_daily_loss_limit
 from services.dispatcher.sim_broker import SimBroker
 
@@ -119,7 +119,7 @@ class Dispatcher:
         clock: Clock | None = None,
         calendar: SessionCalendar | None = None,
         worker_id: str | None = None,
-        option_planner: Any = None,
+        option_data: Any = None,
     ):
         self.pool = pool
         self.broker = broker
@@ -128,7 +128,7 @@ class Dispatcher:
         self.clock = clock or SystemClock()
         self._calendar = calendar
         self.worker_id = worker_id or new_worker_id()
-        self.option_planner = option_planner
+        self.option_data = option_data
         self._last_refresh: datetime | None = None
         self._last_reconcile: datetime | None = None
 
@@ -156,7 +156,10 @@ class Dispatcher:
                     return None
                 rec_id = row["id"]
                 ctx = self._context(conn, row, now)
-                decision = decide(ctx, in_force.params, now, self._calendar, self.option_planner)
+                option_inputs = None
+                if is_option_entry(ctx.recommendation):
+                    option_inputs = self._gather_options(conn, ctx, in_force, now)
+                decision = decide(ctx, in_force.params, now, self._calendar, option_inputs)
                 if decision.is_order and decision.plan.opens_position:
                     conn.execute(queries.CAPACITY_LOCK, {"account_id": self.account_id})
                     fresh = conn.execute(
@@ -219,6 +222,16 @@ class Dispatcher:
             kill_state=kill_state,
         )
 
+    def _gather_options(self, conn, ctx: Context, in_force: ParamsInForce, now: datetime) -> OptionInputs:
+        """The chain and the IV percentile for an option entry; an outage becomes a recorded reason."""
+        if self.option_data is None:
+            return OptionInputs(None, error="no option market data configured")
+        spot = (ctx.bar or {}).get("close")
+        try:
+            return self.option_data.gather(conn, ctx.ticker, spot, now, in_force.params)
+        except BrokerError as e:
+            return OptionInputs(None, error=f"{type(e).__name__}: {e}")
+
     def _params_columns(self, in_force: ParamsInForce) -> dict[str, Any]:
         return {"params_source": in_force.source, "params_version": in_force.version, "params_hash": in_force.content_hash}
 
@@ -243,8 +256,21 @@ class Dispatcher:
             "symbol": plan.symbol, "side": plan.side, "position_intent": plan.position_intent, "qty": plan.qty,
             "multiplier": plan.multiplier, "est_price": plan.est_price, "notional": plan.notional,
             "position_side": plan.position_side, "opens_position": plan.opens_position,
+            **self._option_columns(plan),
             **self._params_columns(in_force),
         })
+
+    @staticmethod
+    def _option_columns(plan) -> dict[str, Any]:
+        option = plan.option or {}
+        return {
+            "strike": option.get("strike"), "expiration": option.get("expiration"),
+            "option_right": option.get("right"),
+            "premium": plan.est_price if plan.instrument == "OPTION" else None,
+            "quote": jsonb(option["quote"]) if option.get("quote") else None,
+            "greeks": jsonb(option["greeks"]) if option.get("greeks") else None,
+            "option_gates": jsonb(option["gates"]) if option.get("gates") else None,
+        }
 
     def _mark_failed(self, rec_id: int, code: str, detail: str, now: datetime) -> None:
         with self.pool.connection() as conn:
@@ -563,7 +589,7 @@ def run_dispatcher(once: bool = False) -> int:
     clock = SystemClock()
     broker = build_broker(pool, account_id, clock, provider.current())
     dispatcher = Dispatcher(pool, broker, provider, account_id, clock=clock, worker_id=worker_id,
-                            option_planner=_option_planner(broker))
+                            option_data=build_option_data(broker))
     log_startup(dispatcher)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -581,12 +607,18 @@ def run_dispatcher(once: bool = False) -> int:
     return 0
 
 
-def _option_planner(broker: Broker):
-    try:
-        from services.dispatcher.option_planner import planner_for_broker
-    except ModuleNotFoundError:
-        return None
-    return planner_for_broker(broker)
+def build_option_data(broker: Broker):
+    """Option chains from Alpaca's data API with the Alpaca broker; the simulated chain with the simulated broker."""
+    from services.dispatcher.option_data import OptionData
+
+    if isinstance(broker, SimBroker):
+        from services.sim_market import SimOptionMarket
+
+        return OptionData(SimOptionMarket(broker.pool).chain)
+    from services.dispatcher.alpaca.client import AlpacaMarketData
+
+    market = AlpacaMarketData(broker.settings, trading_client=broker.trading_client)
+    return OptionData(lambda ticker, spot, now: market.option_chain(ticker))
 
 
 def register(subparsers) -> None:
