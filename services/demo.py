@@ -1,8 +1,11 @@
 """`ops-pipeline demo`: one simulated trading session on the embedded Postgres.
 
-A seeded synthetic market writes 1-minute bars; a desk stream of recommendations (and, where
-the signal pipeline is installed, the signal engine) feeds the dispatcher, which decides each
-one through every gate and trades on the simulated paper broker, with the repo's params file.
+The whole pipeline runs minute by minute: a seeded synthetic market writes 1-minute bars (and
+the news classifier's sentiment), the feature computer turns them into features, the watchlist
+engine scores the tickers, the signal engine writes recommendations, and the dispatcher decides
+each one through every gate and trades stock and options on the simulated paper broker, with
+the repo's params file. A desk stream of recommendations (exits, and a few malformed ones)
+runs beside the signals.
 The scenario is built so that every account kill switch blocks at least once: orders before
 09:35 and after 15:45, positions and exposure at their limits, and a sell-off that trips the
 daily-loss switch, which then stays tripped while the market recovers.
@@ -26,7 +29,11 @@ from services.common.params import ParamsInForce, load_params_file
 from services.dispatcher import kill_switch
 from services.dispatcher.main import Dispatcher, Outcome, StaticParams
 from services.dispatcher.sim_broker import SimBroker
-from services.sim_market import Move, SimMarket, TickerSpec, write_bars
+from services.dispatcher.option_data import OptionData
+from services.feature_computer.main import compute_features
+from services.signal_engine.main import run_signal_cycle
+from services.sim_market import Move, SimMarket, SimOptionMarket, TickerSpec, write_bars
+from services.watchlist_engine.main import run_watchlist_cycle
 
 log = logging.getLogger("demo")
 
@@ -36,7 +43,8 @@ DEMO_DAY = date(2026, 11, 25)
 TICKERS = [
     TickerSpec("AAPL", 231.0, 0.0008, 40_000, 1.0),
     TickerSpec("AMD", 152.0, 0.0012, 30_000, 0.8),
-    TickerSpec("F", 11.2, 0.0010, 60_000, 0.2),
+    TickerSpec("BKNG", 5150.0, 0.0006, 2_000, 0.3),
+    TickerSpec("F", 11.2, 0.0010, 60_000, 0.05),
     TickerSpec("META", 590.0, 0.0009, 15_000, 0.9),
     TickerSpec("MSFT", 421.0, 0.0007, 25_000, 1.0),
     TickerSpec("NVDA", 181.0, 0.0013, 80_000, 1.2),
@@ -45,15 +53,27 @@ TICKERS = [
 ]
 ALL = tuple(t.ticker for t in TICKERS)
 
-# Minutes after the open. The sell-off runs 12:50-13:30 ET, the recovery 13:50-15:00 ET.
+# Minutes after the open. Trends the signal rules can find from 10:20 ET (the features need 50
+# bars of the session); the sell-off runs 12:50-13:30 ET, the recovery 13:50-15:00 ET.
 MOVES = [
-    Move(("AAPL", "NVDA"), 15, 60, 0.012),
-    Move(("AMD",), 40, 80, 0.015),
-    Move(("TSLA",), 90, 120, -0.012),
-    Move(("META", "MSFT"), 120, 150, 0.010),
+    Move(("AAPL", "NVDA"), 52, 80, 0.010, volume_factor=3.0),
+    Move(("AMD", "TSLA"), 85, 115, 0.012, volume_factor=3.0),
+    Move(("F",), 120, 140, 0.015, volume_factor=3.0),
+    Move(("META", "MSFT"), 150, 180, 0.009, volume_factor=3.0),
     Move(ALL, 200, 240, -0.085, volume_factor=3.0),
     Move(ALL, 260, 330, 0.075, volume_factor=2.0),
 ]
+# News the classifier scored: (minute, ticker, signed score, confidence).
+SENTIMENT = [
+    (45, "AAPL", 0.8, 0.9), (45, "NVDA", 0.6, 0.8), (80, "AMD", 0.7, 0.85), (80, "TSLA", -0.7, 0.8),
+    (115, "F", 0.5, 0.7), (145, "META", 0.6, 0.8), (145, "MSFT", -0.4, 0.6),
+]
+# Spread quality and an option open-interest proxy for the watchlist's liquidity term.
+LIQUIDITY = {t.ticker: {"spread_quality": t.option_liquidity, "oi_proxy": t.option_liquidity * t.avg_volume}
+             for t in TICKERS}
+# IV history (the last 30 sessions' ATM IV): TSLA's options are dear against their own
+# history, so its IV percentile gate blocks and stock stands in.
+IV_HISTORY = {t.ticker: (0.15, 0.22) if t.ticker == "TSLA" else (0.22, 0.38) for t in TICKERS}
 
 
 @dataclass(frozen=True)
@@ -69,30 +89,24 @@ class DeskRec:
 
 # The desk's stream: entries through the day, exits, and a few malformed recommendations.
 DESK = [
-    DeskRec(1, "AAPL", "BUY", note="before 09:35: opening block"),
-    DeskRec(10, "AAPL", "BUY"),
-    DeskRec(12, "MSFT", "BUY"),
-    DeskRec(14, "AAPL", "BUY", note="ticker already held, in cooldown"),
-    DeskRec(20, "NVDA", "BUY", "OPTION"),
-    DeskRec(22, "AMD", "BUY"),
-    DeskRec(24, "META", "BUY", "OPTION"),
-    DeskRec(26, "TSLA", "BUY"),
-    DeskRec(28, "F", "BUY", note="sixth position"),
-    DeskRec(30, "SPY", "BUY", note="sixth position"),
-    DeskRec(45, "MSFT", "EXIT"),
-    DeskRec(47, "SPY", "BUY", "OPTION", "swing_trade", 0.55),
-    DeskRec(60, "F", "BUY", note="exposure"),
-    DeskRec(62, "XYZ", "BUY", note="no market data"),
-    DeskRec(64, "AAPL", "HOLD", note="unknown action"),
-    DeskRec(66, "MSFT", "BUY", confidence=0.4, note="low confidence"),
-    DeskRec(95, "TSLA", "SELL", note="bearish stock entry: a short sale"),
-    DeskRec(150, "AMD", "EXIT"),
-    DeskRec(160, "F", "BUY"),
+    DeskRec(1, "SPY", "BUY", note="before 09:35: opening block"),
+    DeskRec(10, "SPY", "BUY", "OPTION", "swing_trade", 0.7, note="one contract costs more than the budget"),
+    DeskRec(12, "MSFT", "BUY", note="desk: stock"),
+    DeskRec(14, "MSFT", "BUY", note="ticker already held, in cooldown"),
+    DeskRec(16, "TSLA", "BUY", "OPTION", note="IV dear against its history"),
+    DeskRec(18, "F", "BUY", "OPTION", note="thin option market"),
+    DeskRec(20, "META", "BUY", "OPTION", note="desk: call"),
+    DeskRec(22, "AMD", "SELL", note="bearish stock entry: a short sale"),
+    DeskRec(24, "XYZ", "BUY", note="no market data"),
+    DeskRec(26, "AAPL", "HOLD", note="unknown action"),
+    DeskRec(28, "AAPL", "BUY", confidence=0.4, note="low confidence"),
+    DeskRec(110, "MSFT", "EXIT", note="desk: take profit"),
+    DeskRec(112, "BKNG", "BUY", note="one share would breach the exposure limit"),
     DeskRec(245, "MSFT", "BUY", note="after the daily-loss trip"),
-    DeskRec(250, "AAPL", "EXIT", note="risk-reducing: allowed while REDUCING"),
-    DeskRec(340, "AMD", "BUY", note="P&L recovered; the switch stays tripped"),
+    DeskRec(250, "META", "EXIT", note="risk-reducing: allowed while REDUCING"),
+    DeskRec(340, "AAPL", "BUY", note="P&L recovered; the switch stays tripped"),
     DeskRec(378, "MSFT", "BUY", note="after 15:45"),
-    DeskRec(386, "NVDA", "EXIT", note="after the operator's halt"),
+    DeskRec(386, "SPY", "EXIT", note="after the operator's halt"),
 ]
 HALT_MINUTE = 384
 
@@ -149,20 +163,33 @@ def run_demo(day: date = DEMO_DAY, seed: int = 7, in_force: ParamsInForce | None
         with connect(url) as conn:
             _reset_account(conn, DEMO_ACCOUNT)
         broker = SimBroker(pool, DEMO_ACCOUNT, clock, slippage_bps=in_force.params.execution.slippage_bps)
+        options = SimOptionMarket(pool, seed=seed, liquidity={t.ticker: t.option_liquidity for t in TICKERS})
         dispatcher = Dispatcher(pool, broker, StaticParams(in_force), DEMO_ACCOUNT, clock=clock,
-                                calendar=calendar, worker_id="demo")
+                                calendar=calendar, worker_id="demo", option_data=OptionData(options.chain))
         market = SimMarket(TICKERS, session, MOVES, seed=seed)
         desk = {}
         for rec in DESK:
             desk.setdefault(rec.minute, []).append(rec)
+        news = {}
+        for minute, ticker, score, confidence in SENTIMENT:
+            news.setdefault(minute, []).append((ticker, score, confidence))
         trip_seen: dict[str, Any] = {}
+        signal_counts: Counter = Counter()
         with connect(url) as conn:
+            _seed_iv_history(conn, calendar, day, seed)
             for minute in range(market.minutes):
                 bars = market.next_bars(minute)
                 clock.set(market.bar_time(minute) + timedelta(minutes=1))
                 now = clock.now()
                 write_bars(conn, bars)
-                _write_features(conn, bars)
+                for ticker, score, confidence in news.get(minute, []):
+                    conn.execute("INSERT INTO sentiment (ticker, ts, score, confidence, source) VALUES (%s, %s, %s, %s, 'demo-news')",
+                                 (ticker, now, score, confidence))
+                compute_features(conn, now=now)
+                if minute % 30 == 0:
+                    run_watchlist_cycle(conn, DEMO_ACCOUNT, in_force, now, liquidity_inputs=LIQUIDITY)
+                signal_counts.update(run_signal_cycle(conn, DEMO_ACCOUNT, in_force, now).counts)
+                options.mark_held(conn, now)
                 if minute == HALT_MINUTE:
                     with conn.transaction():
                         kill_switch.set_state(conn, DEMO_ACCOUNT, "HALTED", "operator halt (demo)", "operator:demo", now)
@@ -181,20 +208,23 @@ def run_demo(day: date = DEMO_DAY, seed: int = 7, in_force: ParamsInForce | None
                         trip_seen.update(ks)
                         result.rows.append({"time": now, "ticker": "-", "action": "TRIP", "instrument": "-",
                                             "status": "REDUCING", "codes": "daily loss limit", "detail": ks["reason"]})
-            result.summary = _summary(conn, dispatcher, trip_seen)
+            result.summary = {**_summary(conn, dispatcher, trip_seen), "signals": dict(signal_counts)}
     finally:
         pool.close()
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _write_features(conn, bars: list[dict]) -> None:
-    """Features for the demo's bars: the feature computer when installed, else a minimal row."""
+def _seed_iv_history(conn, calendar, day: date, seed: int) -> None:
+    """Thirty earlier sessions of ATM IV per ticker, so the IV percentile gate is evaluated."""
+    import random
+
+    rng = random.Random(seed)
+    sessions = calendar.sessions_between(day - timedelta(days=60), day - timedelta(days=1))[-30:]
+    rows = [(t, s.day, round(rng.uniform(*IV_HISTORY[t]), 4), s.close) for t in sorted(IV_HISTORY) for s in sessions]
     with conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO lane_features (ticker, ts, close) VALUES (%(ticker)s, %(ts)s, %(close)s) ON CONFLICT DO NOTHING",
-            bars,
-        )
+        cur.executemany("INSERT INTO iv_history (ticker, session_day, atm_iv, recorded_at) VALUES (%s, %s, %s, %s) "
+                        "ON CONFLICT DO NOTHING", rows)
 
 
 def _insert_rec(conn, rec: DeskRec, now: datetime) -> int:
@@ -213,7 +243,7 @@ def _row(conn, outcome: Outcome, now: datetime, note: str) -> dict[str, Any]:
         (outcome.recommendation_id,),
     ).fetchone()
     failed = [g["code"] for g in (rec["gate_results"] or []) if not g["passed"]]
-    codes = ", ".join(dict.fromkeys(failed)) if failed else outcome.code
+    codes = ", ".join(dict.fromkeys(failed)) if failed and outcome.status != "EXECUTED" else outcome.code
     instrument = rec["instrument"]
     plan = (rec["decision"] or {}).get("plan")
     if plan and plan.get("instrument") != instrument:
@@ -267,6 +297,9 @@ def print_report(result: DemoResult, out: TextIO = sys.stdout) -> None:
     w(f"kill switch       {ks['state']}: {ks.get('reason')}\n")
     if s["trip"]:
         w(f"daily-loss trip   at {s['trip']['changed_at'].astimezone(ET):%H:%M} ET, latched for the session of {s['trip']['tripped_session']}\n")
+    sig = s.get("signals", {})
+    if sig:
+        w("signals           " + ", ".join(f"{k} {v}" for k, v in sig.items() if v) + "\n")
     w("decisions         " + ", ".join(f"{k} {v}" for k, v in s["decisions_by_status"].items()) + "\n")
     w("blocked by gate   " + ", ".join(f"{k} {v}" for k, v in sorted(s["gate_blocks"].items(), key=lambda kv: -kv[1])) + "\n")
     w(f"\nsimulated {len(result.rows)} events in {result.seconds:.1f} s\n")
