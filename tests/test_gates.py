@@ -494,8 +494,9 @@ def test_instrument_allowed(instrument, cfg, passed, code):
         (1, "day_trade", True, "OK", 0.6),
     ],
 )
-def test_confidence_threshold_depends_on_the_strategy(config, confidence, strategy, passed, code, limit):
-    result = check_confidence(confidence, strategy, config)
+def test_confidence_threshold_depends_on_the_strategy(confidence, strategy, passed, code, limit):
+    thresholds = {"min_confidence_day_trade": 0.6, "min_confidence_swing_trade": 0.5}
+    result = check_confidence(confidence, strategy, {**SEED_CONFIG, **thresholds})
     assert_gate(result, passed, code)
     assert result.limit == limit
     assert result.observed == float(confidence)
@@ -962,4 +963,4 @@ def test_gates_do_not_mutate_the_params_document():
     before = params.content_hash()
     run_gates(config=params)
     assert isinstance(params, TradingParams) and params.content_hash() == before
-    assert math.isclose(params.confidence.min_confidence_day_trade, 0.6)
+    assert math.isclose(params.confidence.min_confidence_day_trade, default_params().confidence.min_confidence_day_trade)

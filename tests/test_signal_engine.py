@@ -68,7 +68,7 @@ def test_cycle_when_no_confirmed_move_then_nothing_written_and_counted_as_moment
         notes = list(listener.notifies(timeout=0.2))
     assert notes == []
     assert recommendations(conn) == []
-    assert result.counts == {"evaluated": 3, "no_features": 0, "stale": 0, "trend": 1, "volume": 1,
+    assert result.counts == {"evaluated": 3, "no_features": 0, "stale": 0, "trend": 1, "volume": 1, "confidence": 0,
                              "breakout": 0, "momentum": 1, "cooldown": 0, "duplicate": 0, "emitted": 0}
     flat = next(o for o in result.outcomes if o.ticker == "FLAT")
     assert flat.detail == "NO_MOMENTUM"
@@ -165,13 +165,23 @@ def test_cycle_when_sentiment_in_lookback_then_confidence_moves_by_configured_am
         "('UP', %(t)s, 0.6, 0.9, 'news'), ('UP', %(t2)s, 0.2, 0.1, 'news'), "
         "('DOWN', %(t)s, -0.7, 0.8, 'news'), ('OLDNEWS', %(old)s, -0.9, 1, 'news')",
         {"t": NOW - timedelta(minutes=30), "t2": NOW - timedelta(minutes=1), "old": NOW - timedelta(hours=5)})
-    run_signal_cycle(conn, ACCOUNT, default_params(), NOW)
+    # A threshold low enough that every confirmed move is emitted, so each confidence is visible.
+    run_signal_cycle(conn, ACCOUNT, as_params({"min_confidence_day_trade": 0.3}), NOW)
     conf = {r["ticker"]: r["confidence"] for r in recommendations(conn)}
     assert conf == {"UP": D("0.65"), "DOWN": D("0.40"), "OLDNEWS": D("0.55")}
     up = next(r for r in recommendations(conn) if r["ticker"] == "UP")
     # Confidence-weighted mean: (0.6*0.9 + 0.2*0.1) / 1.0 = 0.56 over 2 items.
     assert up["reason"]["confidence"]["sentiment_score"] == D("0.56")
     assert up["reason"]["confidence"]["sentiment_n"] == 2
+
+
+def test_cycle_when_opposing_sentiment_drops_confidence_below_the_strategy_threshold_then_not_emitted(conn):
+    insert_features(conn, "DOWN")
+    conn.execute("INSERT INTO sentiment (ticker, ts, score, confidence, source) VALUES ('DOWN', %s, -0.7, 0.8, 'news')",
+                 (NOW - timedelta(minutes=30),))
+    result = run_signal_cycle(conn, ACCOUNT, as_params({"min_confidence_day_trade": 0.55}), NOW)
+    assert recommendations(conn) == []
+    assert (result.counts["confidence"], result.counts["emitted"]) == (1, 0)
 
 
 def test_pipeline_when_bars_rise_then_features_and_signal_emit_buy(conn):

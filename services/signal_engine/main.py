@@ -42,7 +42,7 @@ BAR = timedelta(minutes=1)
 NOTIFY_CHANNEL = "recommendations"
 # Outcome counters of a cycle, in the order the demo prints them.
 COUNTERS = ("evaluated", "no_features", "stale", "trend", "volume", "breakout", "momentum",
-            "cooldown", "duplicate", "emitted")
+            "confidence", "cooldown", "duplicate", "emitted")
 
 # -- gather_signal_inputs --
 # Everything one cycle decides on, in one round trip. The universe is the account's selected

@@ -144,11 +144,12 @@ class SignalDecision:
 
     @property
     def failed_filter(self) -> str | None:
-        """The first failing filter's name (trend, volume, breakout, momentum), None on EMIT."""
+        """The first failing filter's name (trend, volume, breakout, momentum), "confidence" when
+        every filter passed but the confidence is below the strategy's threshold, None on EMIT."""
         for f in self.filters:
             if f.passed is not True:
                 return f.name
-        return None
+        return None if self.emit else "confidence"
 
 
 def _trend(features: Any) -> tuple[Direction | None, FilterResult]:
@@ -252,6 +253,13 @@ def confidence_for(direction: Direction, sentiment: Any, params: TradingParams) 
     return confidence, factors
 
 
+def min_confidence(params: TradingParams, strategy: str) -> Decimal:
+    """The confidence a recommendation of this strategy needs (the dispatcher's confidence gate)."""
+    c = params.confidence
+    value = c.min_confidence_swing_trade if strategy == "swing_trade" else c.min_confidence_day_trade
+    return to_decimal(value)
+
+
 def evaluate_signal(features: Any, sentiment: Any, params: TradingParams | Mapping[str, Any]) -> SignalDecision:
     """Decide whether this ticker's latest features make a recommendation, and explain it.
 
@@ -267,6 +275,13 @@ def evaluate_signal(features: Any, sentiment: Any, params: TradingParams | Mappi
     outcome = EMIT if first_failed is None else first_failed.code
     confidence, factors = (confidence_for(direction, sentiment, p) if direction is not None else (None, None))
     emit = first_failed is None
+    if emit:
+        # A confirmed move still needs the confidence its strategy requires: what the dispatcher
+        # would deny anyway is not worth a recommendation.
+        threshold = min_confidence(p, p.signal.default_strategy)
+        factors = {**factors, "threshold": threshold, "strategy": p.signal.default_strategy}
+        if confidence is None or confidence < threshold:
+            emit, outcome = False, "confidence"
     reason = {
         "outcome": outcome,
         "direction": direction,
