@@ -27,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
     for module_name, func in _REGISTRARS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name == module_name:
-                continue  # that part of the product is not installed in this build
-            raise
-        getattr(module, func)(sub)
+        getattr(importlib.import_module(module_name), func)(sub)
     return parser
 
 

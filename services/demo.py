@@ -306,8 +306,15 @@ def print_report(result: DemoResult, out: TextIO = sys.stdout) -> None:
 
 
 def cmd_demo(args) -> int:
+    from services.common.settings import load_settings, trading_mode
+
     logging.getLogger().setLevel(logging.ERROR if not args.verbose else logging.INFO)
-    result = run_demo(day=date.fromisoformat(args.date), seed=args.seed)
+    settings = load_settings()
+    in_force = load_params_file(settings.ops_params_file)
+    mode = trading_mode(settings, in_force.params)
+    log.info("demo start-up", extra={"settings": settings.describe(), "mode": mode.mode, "mode_reason": mode.reason,
+                                     "params_source": in_force.source, "params_hash": in_force.content_hash})
+    result = run_demo(day=date.fromisoformat(args.date), seed=args.seed, in_force=in_force)
     print_report(result)
     return 0
 

@@ -22,6 +22,7 @@ from services.common.params import TradingParams, as_params, default_params
 from services.dispatcher.broker import AccountSnapshot
 from services.dispatcher.risk.gates import (
     GateResult,
+    check_market_open_for_exit,
     NamedGate,
     ProposedOrder,
     check_action_allowed,
@@ -81,7 +82,6 @@ GATE_ORDER = [
 ENTRY_ONLY = {
     "confidence",
     "feature_freshness",
-    "trading_hours",
     "daily_loss",
     "ticker_trades_today",
     "ticker_cooldown",
@@ -964,3 +964,30 @@ def test_gates_do_not_mutate_the_params_document():
     run_gates(config=params)
     assert isinstance(params, TradingParams) and params.content_hash() == before
     assert math.isclose(params.confidence.min_confidence_day_trade, default_params().confidence.min_confidence_day_trade)
+
+
+# --- exits and the session ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "when, passed, code",
+    [
+        (et(date(2026, 11, 30), 9, 32), True, "OK"),  # the opening block is for entries only
+        (et(date(2026, 11, 30), 15, 50), True, "OK"),  # so is the closing block
+        (et(date(2026, 11, 30), 20, 30), False, "MARKET_CLOSED"),  # no order after the close
+        (et(date(2026, 11, 26), 11, 0), False, "MARKET_CLOSED"),  # Thanksgiving
+    ],
+)
+def test_exit_passes_the_blocked_windows_but_not_a_closed_market(when, passed, code):
+    result = check_market_open_for_exit(SEED_CONFIG, now=when)
+    assert_gate(result, passed, code)
+
+
+def test_exit_after_the_close_is_denied_by_evaluate_all_gates():
+    when = et(date(2026, 11, 30), 20, 30)
+    rec = {"action": "EXIT", "instrument": "STOCK", "strategy": "day_trade", "confidence": 0.9, "created_at": when}
+    bar = {"ts": when - timedelta(minutes=1), "open": 10, "high": 10, "low": 10, "close": 10}
+    ok, gates = evaluate_all_gates(rec, bar, None, 0, None, True, SEED_CONFIG, now=when,
+                                   account_state={"equity": 1000, "last_equity": 1000})
+    hours = next(g for g in gates if g.name == "trading_hours")
+    assert not ok and hours.result.code == "MARKET_CLOSED"

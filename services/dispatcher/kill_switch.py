@@ -91,9 +91,12 @@ def trip_daily_loss(conn: psycopg.Connection, account_id: str, reason: str, now:
     """
     with conn.transaction():
         row = conn.execute(
-            "SELECT state FROM kill_switch WHERE account_id = %s FOR UPDATE", (account_id,)
+            "SELECT state, changed_by, tripped_session FROM kill_switch WHERE account_id = %s FOR UPDATE",
+            (account_id,),
         ).fetchone()
-        current = (row["state"] if isinstance(row, dict) else row[0]) if row else "ACTIVE"
+        switch = KillSwitch(row["state"], row["changed_by"], row["tripped_session"]) if row else None
+        # A latch from an earlier session has expired: today's loss trips it anew, for today.
+        current, _ = effective_state(switch, session_day)
         if current != "ACTIVE":
             return False
         set_state(conn, account_id, "REDUCING", reason, DAILY_LOSS_ACTOR, now, tripped_session=session_day)

@@ -533,11 +533,11 @@ def build_broker(pool: ConnectionPool, account_id: str, clock: Clock, in_force: 
     """The simulated paper broker by default; Alpaca when OPS_BROKER=alpaca."""
     kind = os.environ.get("OPS_BROKER", "sim")
     if kind == "alpaca":
-        from services.common.settings import trading_mode
+        from services.common.settings import load_settings, trading_mode
         from services.dispatcher.alpaca.client import AlpacaBroker
         from services.dispatcher.alpaca.settings import AlpacaSettings
 
-        mode, reason = trading_mode(None, in_force.params)
+        mode, reason = trading_mode(load_settings(), in_force.params)
         # Both keys decide, never the adapter's own setting alone: anything but "live" is paper.
         settings = AlpacaSettings().model_copy(update={"paper": mode != "live"})
         log.warning("trading mode", extra={"mode": mode, "reason": reason})
@@ -549,14 +549,11 @@ def build_broker(pool: ConnectionPool, account_id: str, clock: Clock, in_force: 
 
 
 def params_provider():
-    try:
-        from services.common.params_source import provider_from_settings
-        from services.common.settings import Settings
-    except ModuleNotFoundError:
-        from services.common.params import load_params_file
+    """The params in force: SSM when configured, else the reviewed file; reloaded on an interval."""
+    from services.common.params_source import provider_from_settings
+    from services.common.settings import load_settings
 
-        return StaticParams(load_params_file())
-    return provider_from_settings(Settings())
+    return provider_from_settings(load_settings())
 
 
 def log_startup(dispatcher: Dispatcher) -> None:

@@ -176,6 +176,16 @@ def check_trading_hours(
     return _ok(f"now={et_now:%H:%M} window={window}", observed, window)
 
 
+def check_market_open_for_exit(
+    config: TradingParams | Mapping, now: datetime | None = None, calendar: SessionCalendar | None = None
+) -> GateResult:
+    """An exit may go out in the blocked windows (it reduces risk) but not while the market is closed."""
+    result = check_trading_hours(config, now, calendar)
+    if result.code in ("OPENING_BLOCK", "CLOSING_BLOCK"):
+        return _ok(f"exit allowed in the blocked window ({result.reason})", result.observed, result.limit)
+    return result
+
+
 # --- Gates on the recommendation, its data and the ticker ------------------------------------
 
 
@@ -407,7 +417,7 @@ def evaluate_all_gates(
         run("recommendation_age", check_recommendation_age, _field(recommendation, "created_at"), now, params),
         run("bar_freshness", check_bar_freshness, bar, now, params),
         entry_only("feature_freshness", check_feature_freshness, features, now, params),
-        entry_only("trading_hours", check_trading_hours, params, now, calendar),
+        run("trading_hours", check_market_open_for_exit if is_exit else check_trading_hours, params, now, calendar),
         entry_only("daily_loss", check_daily_loss_limit, account_state, params, now),
         entry_only("ticker_trades_today", check_ticker_trades_today, ticker_count_today, params),
         entry_only("ticker_cooldown", check_ticker_cooldown, last_trade_time, now, params),

@@ -1,0 +1,44 @@
+"""The kill switch's latch rule (pure) and its state transitions in Postgres."""
+
+from datetime import date, datetime, timezone
+
+import pytest
+
+from services.dispatcher import kill_switch
+from services.dispatcher.kill_switch import DAILY_LOSS_ACTOR, KillSwitch, effective_state
+
+WED, THU_HOLIDAY, FRI = date(2026, 11, 25), date(2026, 11, 26), date(2026, 11, 27)
+NOW = datetime(2026, 11, 27, 15, 0, tzinfo=timezone.utc)
+ACCOUNT = "acct-ks"
+
+
+@pytest.mark.parametrize(
+    "switch, session_day, state, expired",
+    [
+        (None, WED, "ACTIVE", False),
+        (KillSwitch("REDUCING", DAILY_LOSS_ACTOR, WED), WED, "REDUCING", False),  # same session: latched
+        (KillSwitch("REDUCING", DAILY_LOSS_ACTOR, WED), FRI, "ACTIVE", True),  # next session: expired
+        (KillSwitch("REDUCING", "operator:alice", WED), FRI, "REDUCING", False),  # an operator's never expires
+        (KillSwitch("HALTED", "operator:alice", None), FRI, "HALTED", False),
+    ],
+)
+def test_effective_state_latches_a_daily_loss_trip_until_the_next_session(switch, session_day, state, expired):
+    assert effective_state(switch, session_day) == (state, expired)
+
+
+def test_trip_on_a_new_session_replaces_yesterdays_expired_latch(conn):
+    kill_switch.set_state(conn, ACCOUNT, "REDUCING", "loss", DAILY_LOSS_ACTOR, NOW, tripped_session=WED)
+    assert kill_switch.trip_daily_loss(conn, ACCOUNT, "loss again", NOW, FRI) is True
+    row = kill_switch.read_state(conn, ACCOUNT)
+    assert (row["state"], row["tripped_session"]) == ("REDUCING", FRI)
+
+
+def test_trip_leaves_a_halted_account_halted(conn):
+    kill_switch.set_state(conn, ACCOUNT, "HALTED", "incident", "operator:bob", NOW)
+    assert kill_switch.trip_daily_loss(conn, ACCOUNT, "loss", NOW, FRI) is False
+    assert kill_switch.read_state(conn, ACCOUNT)["state"] == "HALTED"
+
+
+def test_unknown_state_is_refused(conn):
+    with pytest.raises(ValueError):
+        kill_switch.set_state(conn, ACCOUNT, "PAUSED", "typo", "operator:bob", NOW)
