@@ -7,7 +7,7 @@ import pytest
 from services.dispatcher import kill_switch
 from services.dispatcher.kill_switch import DAILY_LOSS_ACTOR, KillSwitch, effective_state
 
-WED, THU_HOLIDAY, FRI = date(2026, 11, 25), date(2026, 11, 26), date(2026, 11, 27)
+WED, FRI = date(2026, 11, 25), date(2026, 11, 27)  # Thanksgiving between them
 NOW = datetime(2026, 11, 27, 15, 0, tzinfo=timezone.utc)
 ACCOUNT = "acct-ks"
 

@@ -92,8 +92,13 @@ def connect(conninfo: str, *, application_name: str | None = None, autocommit: b
     return psycopg.connect(conninfo, autocommit=autocommit, row_factory=dict_row, **kwargs)
 
 
-def make_pool(conninfo: str, *, min_size: int = 1, max_size: int = 4, application_name: str | None = None) -> ConnectionPool:
-    """A pool whose connections are checked before use, so a restarted database is survived."""
+def make_pool(conninfo: str, *, min_size: int = 1, max_size: int = 4, application_name: str | None = None,
+              check: bool = True) -> ConnectionPool:
+    """A pool whose connections are checked before use, so a restarted database is survived.
+
+    `check=False` saves that round trip on a hot path whose caller handles a dead connection
+    itself (the dispatcher's loop backs off and retries; the pool drops a broken connection).
+    """
     kwargs: dict = {"autocommit": True, "row_factory": dict_row}
     if application_name:
         kwargs["application_name"] = application_name
@@ -102,7 +107,7 @@ def make_pool(conninfo: str, *, min_size: int = 1, max_size: int = 4, applicatio
         min_size=min_size,
         max_size=max_size,
         kwargs=kwargs,
-        check=ConnectionPool.check_connection,
+        check=ConnectionPool.check_connection if check else None,
         open=True,
     )
 

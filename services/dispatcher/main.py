@@ -147,7 +147,8 @@ class Dispatcher:
         decision: Decision | None = None
         ctx: Context | None = None
         try:
-            with self.pool.connection() as conn, conn.transaction():
+            # Pipeline mode: BEGIN travels with the claim, and the writes with COMMIT.
+            with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
                 row = conn.execute(
                     queries.CLAIM_AND_GATHER,
                     {"account_id": self.account_id, "now": now, "day_start": day_start, "day_end": day_end},
@@ -161,6 +162,7 @@ class Dispatcher:
                     option_inputs = self._gather_options(conn, ctx, in_force, now)
                 decision = decide(ctx, in_force.params, now, self._calendar, option_inputs)
                 if decision.is_order and decision.plan.opens_position:
+                    # In one round trip; the recheck still starts (and takes its snapshot) after the lock is held.
                     conn.execute(queries.CAPACITY_LOCK, {"account_id": self.account_id})
                     fresh = conn.execute(
                         queries.CAPACITY_RECHECK, {"account_id": self.account_id, "ticker": ctx.ticker}
@@ -333,7 +335,7 @@ class Dispatcher:
         else:
             exec_status = "REJECTED" if rejected else "FAILED"
             message = rejected or failed
-        with self.pool.connection() as conn, conn.transaction():
+        with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
             ex = conn.execute(queries.UPDATE_EXECUTION, {
                 "account_id": self.account_id, "client_order_id": cid, "status": exec_status, "now": now,
                 "broker_order_id": result.broker_order_id if result else None,
@@ -344,11 +346,8 @@ class Dispatcher:
             if ex is None:
                 raise RuntimeError(f"no execution row for client_order_id {cid}")
             args = {"account_id": self.account_id, "execution_id": ex["id"], "now": now, "ticker": ex["ticker"]}
-            opened = conn.execute(
-                "SELECT 1 FROM active_positions WHERE account_id = %s AND execution_id = %s", (self.account_id, ex["id"])
-            ).fetchone()
             if exec_status == "FILLED":
-                if opened:
+                if ex["opens_position"]:
                     conn.execute(queries.OPEN_POSITION, {**args, "qty": result.filled_qty, "price": result.filled_avg_price})
                 else:
                     conn.execute(queries.CLOSE_POSITION, {**args, "price": result.filled_avg_price})
@@ -581,7 +580,7 @@ def run_dispatcher(once: bool = False) -> int:
     migrate(url)
     account_id = os.environ.get("ACCOUNT_ID", "paper-main")
     worker_id = new_worker_id()
-    pool = make_pool(url, min_size=1, max_size=2, application_name=f"ops-dispatcher:{worker_id}"[:63])
+    pool = make_pool(url, min_size=1, max_size=2, application_name=f"ops-dispatcher:{worker_id}"[:63], check=False)
     provider = params_provider()
     clock = SystemClock()
     broker = build_broker(pool, account_id, clock, provider.current())

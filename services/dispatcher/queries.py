@@ -130,7 +130,10 @@ SET status = %(status)s, broker_order_id = %(broker_order_id)s, filled_qty = %(f
     notional = coalesce(%(filled_qty)s::numeric * %(filled_avg_price)s::numeric * multiplier, notional),
     broker_message = %(message)s, filled_at = %(filled_at)s, updated_at = %(now)s
 WHERE account_id = %(account_id)s AND client_order_id = %(client_order_id)s
-RETURNING id, recommendation_id, ticker, instrument, side, multiplier
+RETURNING id, recommendation_id, ticker, instrument, side, multiplier,
+          EXISTS (SELECT 1 FROM active_positions p
+                  WHERE p.account_id = dispatch_executions.account_id
+                    AND p.execution_id = dispatch_executions.id) AS opens_position
 """
 
 # An entry's reserved position becomes OPEN at the fill price, or is released.

@@ -99,6 +99,7 @@ class SimBroker:
         self.half_spread = Decimal(str(half_spread_bps)) * _BPS
         self.starting_cash = starting_cash
         self.calendar = calendar or nyse_calendar()
+        self._account_created = False
 
     def __repr__(self) -> str:
         return f"SimBroker(account_id={self.account_id!r})"
@@ -156,6 +157,7 @@ class SimBroker:
                     "UPDATE sim_account SET cash = cash + %(flow)s, updated_at = %(now)s WHERE account_id = %(a)s",
                     {"flow": -cash_flow if order.side == "buy" else cash_flow, "now": now, "a": self.account_id},
                 )
+        self._account_created = True  # committed: later calls may skip the insert
         result = _order_result(row)
         if result.is_rejected:
             raise BrokerRejected(result.reject_reason or "rejected")
@@ -180,6 +182,8 @@ class SimBroker:
     # --- account --------------------------------------------------------------------------
 
     def _ensure_account(self, conn, now: datetime) -> None:
+        if self._account_created:
+            return
         day = self.calendar.current_or_previous_session(now).day
         conn.execute(
             """INSERT INTO sim_account (account_id, cash, last_equity, session_day, updated_at)
@@ -219,6 +223,7 @@ class SimBroker:
                     "UPDATE sim_account SET last_equity = %s, session_day = %s, updated_at = %s WHERE account_id = %s",
                     (equity, day, now, self.account_id),
                 )
+        self._account_created = True
         return AccountSnapshot(
             equity=equity, last_equity=last_equity, cash=acct["cash"], buying_power=max(acct["cash"], Decimal(0)), as_of=now
         )
