@@ -537,8 +537,12 @@ def build_broker(pool: ConnectionPool, account_id: str, clock: Clock, in_force: 
         from services.dispatcher.alpaca.settings import AlpacaSettings
 
         mode, reason = trading_mode(load_settings(), in_force.params)
-        # Both keys decide, never the adapter's own setting alone: anything but "live" is paper.
-        settings = AlpacaSettings().model_copy(update={"paper": mode != "live"})
+        # Live needs both keys (environment and params) and the adapter not pinned to paper:
+        # any one of them saying paper means paper.
+        alpaca = AlpacaSettings()
+        settings = alpaca.model_copy(update={"paper": alpaca.paper or mode != "live"})
+        if mode == "live" and settings.paper:
+            mode, reason = "paper", "PAPER: ALPACA_PAPER is true"
         log.warning("trading mode", extra={"mode": mode, "reason": reason})
         return AlpacaBroker(settings, clock=clock)
     if kind != "sim":
