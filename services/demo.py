@@ -20,7 +20,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from decimal import Decimal
 from typing import Any, TextIO
 
 from services.common.clock import FixedClock
@@ -248,6 +247,8 @@ def _row(conn, outcome: Outcome, now: datetime, note: str) -> dict[str, Any]:
     plan = (rec["decision"] or {}).get("plan")
     if plan and plan.get("instrument") != instrument:
         instrument = f"{instrument}->{plan['instrument']}"
+        option = (rec["decision"] or {}).get("option") or {}
+        note = f"{note + ': ' if note else ''}option refused ({option.get('code')})"
     return {"time": now, "ticker": outcome.ticker, "action": outcome.action, "instrument": instrument,
             "status": outcome.status, "codes": codes, "detail": note or outcome.detail}
 

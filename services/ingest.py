@@ -14,9 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import signal
-import threading
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
@@ -209,29 +206,23 @@ def _market_data_from_settings():
 
 def _telemetry_command(args: argparse.Namespace) -> int:
     from services.common.clock import SystemClock
+    from services.common.db import database_url
+    from services.common.migrate import migrate
+    from services.common.service import run_periodic, stop_on_sigterm
     from services.dispatcher.broker import BrokerUnavailable
 
-    _, conn = _connect_migrated()
+    url = database_url()
+    migrate(url)
     market_data = _market_data_from_settings()
     clock = SystemClock()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with conn:
-        while True:
-            started = time.monotonic()
-            status = 0
-            try:
-                tickers = args.tickers.split(",") if args.tickers else [
-                    r["ticker"] for r in conn.execute(SELECTED_TICKERS)]
-                run_telemetry(conn, market_data, tickers, clock.now())
-            except (psycopg.Error, BadBar, BrokerUnavailable) as e:
-                # A failed fetch is retried at the next tick from the last stored bar: nothing is lost.
-                log.error("telemetry cycle failed", extra={"error": str(e)})
-                status = 1
-            if args.once:
-                return status
-            if stop.wait(max(0.0, args.interval - (time.monotonic() - started))):
-                return 0
+
+    def cycle(conn) -> None:
+        tickers = args.tickers.split(",") if args.tickers else [r["ticker"] for r in conn.execute(SELECTED_TICKERS)]
+        run_telemetry(conn, market_data, tickers, clock.now())
+
+    # A failed fetch is retried at the next tick from the last stored bar: nothing is lost.
+    return run_periodic("telemetry", url, cycle, interval=args.interval, once=args.once, stop=stop_on_sigterm(),
+                        retry_on=(BadBar, BrokerUnavailable))
 
 
 def register(subparsers) -> None:

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.common.params import as_params, default_params
-from services.dispatcher.risk.sizing import SizeResult, contract_multiplier, notional, size_order, to_decimal
+from services.common.numbers import to_decimal
+from services.dispatcher.risk.sizing import SizeResult, contract_multiplier, notional, size_order
 
 D = Decimal
 EQUITY = D("100000")

@@ -63,7 +63,12 @@ def embedded_server(pgdata: Path | None = None, cleanup_mode: str | None = "stop
     global _embedded
     if _embedded is not None and pgdata is None:
         return _embedded
-    import pgserver
+    import warnings
+
+    with warnings.catch_warnings():
+        # pgserver asks platformdirs for a runtime dir it does not need; containers have none.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import pgserver
 
     pgdata = pgdata or data_dir()
     pgdata.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,8 @@ def redact(text: str) -> str:
     return _KEY_PATTERN.sub("***", text)
 
 
-def _default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """JSON for the values our records carry: Decimal as a number, datetime as ISO 8601."""
     if isinstance(value, Decimal):
         return float(value)
     if isinstance(value, datetime):
@@ -53,7 +54,7 @@ class JsonFormatter(logging.Formatter):
                 payload[key] = value
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
-        return redact(json.dumps(payload, default=_default))
+        return redact(json.dumps(payload, default=json_default))
 
 
 class RateLimitFilter(logging.Filter):

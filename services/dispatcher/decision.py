@@ -26,7 +26,8 @@ from services.dispatcher.risk.gates import (
     first_denial,
 )
 from services.dispatcher.alpaca.options import choose_contract
-from services.dispatcher.risk.sizing import contract_multiplier, size_order, to_decimal
+from services.common.numbers import to_decimal
+from services.dispatcher.risk.sizing import contract_multiplier, size_order
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ connection from the caller (any psycopg connection; this module imports no drive
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
 
 from services.common.market_calendar import et_date, option_expiry_instant
+from services.common.numbers import finite_float
 
 HISTORY_WINDOW = 252
 
@@ -30,14 +30,6 @@ class IVPercentile(NamedTuple):
     reason: str
 
 
-def _finite(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def iv_percentile(history: Sequence[Any], today_iv: Any, min_sessions: int) -> IVPercentile:
@@ -48,10 +40,10 @@ def iv_percentile(history: Sequence[Any], today_iv: Any, min_sessions: int) -> I
     "not evaluated: N sessions of history (min M)". A missing today's IV is NO_IV (a denial for
     the gate, not "not evaluated").
     """
-    today = _finite(today_iv)
+    today = finite_float(today_iv)
     if today is None or today <= 0:
         return IVPercentile(None, f"NO_IV: today's ATM IV is {today_iv!r}")
-    usable = [v for v in (_finite(h) for h in history) if v is not None][-HISTORY_WINDOW:]
+    usable = [v for v in (finite_float(h) for h in history) if v is not None][-HISTORY_WINDOW:]
     n = len(usable)
     if n < min_sessions:
         return IVPercentile(None, f"not evaluated: {n} sessions of history (min {min_sessions})")
@@ -67,13 +59,13 @@ def atm_iv_from_chain(chain: Iterable[Any], spot: Any, now: datetime) -> float |
     Contracts without a positive finite IV are ignored; if only one side of the ATM strike
     has an IV, that one is used. None when the chain has no usable contract.
     """
-    s = _finite(spot)
+    s = finite_float(spot)
     if s is None or s <= 0:
         return None
     today = et_date(now)
     by_expiry: dict[date, list[Any]] = {}
     for c in chain:
-        iv = _finite(getattr(c, "implied_volatility", None))
+        iv = finite_float(getattr(c, "implied_volatility", None))
         if iv is None or iv <= 0 or c.expiration <= today:
             continue
         by_expiry.setdefault(c.expiration, []).append(c)
@@ -112,7 +104,7 @@ ORDER BY session_day
 
 def record_atm_iv(conn: Any, ticker: str, session_day: date, atm_iv: Any, now: datetime) -> bool:
     """Record the day's ATM IV once; True when this call wrote it, False when the day already had one."""
-    value = _finite(atm_iv)
+    value = finite_float(atm_iv)
     if value is None or value <= 0:
         raise ValueError(f"atm_iv={atm_iv!r} is not a positive finite IV")
     if now.tzinfo is None:

@@ -26,7 +26,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -34,6 +33,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from services.common.clock import Clock, SystemClock
+from services.common.logs import json_default
 from services.common.market_calendar import CalendarUnavailable, SessionCalendar, et_date, et_day_bounds, nyse_calendar
 from services.common.params import ParamsInForce
 from services.dispatcher import kill_switch, queries
@@ -68,16 +68,8 @@ _BROKER_STATUS = {
 }
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return float(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value)
-
-
 def jsonb(value: Any) -> Jsonb:
-    return Jsonb(value, dumps=lambda v: json.dumps(v, default=_json_default))
+    return Jsonb(value, dumps=lambda v: json.dumps(v, default=json_default))
 
 
 def new_worker_id() -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -61,40 +60,18 @@ def backfill_features(conn: psycopg.Connection, start: datetime, end: datetime,
 
 def run_loop(conninfo: str, *, interval: float = DEFAULT_INTERVAL_SECONDS, once: bool = False,
              stop: threading.Event | None = None, clock=None) -> int:
-    """Compute a cycle every `interval` seconds until `stop` is set (or once).
-
-    A failed cycle is logged and retried at the next tick; the loop does not die on a database
-    blip, and a new connection is opened after an error.
-    """
+    """Compute a cycle every `interval` seconds until `stop` is set (or once)."""
     from services.common.clock import SystemClock
-    from services.common.db import connect
+    from services.common.service import run_periodic
 
     clock = clock or SystemClock()
-    stop = stop or threading.Event()
-    conn = None
-    while True:
+
+    def cycle(conn) -> None:
         started = time.monotonic()
-        try:
-            if conn is None or conn.closed:
-                conn = connect(conninfo, application_name="feature-computer")
-            rows = compute_features(conn, now=clock.now())
-            log.info("features computed", extra={"rows": rows,
-                                                 "ms": round((time.monotonic() - started) * 1000, 1)})
-        except psycopg.Error as e:
-            log.error("feature cycle failed", extra={"error": str(e)})
-            if once:
-                return 1
-            if conn is not None:
-                conn.close()
-            conn = None
-        if once:
-            if conn is not None:
-                conn.close()
-            return 0
-        if stop.wait(max(0.0, interval - (time.monotonic() - started))):
-            if conn is not None:
-                conn.close()
-            return 0
+        rows = compute_features(conn, now=clock.now())
+        log.info("features computed", extra={"rows": rows, "ms": round((time.monotonic() - started) * 1000, 1)})
+
+    return run_periodic("feature-computer", conninfo, cycle, interval=interval, once=once, stop=stop)
 
 
 def _handle(args: argparse.Namespace) -> int:
@@ -103,9 +80,9 @@ def _handle(args: argparse.Namespace) -> int:
 
     url = database_url()
     migrate(url)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    return run_loop(url, interval=args.interval, once=args.once, stop=stop)
+    from services.common.service import stop_on_sigterm
+
+    return run_loop(url, interval=args.interval, once=args.once, stop=stop_on_sigterm())
 
 
 def register(subparsers) -> None:

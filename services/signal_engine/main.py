@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal as signal_module
 import threading
-import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -269,35 +267,15 @@ def _write(conn: psycopg.Connection, account_id: str, decisions: list[SignalDeci
 
 def run_loop(conninfo: str, account_id: str, provider, *, interval: float = 5.0, once: bool = False,
              stop: threading.Event | None = None, clock=None) -> int:
-    """Run a cycle every `interval` seconds with the params the provider has in force.
-
-    A failed cycle (database error, refused params) is logged and retried at the next tick.
-    """
+    """Run a cycle every `interval` seconds with the params the provider has in force."""
     from services.common.clock import SystemClock
-    from services.common.db import connect
     from services.common.params import ParamsError
+    from services.common.service import run_periodic
 
     clock = clock or SystemClock()
-    stop = stop or threading.Event()
-    conn = None
-    status = 0
-    while True:
-        started = time.monotonic()
-        try:
-            if conn is None or conn.closed:
-                conn = connect(conninfo, application_name="signal-engine")
-            run_signal_cycle(conn, account_id, provider.current(), clock.now())
-            status = 0
-        except (psycopg.Error, ParamsError) as e:
-            log.error("signal cycle failed", extra={"account_id": account_id, "error": str(e)})
-            status = 1
-            if conn is not None:
-                conn.close()
-            conn = None
-        if once or stop.wait(max(0.0, interval - (time.monotonic() - started))):
-            if conn is not None:
-                conn.close()
-            return status if once else 0
+    return run_periodic("signal-engine", conninfo,
+                        lambda conn: run_signal_cycle(conn, account_id, provider.current(), clock.now()),
+                        interval=interval, once=once, stop=stop, retry_on=(ParamsError,))
 
 
 def _handle(args: argparse.Namespace) -> int:
@@ -315,9 +293,9 @@ def _handle(args: argparse.Namespace) -> int:
     log.info("signal engine starting", extra={"account_id": account_id, "params_source": in_force.source,
                                               "params_version": in_force.version,
                                               "signal_params": json.loads(in_force.params.signal.model_dump_json())})
-    stop = threading.Event()
-    signal_module.signal(signal_module.SIGTERM, lambda *_: stop.set())
-    return run_loop(url, account_id, provider, interval=args.interval, once=args.once, stop=stop)
+    from services.common.service import stop_on_sigterm
+
+    return run_loop(url, account_id, provider, interval=args.interval, once=args.once, stop=stop_on_sigterm())
 
 
 def register(subparsers) -> None:

@@ -20,9 +20,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Literal, NamedTuple
 
+from services.common.numbers import to_decimal
 from services.common.params import TradingParams, as_params
 
 Direction = Literal["BULL", "BEAR"]
@@ -41,17 +42,6 @@ ONE = Decimal(1)
 ZERO = Decimal(0)
 
 
-def to_decimal(value: Any) -> Decimal | None:
-    """Decimal from a Decimal, int, float (via its shortest text) or numeric string; None stays None."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, Decimal):
-        return value if value.is_finite() else None
-    try:
-        d = Decimal(str(value))
-    except (InvalidOperation, ValueError):
-        return None
-    return d if d.is_finite() else None
 
 
 def _get(obj: Any, name: str) -> Any:

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal as signal_module
-import threading
-import time
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -139,7 +136,8 @@ def run_watchlist_cycle(conn: psycopg.Connection, account_id: str,
 
 def _handle(args: argparse.Namespace) -> int:
     from services.common.clock import SystemClock
-    from services.common.db import connect, database_url
+    from services.common.db import database_url
+    from services.common.service import run_periodic, stop_on_sigterm
     from services.common.migrate import migrate
     from services.common.params import ParamsError
     from services.common.params_source import provider_from_settings
@@ -151,21 +149,10 @@ def _handle(args: argparse.Namespace) -> int:
     migrate(url)
     provider = provider_from_settings(settings)
     clock = SystemClock()
-    stop = threading.Event()
-    signal_module.signal(signal_module.SIGTERM, lambda *_: stop.set())
-    with connect(url, application_name="watchlist-engine") as conn:
-        while True:
-            started = time.monotonic()
-            status = 0
-            try:
-                run_watchlist_cycle(conn, account_id, provider.current(), clock.now())
-            except (psycopg.Error, ParamsError) as e:
-                log.error("watchlist cycle failed", extra={"account_id": account_id, "error": str(e)})
-                status = 1
-            if args.once:
-                return status
-            if stop.wait(max(0.0, args.interval - (time.monotonic() - started))):
-                return 0
+    return run_periodic(
+        "watchlist-engine", url,
+        lambda conn: run_watchlist_cycle(conn, account_id, provider.current(), clock.now()),
+        interval=args.interval, once=args.once, stop=stop_on_sigterm(), retry_on=(ParamsError,))
 
 
 def register(subparsers) -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from services.common.numbers import finite_float
 from services.common.params import TradingParams, as_params
 
 
@@ -56,19 +57,11 @@ class WatchlistScore:
     selected: bool
 
 
-def _num(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if f == f and f not in (float("inf"), float("-inf")) else None
 
 
 def percentile_ranks(values: Mapping[str, Any]) -> dict[str, float]:
     """norm(): rank / n among present values (ties share the higher rank); missing -> 0.0."""
-    present = {k: v for k, v in ((k, _num(v)) for k, v in values.items()) if v is not None}
+    present = {k: v for k, v in ((k, finite_float(v)) for k, v in values.items()) if v is not None}
     n = len(present)
     ordered = sorted(present.values())
     out = {k: 0.0 for k in values}
@@ -94,13 +87,13 @@ def score_watchlist(candidates: Iterable[WatchlistInput], params: TradingParams 
     volume_n = percentile_ranks({c.ticker: c.avg_daily_volume for c in cands})
     spread_n = percentile_ranks({c.ticker: c.spread_quality for c in cands})
     oi_n = percentile_ranks({c.ticker: c.oi_proxy for c in cands})
-    distance_n = percentile_ranks({c.ticker: abs(_num(c.distance_sma20)) if _num(c.distance_sma20) is not None
+    distance_n = percentile_ranks({c.ticker: abs(finite_float(c.distance_sma20)) if finite_float(c.distance_sma20) is not None
                                    else None for c in cands})
     volatility_n = percentile_ranks({c.ticker: c.vol_ratio for c in cands})
 
     scored = []
     for c in cands:
-        sentiment = _num(c.sentiment_score)
+        sentiment = finite_float(c.sentiment_score)
         sentiment_momentum = min(1.0, abs(sentiment)) if sentiment is not None else 0.0
         liquidity = (w.liquidity_weight_volume * volume_n[c.ticker]
                      + w.liquidity_weight_spread * spread_n[c.ticker]
@@ -113,17 +106,17 @@ def score_watchlist(candidates: Iterable[WatchlistInput], params: TradingParams 
         components = {
             "sentiment_momentum": sentiment_momentum, "sentiment_score": sentiment,
             "liquidity": liquidity,
-            "liquidity_volume": volume_n[c.ticker], "avg_daily_volume": _num(c.avg_daily_volume),
-            "liquidity_spread": spread_n[c.ticker], "spread_quality": _num(c.spread_quality),
-            "liquidity_open_interest": oi_n[c.ticker], "oi_proxy": _num(c.oi_proxy),
+            "liquidity_volume": volume_n[c.ticker], "avg_daily_volume": finite_float(c.avg_daily_volume),
+            "liquidity_spread": spread_n[c.ticker], "spread_quality": finite_float(c.spread_quality),
+            "liquidity_open_interest": oi_n[c.ticker], "oi_proxy": finite_float(c.oi_proxy),
             "technical": technical, "trend_state": c.trend_state, "distance_sma20_norm": distance_n[c.ticker],
-            "volatility": volatility, "vol_ratio": _num(c.vol_ratio),
+            "volatility": volatility, "vol_ratio": finite_float(c.vol_ratio),
             "weights": {"sentiment_momentum": w.weight_sentiment_momentum, "liquidity": w.weight_liquidity,
                         "technical": w.weight_technical, "volatility": w.weight_volatility},
             "incumbent": c.ticker in held,
-            "missing": [k for k, v in (("sentiment", sentiment), ("avg_daily_volume", _num(c.avg_daily_volume)),
-                                       ("spread_quality", _num(c.spread_quality)), ("oi_proxy", _num(c.oi_proxy)),
-                                       ("trend_state", c.trend_state), ("vol_ratio", _num(c.vol_ratio)))
+            "missing": [k for k, v in (("sentiment", sentiment), ("avg_daily_volume", finite_float(c.avg_daily_volume)),
+                                       ("spread_quality", finite_float(c.spread_quality)), ("oi_proxy", finite_float(c.oi_proxy)),
+                                       ("trend_state", c.trend_state), ("vol_ratio", finite_float(c.vol_ratio)))
                         if v is None],
         }
         scored.append((c.ticker, round(score, 10), components))
@@ -137,4 +130,4 @@ def score_watchlist(candidates: Iterable[WatchlistInput], params: TradingParams 
 
 def as_float(value: Decimal | float | int | None) -> float | None:
     """Database numerics to the floats this module scores with (scores are not money)."""
-    return _num(value)
+    return finite_float(value)

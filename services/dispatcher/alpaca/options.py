@@ -36,7 +36,8 @@ from services.common.market_calendar import (
 )
 from services.common.params import OptionParams, TradingParams, as_params
 from services.dispatcher.risk.gates import GateResult, NamedGate
-from services.dispatcher.risk.sizing import SizeResult, size_order, to_decimal
+from services.common.numbers import to_decimal
+from services.dispatcher.risk.sizing import SizeResult, size_order
 
 _MISSING = object()
 
@@ -535,7 +536,7 @@ def choose_contract(
     skipped = {"right": 0, "expired": 0, "dte": 0, "no_delta": 0, "delta_band": 0}
     total = 0
     ranked: list[tuple] = []
-    log, sqrt, erf = math.log, math.sqrt, math.erf
+    log, erf = math.log, math.erf
     is_call = right == "call"
 
     for c in chain:

@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 
 from services.common.market_calendar import ET, CalendarUnavailable, SessionCalendar, nyse_calendar
 from services.common.params import TradingParams, as_params
-from services.dispatcher.risk.sizing import notional, size_order, to_decimal
+from services.common.numbers import to_decimal
+from services.dispatcher.risk.sizing import notional, size_order
 
 BAR_SECONDS = 60
 ENTRY_ACTIONS = frozenset({"BUY", "SELL"})

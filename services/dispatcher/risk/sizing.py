@@ -6,7 +6,7 @@ contract is 100 shares, so an option position's notional is contracts x price x 
 
 from __future__ import annotations
 
-from decimal import ROUND_FLOOR, Decimal, InvalidOperation
+from decimal import ROUND_FLOOR, Decimal
 from typing import NamedTuple
 
 from services.common.params import TradingParams
@@ -28,15 +28,6 @@ def notional(qty: Decimal | int, price: Decimal, instrument: str) -> Decimal:
     return Decimal(qty) * price * contract_multiplier(instrument)
 
 
-def to_decimal(value: object) -> Decimal | None:
-    """A finite Decimal, or None for a missing, NaN, infinite or non-numeric value."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        d = value if isinstance(value, Decimal) else Decimal(str(value))
-    except (InvalidOperation, ValueError, TypeError):
-        return None
-    return d if d.is_finite() else None
 
 
 class SizeResult(NamedTuple):

@@ -1,0 +1,65 @@
+"""The loop every periodic service runs: a cycle each interval, until SIGTERM or once.
+
+A failed cycle (a database blip, an outage upstream, refused params) is logged and retried at
+the next tick on a fresh connection, so a database restart is survived; the loop itself never
+dies of one bad cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+import psycopg
+
+from services.common.db import connect
+
+log = logging.getLogger(__name__)
+
+
+def stop_on_sigterm() -> threading.Event:
+    """An event set by SIGTERM (and SIGINT): the loop finishes its cycle and returns."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
+
+
+def run_periodic(
+    name: str,
+    conninfo: str,
+    cycle: Callable[[psycopg.Connection], object],
+    *,
+    interval: float,
+    once: bool = False,
+    stop: threading.Event | None = None,
+    retry_on: tuple[type[BaseException], ...] = (),
+) -> int:
+    """Run `cycle(conn)` every `interval` seconds. Exit code: with `once`, 1 when the cycle failed."""
+    stop = stop or threading.Event()
+    errors = (psycopg.Error, *retry_on)
+    conn: psycopg.Connection | None = None
+    try:
+        while True:
+            started = time.monotonic()
+            status = 0
+            try:
+                if conn is None or conn.closed:
+                    conn = connect(conninfo, application_name=name)
+                cycle(conn)
+            except errors as e:
+                log.error("cycle failed", extra={"service": name, "error": str(e)})
+                status = 1
+                if conn is not None:
+                    conn.close()
+                conn = None
+            if once:
+                return status
+            if stop.wait(max(0.0, interval - (time.monotonic() - started))):
+                return 0
+    finally:
+        if conn is not None:
+            conn.close()
