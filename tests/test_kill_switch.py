@@ -42,3 +42,36 @@ def test_trip_leaves_a_halted_account_halted(conn):
 def test_unknown_state_is_refused(conn):
     with pytest.raises(ValueError):
         kill_switch.set_state(conn, ACCOUNT, "PAUSED", "typo", "operator:bob", NOW)
+
+
+def test_reconciliation_records_an_order_the_database_does_not_know_and_stops_entries(db_url, conn):
+    """A broker order with no execution row (a restored database, a manual trade) is recorded, and
+    the account goes to REDUCING; a second pass records nothing new."""
+    import uuid
+    from decimal import Decimal
+
+    from services.common.clock import FixedClock
+    from services.common.db import make_pool
+    from services.common.params import load_params_file
+    from services.dispatcher.main import Dispatcher, StaticParams
+    from services.dispatcher.sim_broker import SimBroker
+
+    clock = FixedClock(NOW)
+    conn.execute(
+        """INSERT INTO sim_orders (id, account_id, client_order_id, symbol, underlying, asset_class, side, qty,
+                                   multiplier, status, filled_qty, filled_avg_price, submitted_at, filled_at)
+           VALUES (%s, %s, 'manual-1', 'AAPL', 'AAPL', 'us_equity', 'buy', 10, 1, 'filled', 10, 200, %s, %s)""",
+        (uuid.uuid4(), ACCOUNT, NOW, NOW))
+    pool = make_pool(db_url)
+    try:
+        d = Dispatcher(pool, SimBroker(pool, ACCOUNT, clock), StaticParams(load_params_file()), ACCOUNT, clock=clock)
+        assert d.reconcile_broker_orders() == 1
+        assert d.reconcile_broker_orders() == 0
+    finally:
+        pool.close()
+    row = conn.execute("SELECT client_order_id, symbol, qty FROM unknown_broker_orders WHERE account_id = %s",
+                       (ACCOUNT,)).fetchone()
+    assert (row["client_order_id"], row["symbol"], row["qty"]) == ("manual-1", "AAPL", Decimal("10"))
+    state = kill_switch.read_state(conn, ACCOUNT)
+    assert (state["state"], state["changed_by"]) == ("REDUCING", "reconciliation")
+    assert state["reason"].startswith("UNKNOWN_BROKER_ORDER")

@@ -425,6 +425,7 @@ class Dispatcher:
                                                           "client_order_id": row["client_order_id"],
                                                           "found": found is not None})
             resolved += 1
+        self.reconcile_broker_orders()
         with self.pool.connection() as conn:
             unfilled = conn.execute(queries.UNFILLED, {"account_id": self.account_id}).fetchall()
         for row in unfilled:
@@ -435,6 +436,33 @@ class Dispatcher:
             if found is not None and found.status != "accepted":
                 self._update_fill(row["client_order_id"], found)
         return resolved
+
+    def reconcile_broker_orders(self, lookback: timedelta = timedelta(days=1)) -> int:
+        """Record the broker's recent orders that this database does not know, and stop new entries.
+
+        Our orders are recorded before they are sent, so an unknown order came from elsewhere
+        (a restored database, a manual trade on the account): its exposure is invisible to the
+        gates, so the account goes to REDUCING until an operator has looked and resumes.
+        """
+        now = self.clock.now()
+        try:
+            orders = self.broker.list_orders_since(now - lookback)
+        except BrokerError as e:
+            log.warning("broker order reconciliation failed", extra={"account_id": self.account_id, "error": str(e)})
+            return 0
+        rows = [{"broker_order_id": o.broker_order_id, "client_order_id": o.client_order_id, "symbol": o.symbol,
+                 "side": o.side, "qty": o.qty, "status": o.status, "submitted_at": o.submitted_at} for o in orders]
+        with self.pool.connection() as conn, conn.transaction():
+            unknown = conn.execute(queries.RECORD_UNKNOWN_ORDERS, {
+                "account_id": self.account_id, "now": now, "orders": jsonb(rows)}).fetchall()
+            if unknown:
+                symbols = ", ".join(f"{u['side']} {u['qty']} {u['symbol']}" for u in unknown)
+                kill_switch.set_state(conn, self.account_id, "REDUCING",
+                                      f"UNKNOWN_BROKER_ORDER: the broker has {len(unknown)} order(s) this database "
+                                      f"does not: {symbols}", "reconciliation", now)
+        for u in unknown:
+            log.error("unknown broker order", extra={"account_id": self.account_id, **u})
+        return len(unknown)
 
     def _update_fill(self, cid: str, result: OrderResult) -> None:
         status = _BROKER_STATUS.get(result.status, "ACCEPTED")

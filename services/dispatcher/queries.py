@@ -169,6 +169,20 @@ WHERE r.account_id = %(account_id)s AND r.status = 'SUBMITTING'
 ORDER BY r.id
 """
 
+# -- record_unknown_orders --
+# The broker's recent orders that no execution row knows, recorded once each; returns the new ones.
+RECORD_UNKNOWN_ORDERS = """
+INSERT INTO unknown_broker_orders (account_id, broker_order_id, client_order_id, symbol, side, qty, status,
+                                   submitted_at, found_at)
+SELECT %(account_id)s, o.broker_order_id, o.client_order_id, o.symbol, o.side, o.qty, o.status, o.submitted_at, %(now)s
+FROM jsonb_to_recordset(%(orders)s) AS o(broker_order_id text, client_order_id text, symbol text, side text,
+                                          qty numeric, status text, submitted_at timestamptz)
+WHERE NOT EXISTS (SELECT 1 FROM dispatch_executions e
+                  WHERE e.account_id = %(account_id)s AND e.client_order_id = o.client_order_id)
+ON CONFLICT (account_id, broker_order_id) DO NOTHING
+RETURNING broker_order_id, client_order_id, symbol, side, qty
+"""
+
 # Orders accepted but not yet filled, to poll for their fill.
 UNFILLED = """
 SELECT e.client_order_id FROM dispatch_executions e
