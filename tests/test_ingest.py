@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.ingest import BadBar, load_csv, run_telemetry
+from tests.fake_alpaca import fake_alpaca  # noqa: F401  (fixture)
 
 UTC = timezone.utc
 DATA_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "sp500_2019-11-05_08_1min.csv"
@@ -111,3 +112,22 @@ def test_cli_registers_load_csv_and_telemetry():
     args = parser.parse_args(["load-csv", "x.csv", "--ticker", "SPX"])
     assert (args.file, args.ticker, args.tz) == ("x.csv", "SPX", "America/New_York")
     assert parser.parse_args(["telemetry", "--once"]).once is True
+
+
+def test_run_telemetry_through_the_real_sdk_against_a_local_alpaca_server(conn, fake_alpaca):
+    """alpaca-py's stock data client -> our adapter -> run_telemetry -> lane_telemetry."""
+    from services.dispatcher.alpaca.client import AlpacaMarketData
+    from tests.test_alpaca_adapter import settings
+
+    t0 = datetime(2026, 11, 27, 14, 30, tzinfo=timezone.utc)  # 09:30 ET
+    for i, close in enumerate(["600.10", "600.40", "600.25"]):
+        fake_alpaca.add_bar("SPY", t0 + timedelta(minutes=i), 600.0, 601.0, 599.5, float(close), 1000 + i)
+    market = AlpacaMarketData(settings(fake_alpaca))
+
+    # At 09:32:30 the 09:32 bar is still forming: only the two complete bars are stored.
+    written = run_telemetry(conn, market, ["SPY"], t0 + timedelta(minutes=2, seconds=30))
+
+    rows = conn.execute("SELECT ts, close, volume FROM lane_telemetry WHERE ticker = 'SPY' ORDER BY ts").fetchall()
+    assert written == 2
+    assert [(r["ts"], r["close"], r["volume"]) for r in rows] == [
+        (t0, Decimal("600.1"), 1000), (t0 + timedelta(minutes=1), Decimal("600.4"), 1001)]
