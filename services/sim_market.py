@@ -114,7 +114,7 @@ SELECT DISTINCT p.symbol, p.ticker,
        (SELECT b.close FROM lane_telemetry b WHERE b.ticker = p.ticker AND b.ts <= %(now)s
         ORDER BY b.ts DESC LIMIT 1) AS spot
 FROM active_positions p
-WHERE p.instrument = 'OPTION' AND p.status IN ('PENDING', 'OPEN')
+WHERE p.instrument = 'OPTION' AND p.status IN ('PENDING', 'OPEN', 'CLOSING')
 """
 
 

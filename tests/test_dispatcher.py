@@ -37,7 +37,7 @@ from services.dispatcher.broker import (
     client_order_id,
 )
 from services.dispatcher.decision import OptionInputs
-from services.dispatcher.main import Dispatcher, StaticParams
+from services.dispatcher.main import IN_FLIGHT_GRACE, Dispatcher, StaticParams
 from services.dispatcher.sim_broker import SimBroker
 from tests.factories import (
     ACCOUNT,
@@ -721,6 +721,10 @@ def test_crash_before_the_broker_got_the_order_then_recovery_fails_it_and_releas
     assert recommendation(conn, rid)["status"] == "SUBMITTING"
 
     survivor = h.dispatcher(pool=h.new_pool(application_name="ops-dispatcher:worker-b"), worker_id="worker-b")
+    # Within the grace period an order not yet visible at the broker may still be on its way.
+    assert survivor.recover_in_flight() == 0
+    assert recommendation(conn, rid)["status"] == "SUBMITTING"
+    h.clock.advance(IN_FLIGHT_GRACE + timedelta(seconds=1))
     assert wait_for(lambda: survivor.recover_in_flight() == 1, timeout=3)
 
     rec = recommendation(conn, rid)

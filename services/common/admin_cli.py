@@ -73,7 +73,7 @@ def status_report(conn, account_id: str, now: datetime) -> dict[str, Any]:
     positions = conn.execute(
         """SELECT ticker, instrument, symbol, side, qty, avg_price, market_price, multiplier, status,
                   qty * coalesce(market_price, avg_price) * multiplier AS notional
-           FROM active_positions WHERE account_id = %s AND status IN ('PENDING', 'OPEN') ORDER BY ticker""",
+           FROM active_positions WHERE account_id = %s AND status IN ('PENDING', 'OPEN', 'CLOSING') ORDER BY ticker""",
         (account_id,),
     ).fetchall()
     by_status = conn.execute(

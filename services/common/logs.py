@@ -66,7 +66,8 @@ class RateLimitFilter(logging.Filter):
         self._last: dict[tuple[str, str], float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING or getattr(record, "decision", None) is not None:
+        # Only warnings repeat harmlessly; an error is always written, whatever its neighbours said.
+        if record.levelno != logging.WARNING or getattr(record, "decision", None) is not None:
             return True
         key = (record.name, record.getMessage())
         now = time.monotonic()

@@ -169,7 +169,8 @@ def submit_exactly_once(broker: Broker, order: OrderRequest) -> OrderResult:
         existing = _lookup(broker, order.client_order_id, e)
         if existing is not None:
             return existing
-        raise
+        # Not found yet is not "not placed": a request that timed out may still be on its way.
+        raise OrderStateUnknown(f"order {order.client_order_id} not found after: {e}") from e
 
 
 def _lookup(broker: Broker, client_order_id: str, cause: Exception) -> OrderResult | None:

@@ -142,6 +142,8 @@ def _exit(ctx: Context, rec: dict[str, Any], params: TradingParams, now: datetim
     pos = ctx.open_position or {}
     qty = to_decimal(pos.get("qty"))
     price = to_decimal(pos.get("market_price")) or to_decimal((ctx.bar or {}).get("close"))
+    if pos.get("status") in ("CLOSING", "PENDING"):
+        return exit_unavailable(Decision("ORDER_PLANNED", "", gates), pos.get("status"))
     if pos.get("status") != "OPEN" or qty is None or qty != qty.to_integral_value() or price is None:
         gates = gates + [NamedGate("exit_position", check_no_open_position(False, "EXIT"))]
         return _denied(gates)
@@ -290,6 +292,23 @@ def _option_entry(ctx: Context, rec: dict[str, Any], params: TradingParams, now:
     if decision.is_order:
         return replace(decision, code="ORDER_PLANNED_FALLBACK")
     return decision
+
+
+def exit_unavailable(decision: Decision, status: str | None = None) -> Decision:
+    """An exit whose position another exit already holds (CLOSING), or that has not filled yet."""
+    detail = (f"EXIT_IN_PROGRESS: the position is {status}: an exit order for it is working"
+              if status != "PENDING" else "EXIT_IN_PROGRESS: the position's entry has not filled yet")
+    gates = decision.gates + [NamedGate("exit_position", GateResult(False, detail, status, "OPEN"))]
+    return _denied(gates, decision.info)
+
+
+def live_trading_check(decision: Decision, live: bool, params: TradingParams) -> Decision:
+    """A live broker sends nothing once the params in force turn live trading off (hot-reloaded)."""
+    if not decision.is_order or not live or params.live_trading_enabled:
+        return decision
+    gate = NamedGate("live_trading", GateResult(
+        False, "LIVE_TRADING_DISABLED: the broker is live but params.live_trading_enabled is false", True, False))
+    return _denied(decision.gates + [gate], decision.info)
 
 
 def recheck_capacity(decision: Decision, ctx: Context, fresh: dict[str, Any], params: TradingParams) -> Decision:

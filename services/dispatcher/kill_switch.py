@@ -85,9 +85,17 @@ def set_state(
 
 
 def trip_daily_loss(conn: psycopg.Connection, account_id: str, reason: str, now: datetime, session_day: date) -> bool:
-    """Move an ACTIVE account to REDUCING for the rest of the session. True when it tripped now.
+    """Move an ACTIVE account to REDUCING for the rest of the session. True when it tripped now."""
+    return restrict(conn, account_id, reason, DAILY_LOSS_ACTOR, now, session_day, latch_session=True)
+
+
+def restrict(conn: psycopg.Connection, account_id: str, reason: str, changed_by: str, now: datetime,
+             session_day: date, latch_session: bool = False) -> bool:
+    """Move an ACTIVE account to REDUCING; True when it changed. Never loosens a state.
 
     A HALTED account stays HALTED (stricter); an account already REDUCING is left as it is.
+    With `latch_session` the restriction ends with the session (the daily-loss latch);
+    otherwise an operator resumes.
     """
     with conn.transaction():
         row = conn.execute(
@@ -99,7 +107,8 @@ def trip_daily_loss(conn: psycopg.Connection, account_id: str, reason: str, now:
         current, _ = effective_state(switch, session_day)
         if current != "ACTIVE":
             return False
-        set_state(conn, account_id, "REDUCING", reason, DAILY_LOSS_ACTOR, now, tripped_session=session_day)
+        set_state(conn, account_id, "REDUCING", reason, changed_by, now,
+                  tripped_session=session_day if latch_session else None)
     return True
 
 

@@ -26,6 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -44,11 +45,19 @@ from services.dispatcher.broker import (
     BrokerUnavailable,
     OrderRequest,
     OrderResult,
-    OrderStateUnknown,
     client_order_id,
     submit_exactly_once,
 )
-from services.dispatcher.decision import Context, Decision, OptionInputs, decide, is_option_entry, recheck_capacity
+from services.dispatcher.decision import (
+    Context,
+    Decision,
+    OptionInputs,
+    decide,
+    exit_unavailable,
+    is_option_entry,
+    live_trading_check,
+    recheck_capacity,
+)
 from services.dispatcher.risk.gates import check_daily_loss_limit
 from services.dispatcher.sim_broker import SimBroker
 
@@ -58,6 +67,8 @@ TERMINAL = ("EXECUTED", "SKIPPED", "REJECTED", "FAILED")
 # After a fill the account is refreshed, but at most this often: two trading-API requests a
 # refresh against a budget of 200 a minute.
 FILL_REFRESH_SECONDS = 1.0
+# An order the broker does not show this long after it was sent was not placed.
+IN_FLIGHT_GRACE = timedelta(minutes=2)
 _BROKER_STATUS = {
     "filled": "FILLED",
     "partially_filled": "PARTIALLY_FILLED",
@@ -139,8 +150,7 @@ class Dispatcher:
         decision: Decision | None = None
         ctx: Context | None = None
         try:
-            # Pipeline mode: BEGIN travels with the claim, and the writes with COMMIT.
-            with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
+            with self.pool.connection() as conn, conn.transaction():
                 row = conn.execute(
                     queries.CLAIM_AND_GATHER,
                     {"account_id": self.account_id, "now": now, "day_start": day_start, "day_end": day_end},
@@ -153,13 +163,19 @@ class Dispatcher:
                 if is_option_entry(ctx.recommendation):
                     option_inputs = self._gather_options(conn, ctx, in_force, now)
                 decision = decide(ctx, in_force.params, now, self._calendar, option_inputs)
+                decision = live_trading_check(decision, not self.broker.paper, in_force.params)
                 if decision.is_order and decision.plan.opens_position:
-                    # In one round trip; the recheck still starts (and takes its snapshot) after the lock is held.
                     conn.execute(queries.CAPACITY_LOCK, {"account_id": self.account_id})
                     fresh = conn.execute(
                         queries.CAPACITY_RECHECK, {"account_id": self.account_id, "ticker": ctx.ticker}
                     ).fetchone()
                     decision = recheck_capacity(decision, ctx, fresh, in_force.params)
+                elif decision.is_order:
+                    # An exit takes its position, under the row lock, or finds another exit has.
+                    taken = conn.execute(queries.MARK_CLOSING, {"account_id": self.account_id,
+                                                                "ticker": ctx.ticker}).fetchone()
+                    if taken is None:
+                        decision = exit_unavailable(decision, "CLOSING")
                 if decision.is_order:
                     cid = client_order_id(self.account_id, rec_id)
                     self._record_intent(conn, ctx, decision, cid, in_force, now)
@@ -277,12 +293,14 @@ class Dispatcher:
                  "id": rec_id, "account_id": self.account_id},
             )
 
-    def _trip(self, conn, reason: str, now: datetime) -> None:
+    def _session_day(self, now: datetime):
         try:
-            day = self.calendar.current_or_previous_session(now).day
+            return self.calendar.current_or_previous_session(now).day
         except CalendarUnavailable:
-            day = et_date(now)
-        kill_switch.trip_daily_loss(conn, self.account_id, reason, now, day)
+            return et_date(now)
+
+    def _trip(self, conn, reason: str, now: datetime) -> None:
+        kill_switch.trip_daily_loss(conn, self.account_id, reason, now, self._session_day(now))
 
     # --- the order ------------------------------------------------------------------------
 
@@ -299,15 +317,11 @@ class Dispatcher:
             self.record_broker_answer(cid, None, rejected=str(e))
             self._log_decision(ctx, "REJECTED", "BROKER_REJECTED", str(e))
             return Outcome(rec_id, "REJECTED", "BROKER_REJECTED", str(e), ctx.ticker, ctx.action)
-        except OrderStateUnknown as e:
-            # Left SUBMITTING: reconciliation asks the broker again. Never resubmitted under a new id.
+        except BrokerUnavailable as e:
+            # A timeout or 5xx may hide an order still on its way: left SUBMITTING, and recovery
+            # asks the broker again. Never resubmitted under a new id.
             log.warning("order state unknown", extra={"recommendation_id": rec_id, "client_order_id": cid, "error": str(e)})
             return Outcome(rec_id, "SUBMITTING", "ORDER_STATE_UNKNOWN", str(e), ctx.ticker, ctx.action)
-        except BrokerUnavailable as e:
-            # The broker was asked and has no such order: nothing was placed.
-            self.record_broker_answer(cid, None, failed=f"ORDER_NOT_PLACED: {e}")
-            self._log_decision(ctx, "FAILED", "ORDER_NOT_PLACED", str(e))
-            return Outcome(rec_id, "FAILED", "ORDER_NOT_PLACED", str(e), ctx.ticker, ctx.action)
         status = self.record_broker_answer(cid, result)
         self.refresh_account(min_interval=FILL_REFRESH_SECONDS)
         code = "ORDER_FILLED" if result.is_filled else "ORDER_ACCEPTED"
@@ -319,48 +333,65 @@ class Dispatcher:
 
     def record_broker_answer(self, cid: str, result: OrderResult | None, *, rejected: str | None = None,
                              failed: str | None = None) -> str:
-        """Execution, position and the recommendation's terminal status, in one transaction."""
+        """Execution, position and the recommendation's status from the broker's answer, in one transaction.
+
+        The same path serves the answer to a submit, a later poll, and recovery, so a fill that
+        arrives late closes an exit just as an immediate one does.
+        """
         now = self.clock.now()
+        with self.pool.connection() as conn, conn.transaction():
+            return self._apply_answer(conn, cid, result, rejected, failed, now)
+
+    def _apply_answer(self, conn, cid: str, result: OrderResult | None, rejected: str | None,
+                      failed: str | None, now: datetime) -> str:
         if result is not None:
             exec_status = _BROKER_STATUS.get(result.status, "ACCEPTED")
             message = result.reject_reason
         else:
             exec_status = "REJECTED" if rejected else "FAILED"
             message = rejected or failed
-        with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
-            ex = conn.execute(queries.UPDATE_EXECUTION, {
-                "account_id": self.account_id, "client_order_id": cid, "status": exec_status, "now": now,
-                "broker_order_id": result.broker_order_id if result else None,
-                "filled_qty": result.filled_qty if result and result.filled_qty else None,
-                "filled_avg_price": result.filled_avg_price if result else None,
-                "message": message, "filled_at": result.filled_at if result else None,
-            }).fetchone()
-            if ex is None:
-                raise RuntimeError(f"no execution row for client_order_id {cid}")
-            args = {"account_id": self.account_id, "execution_id": ex["id"], "now": now, "ticker": ex["ticker"]}
-            if exec_status == "FILLED":
-                if ex["opens_position"]:
-                    conn.execute(queries.OPEN_POSITION, {**args, "qty": result.filled_qty, "price": result.filled_avg_price})
-                else:
-                    conn.execute(queries.CLOSE_POSITION, {**args, "price": result.filled_avg_price})
-            elif exec_status in ("REJECTED", "CANCELED", "FAILED"):
+        filled = result.filled_qty if result is not None and result.filled_qty else Decimal(0)
+        price = result.filled_avg_price if result is not None else None
+        ex = conn.execute(queries.UPDATE_EXECUTION, {
+            "account_id": self.account_id, "client_order_id": cid, "status": exec_status, "now": now,
+            "broker_order_id": result.broker_order_id if result else None,
+            "filled_qty": filled or None, "filled_avg_price": price,
+            "message": message, "filled_at": result.filled_at if result else None,
+        }).fetchone()
+        if ex is None:
+            raise RuntimeError(f"no execution row for client_order_id {cid}")
+        args = {"account_id": self.account_id, "execution_id": ex["id"], "now": now, "ticker": ex["ticker"]}
+        ended = exec_status in ("REJECTED", "CANCELED", "FAILED")
+        if ex["opens_position"]:
+            if exec_status == "FILLED" or (ended and filled > 0):
+                # Shares bought before a cancel are held: the position opens with what filled.
+                conn.execute(queries.OPEN_POSITION, {**args, "qty": filled, "price": price})
+            elif ended:
                 conn.execute(queries.RELEASE_POSITION, args)
-            rec_status, code = {
-                "FILLED": ("EXECUTED", "ORDER_FILLED"),
-                "PARTIALLY_FILLED": ("EXECUTED", "ORDER_PARTIALLY_FILLED"),
-                "ACCEPTED": ("EXECUTED", "ORDER_ACCEPTED"),
-                "REJECTED": ("REJECTED", "BROKER_REJECTED"),
-                "CANCELED": ("REJECTED", "ORDER_CANCELED"),
-                "FAILED": ("FAILED", "ORDER_NOT_PLACED"),
-            }[exec_status]
-            conn.execute(
-                """UPDATE dispatch_recommendations
-                   SET status = %(status)s, decided_at = %(now)s, outcome_code = %(code)s, outcome_detail = %(detail)s
-                   WHERE id = %(id)s AND account_id = %(account_id)s AND status = 'SUBMITTING'""",
-                {"status": rec_status, "now": now, "code": code, "id": ex["recommendation_id"],
-                 "account_id": self.account_id,
-                 "detail": message or f"{result.status} {result.filled_qty} @ {result.filled_avg_price}"},
-            )
+        elif exec_status == "FILLED":
+            conn.execute(queries.CLOSE_POSITION, {**args, "price": price})
+        elif ended:
+            conn.execute(queries.REOPEN_POSITION, {**args, "filled": filled, "price": price})
+        if exec_status == "FILLED":
+            rec_status, code = "EXECUTED", "ORDER_FILLED"
+        elif exec_status in ("ACCEPTED", "PARTIALLY_FILLED"):
+            rec_status, code = "EXECUTED", "ORDER_ACCEPTED" if exec_status == "ACCEPTED" else "ORDER_PARTIALLY_FILLED"
+        elif ended and filled > 0:
+            rec_status, code = "EXECUTED", "ORDER_PARTIALLY_FILLED"
+        else:
+            rec_status, code = {"REJECTED": ("REJECTED", "BROKER_REJECTED"), "CANCELED": ("REJECTED", "ORDER_CANCELED"),
+                                "FAILED": ("FAILED", "ORDER_NOT_PLACED")}[exec_status]
+        # SUBMITTING, or a later answer for an order first recorded as accepted.
+        conn.execute(
+            """UPDATE dispatch_recommendations
+               SET status = %(status)s, decided_at = coalesce(decided_at, %(now)s), outcome_code = %(code)s,
+                   outcome_detail = %(detail)s
+               WHERE id = %(id)s AND account_id = %(account_id)s
+                 AND (status = 'SUBMITTING' OR (status = 'EXECUTED' AND outcome_code IN ('ORDER_ACCEPTED', 'ORDER_PARTIALLY_FILLED')))""",
+            {"status": rec_status, "now": now, "code": code, "id": ex["recommendation_id"],
+             "account_id": self.account_id,
+             "detail": message or (f"{result.status} {result.filled_qty} @ {result.filled_avg_price}" if result else None)},
+        )
         return rec_status
 
     # --- account state, recovery ----------------------------------------------------------
@@ -417,8 +448,11 @@ class Dispatcher:
                 log.warning("reconcile lookup failed", extra={"client_order_id": row["client_order_id"], "error": str(e)})
                 continue
             if found is None:
+                if self.clock.now() - row["submitted_at"] < IN_FLIGHT_GRACE:
+                    continue  # an order sent moments ago may not be visible yet: ask again later
                 self.record_broker_answer(row["client_order_id"], None,
-                                          failed="ORDER_NOT_PLACED: in flight when its dispatcher stopped; the broker has no such order")
+                                          failed="ORDER_NOT_PLACED: the broker has no such order "
+                                                 f"{IN_FLIGHT_GRACE.total_seconds():.0f} s after it was sent")
             else:
                 self.record_broker_answer(row["client_order_id"], found)
             log.info("reconciled in-flight order", extra={"recommendation_id": row["recommendation_id"],
@@ -433,8 +467,8 @@ class Dispatcher:
                 found = self.broker.get_order_by_client_id(row["client_order_id"])
             except BrokerError:
                 continue
-            if found is not None and found.status != "accepted":
-                self._update_fill(row["client_order_id"], found)
+            if found is not None and found.status not in ("new", "accepted", "pending_new"):
+                self.record_broker_answer(row["client_order_id"], found)
         return resolved
 
     def reconcile_broker_orders(self, lookback: timedelta = timedelta(days=1)) -> int:
@@ -457,28 +491,12 @@ class Dispatcher:
                 "account_id": self.account_id, "now": now, "orders": jsonb(rows)}).fetchall()
             if unknown:
                 symbols = ", ".join(f"{u['side']} {u['qty']} {u['symbol']}" for u in unknown)
-                kill_switch.set_state(conn, self.account_id, "REDUCING",
-                                      f"UNKNOWN_BROKER_ORDER: the broker has {len(unknown)} order(s) this database "
-                                      f"does not: {symbols}", "reconciliation", now)
+                kill_switch.restrict(conn, self.account_id,
+                                     f"UNKNOWN_BROKER_ORDER: the broker has {len(unknown)} order(s) this database "
+                                     f"does not: {symbols}", "reconciliation", now, self._session_day(now))
         for u in unknown:
             log.error("unknown broker order", extra={"account_id": self.account_id, **u})
         return len(unknown)
-
-    def _update_fill(self, cid: str, result: OrderResult) -> None:
-        status = _BROKER_STATUS.get(result.status, "ACCEPTED")
-        now = self.clock.now()
-        with self.pool.connection() as conn, conn.transaction():
-            ex = conn.execute(queries.UPDATE_EXECUTION, {
-                "account_id": self.account_id, "client_order_id": cid, "status": status, "now": now,
-                "broker_order_id": result.broker_order_id, "filled_qty": result.filled_qty or None,
-                "filled_avg_price": result.filled_avg_price, "message": result.reject_reason,
-                "filled_at": result.filled_at,
-            }).fetchone()
-            args = {"account_id": self.account_id, "execution_id": ex["id"], "now": now, "ticker": ex["ticker"]}
-            if status == "FILLED":
-                conn.execute(queries.OPEN_POSITION, {**args, "qty": result.filled_qty, "price": result.filled_avg_price})
-            elif status in ("REJECTED", "CANCELED"):
-                conn.execute(queries.RELEASE_POSITION, args)
 
     def _log_decision(self, ctx: Context, status: str, code: str, detail: str) -> None:
         level = logging.INFO if status == "EXECUTED" else logging.WARNING

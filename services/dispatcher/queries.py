@@ -32,7 +32,7 @@ SELECT c.id, c.account_id, c.ticker, c.action, c.instrument, c.strategy, c.confi
            AND e.submitted_at >= %(day_start)s AND e.submitted_at < %(day_end)s)::int AS ticker_count_today,
        (SELECT to_jsonb(p) FROM active_positions p
          WHERE p.account_id = c.account_id AND p.ticker = c.ticker
-           AND p.status IN ('PENDING', 'OPEN')) AS open_position,
+           AND p.status IN ('PENDING', 'OPEN', 'CLOSING')) AS open_position,
        cap.open_positions, cap.exposure,
        a.equity, a.last_equity, a.as_of AS account_as_of,
        k.state AS kill_state, k.changed_by AS kill_changed_by, k.tripped_session AS kill_tripped_session
@@ -47,7 +47,7 @@ CROSS JOIN LATERAL (
     SELECT count(*)::int AS open_positions,
            coalesce(sum(p.qty * coalesce(p.market_price, p.avg_price) * p.multiplier), 0) AS exposure
     FROM active_positions p
-    WHERE p.account_id = c.account_id AND p.status IN ('PENDING', 'OPEN')) cap
+    WHERE p.account_id = c.account_id AND p.status IN ('PENDING', 'OPEN', 'CLOSING')) cap
 LEFT JOIN account_state a ON a.account_id = c.account_id
 LEFT JOIN kill_switch k ON k.account_id = c.account_id
 """
@@ -67,7 +67,7 @@ SELECT count(*)::int AS open_positions,
        coalesce(bool_or(p.ticker = %(ticker)s), false) AS has_open_position,
        (SELECT k.state FROM kill_switch k WHERE k.account_id = %(account_id)s) AS kill_state
 FROM active_positions p
-WHERE p.account_id = %(account_id)s AND p.status IN ('PENDING', 'OPEN')
+WHERE p.account_id = %(account_id)s AND p.status IN ('PENDING', 'OPEN', 'CLOSING')
 """
 
 # -- record_denial --
@@ -146,12 +146,29 @@ RELEASE_POSITION = """
 UPDATE active_positions SET status = 'CANCELLED', closed_at = %(now)s
 WHERE account_id = %(account_id)s AND execution_id = %(execution_id)s AND status = 'PENDING'
 """
-# An exit's fill closes the ticker's open position and realizes its P&L.
+# -- mark_closing --
+# An exit takes the ticker's OPEN position for itself, under the row lock: a second exit finds
+# nothing to close. Runs in the transaction that records the exit order.
+MARK_CLOSING = """
+UPDATE active_positions SET status = 'CLOSING'
+WHERE account_id = %(account_id)s AND ticker = %(ticker)s AND status = 'OPEN'
+RETURNING id
+"""
+# An exit's fill closes the position and realizes its P&L.
 CLOSE_POSITION = """
 UPDATE active_positions
 SET status = 'CLOSED', closed_at = %(now)s, close_price = %(price)s,
-    realized_pnl = (%(price)s - avg_price) * qty * multiplier * CASE WHEN side = 'short' THEN -1 ELSE 1 END
-WHERE account_id = %(account_id)s AND ticker = %(ticker)s AND status = 'OPEN'
+    realized_pnl = (%(price)s::numeric - avg_price) * qty * multiplier * CASE WHEN side = 'short' THEN -1 ELSE 1 END
+WHERE account_id = %(account_id)s AND ticker = %(ticker)s AND status IN ('OPEN', 'CLOSING')
+"""
+# An exit that ended without closing everything: the position is OPEN again with what is left.
+REOPEN_POSITION = """
+UPDATE active_positions
+SET status = 'OPEN', qty = qty - %(filled)s::numeric,
+    realized_pnl = coalesce(realized_pnl, 0)
+                   + (coalesce(%(price)s::numeric, avg_price) - avg_price) * %(filled)s::numeric * multiplier
+                     * CASE WHEN side = 'short' THEN -1 ELSE 1 END
+WHERE account_id = %(account_id)s AND ticker = %(ticker)s AND status = 'CLOSING'
 """
 
 # -- in_flight --
@@ -159,13 +176,13 @@ WHERE account_id = %(account_id)s AND ticker = %(ticker)s AND status = 'OPEN'
 # its application_name any more (a killed process's connections close with it), or it is
 # this process's own from before a restart. Ask the broker what became of each.
 IN_FLIGHT = """
-SELECT r.id AS recommendation_id, r.claimed_by, e.client_order_id, e.ticker, e.instrument
+SELECT r.id AS recommendation_id, r.claimed_by, e.client_order_id, e.ticker, e.instrument, e.submitted_at
 FROM dispatch_recommendations r
 JOIN dispatch_executions e ON e.account_id = r.account_id AND e.recommendation_id = r.id
 WHERE r.account_id = %(account_id)s AND r.status = 'SUBMITTING'
   AND NOT EXISTS (
       SELECT 1 FROM pg_stat_activity a
-      WHERE a.application_name = 'ops-dispatcher:' || r.claimed_by AND r.claimed_by <> %(worker)s)
+      WHERE a.application_name LIKE 'ops-dispatcher:' || r.claimed_by || '%%' AND r.claimed_by <> %(worker)s)
 ORDER BY r.id
 """
 
@@ -201,7 +218,7 @@ SET equity = EXCLUDED.equity, last_equity = EXCLUDED.last_equity, cash = EXCLUDE
 # Marks a live position to the broker's current price for its symbol.
 MARK_POSITION = """
 UPDATE active_positions SET market_price = %(price)s
-WHERE account_id = %(account_id)s AND symbol = %(symbol)s AND status = 'OPEN'
+WHERE account_id = %(account_id)s AND symbol = %(symbol)s AND status IN ('OPEN', 'CLOSING')
 """
 
 NOTIFY_CHANNEL = "recommendations"

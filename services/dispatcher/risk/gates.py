@@ -354,7 +354,12 @@ class NamedGate:
         }
 
 
+_PLAIN = (str, int, bool, type(None))
+
+
 def _jsonable(value: Any) -> Any:
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, Decimal):
         return float(value) if value.is_finite() else str(value)
     if isinstance(value, float) and not math.isfinite(value):

@@ -1,0 +1,179 @@
+"""An order's life after the submit: late fills, partial fills, cancels, exits, timeouts, live mode.
+
+Each case here once went wrong: an exit filled after an "accepted" answer left its position
+OPEN (so a second exit sold again, short); shares bought before a cancel were forgotten; a
+timeout followed by a not-found lookup was recorded as "not placed" while the order landed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+
+from services.common.clock import FixedClock
+from services.common.db import make_pool
+from services.common.params import ParamsInForce, as_params, load_params_file
+from services.dispatcher import kill_switch
+from services.dispatcher.broker import BrokerUnavailable, OrderRequest, client_order_id
+from services.dispatcher.main import Dispatcher, StaticParams
+from services.dispatcher.sim_broker import SimBroker
+from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
+
+NOW = et("2026-11-30", "10:00")
+
+
+class AcceptedFirst:
+    """Answers a submit with "accepted" (as Alpaca does); the fill is only seen by a later lookup."""
+
+    def __init__(self, inner: SimBroker, later=lambda result: result):
+        self.inner, self.later, self.paper = inner, later, True
+
+    def submit_order(self, order):
+        result = self.inner.submit_order(order)
+        return replace(result, status="accepted", filled_qty=Decimal(0), filled_avg_price=None, filled_at=None)
+
+    def get_order_by_client_id(self, cid):
+        found = self.inner.get_order_by_client_id(cid)
+        return self.later(found) if found else None
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class TimesOutThenNotFound:
+    """The submit times out before reaching the broker, and the lookup finds nothing (yet)."""
+
+    paper = True
+
+    def __init__(self, inner: SimBroker):
+        self.inner = inner
+
+    def submit_order(self, order):
+        raise BrokerUnavailable("read timed out")
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def world(db_url, conn):
+    clock = FixedClock(NOW)
+    pools = []
+
+    def dispatcher(wrap=lambda b: b, params=None, worker="w1"):
+        pool = make_pool(db_url)
+        pools.append(pool)
+        broker = wrap(SimBroker(pool, ACCOUNT, clock))
+        d = Dispatcher(pool, broker, params or StaticParams(load_params_file()), ACCOUNT, clock=clock, worker_id=worker)
+        d.refresh_account(force=True)
+        return d
+
+    add_market(conn, "AAPL", NOW, 200)
+    yield dispatcher, clock
+    for p in pools:
+        p.close()
+
+
+def positions(conn):
+    return [(r["ticker"], r["status"], r["qty"]) for r in
+            conn.execute("SELECT ticker, status, qty FROM active_positions ORDER BY id").fetchall()]
+
+
+def sells(conn) -> int:
+    return conn.execute("SELECT count(*)::int AS n FROM sim_orders WHERE side = 'sell'").fetchone()["n"]
+
+
+def test_exit_filled_after_an_accepted_answer_closes_the_position_and_a_second_exit_sells_nothing(world, conn):
+    dispatcher, clock = world
+    d = dispatcher(AcceptedFirst)
+    entry = add_recommendation(conn, "AAPL", NOW)
+    d.drain()
+    d.recover_in_flight()  # polls the accepted entry: filled
+    assert positions(conn) == [("AAPL", "OPEN", Decimal("10"))]
+
+    first_exit = add_recommendation(conn, "AAPL", NOW, action="EXIT")
+    second_exit = add_recommendation(conn, "AAPL", NOW, action="EXIT")
+    d.drain()
+    assert recommendation(conn, first_exit)["outcome_code"] == "ORDER_ACCEPTED"
+    assert (recommendation(conn, second_exit)["status"], recommendation(conn, second_exit)["outcome_code"]) == (
+        "SKIPPED", "EXIT_IN_PROGRESS")
+    assert positions(conn) == [("AAPL", "CLOSING", Decimal("10"))]
+
+    d.recover_in_flight()  # the exit's fill arrives by the poll
+    assert [p[1] for p in positions(conn)] == ["CLOSED"]
+    assert recommendation(conn, first_exit)["outcome_code"] == "ORDER_FILLED"
+    assert recommendation(conn, entry)["outcome_code"] == "ORDER_FILLED"
+    assert sells(conn) == 1
+
+
+def test_entry_partially_filled_then_canceled_keeps_the_shares_that_filled(world, conn):
+    dispatcher, _ = world
+    partial = lambda r: replace(r, status="canceled", filled_qty=Decimal(4))  # noqa: E731
+    d = dispatcher(lambda b: AcceptedFirst(b, partial))
+    rid = add_recommendation(conn, "AAPL", NOW)
+    d.drain()
+    d.recover_in_flight()
+    assert positions(conn) == [("AAPL", "OPEN", Decimal("4"))]
+    rec = recommendation(conn, rid)
+    assert (rec["status"], rec["outcome_code"]) == ("EXECUTED", "ORDER_PARTIALLY_FILLED")
+
+
+def test_entry_canceled_without_a_fill_releases_the_reservation_and_says_so(world, conn):
+    dispatcher, _ = world
+    d = dispatcher(lambda b: AcceptedFirst(b, lambda r: replace(r, status="canceled", filled_qty=Decimal(0))))
+    rid = add_recommendation(conn, "AAPL", NOW)
+    d.drain()
+    assert recommendation(conn, rid)["outcome_code"] == "ORDER_ACCEPTED"
+    d.recover_in_flight()
+    assert positions(conn) == [("AAPL", "CANCELLED", Decimal("10"))]
+    rec = recommendation(conn, rid)
+    assert (rec["status"], rec["outcome_code"]) == ("REJECTED", "ORDER_CANCELED")
+
+
+def test_timeout_then_not_found_stays_submitting_until_the_grace_period_has_passed(world, conn):
+    dispatcher, clock = world
+    d = dispatcher(TimesOutThenNotFound)
+    rid = add_recommendation(conn, "AAPL", NOW)
+    (outcome,) = d.drain()
+    assert (outcome.status, outcome.code) == ("SUBMITTING", "ORDER_STATE_UNKNOWN")
+    assert d.recover_in_flight() == 0  # the order may still land: the reservation holds
+    assert positions(conn) == [("AAPL", "PENDING", Decimal("10"))]
+    clock.advance(timedelta(minutes=3))
+    assert d.recover_in_flight() == 1
+    assert recommendation(conn, rid)["outcome_code"] == "ORDER_NOT_PLACED"
+    assert positions(conn)[0][1] == "CANCELLED"
+
+
+def test_reconciliation_never_loosens_an_operator_halt(world, conn):
+    dispatcher, _ = world
+    d = dispatcher()
+    kill_switch.set_state(conn, ACCOUNT, "HALTED", "incident", "operator:carol", NOW)
+    # An order placed by hand at the broker while halted.
+    d.broker.submit_order(OrderRequest("manual-7", "AAPL", "AAPL", "STOCK", "buy", 1))
+    assert d.reconcile_broker_orders() == 1
+    assert kill_switch.read_state(conn, ACCOUNT)["state"] == "HALTED"
+
+
+def test_live_broker_sends_nothing_once_the_params_in_force_turn_live_trading_off(world, conn):
+    dispatcher, _ = world
+
+    class LiveSim:
+        paper = False
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    params = as_params({"live_trading_enabled": False})
+    d = dispatcher(LiveSim, StaticParams(ParamsInForce(params, "test", "2", params.content_hash())))
+    rid = add_recommendation(conn, "AAPL", NOW)
+    d.drain()
+    rec = recommendation(conn, rid)
+    assert (rec["status"], rec["outcome_code"]) == ("SKIPPED", "LIVE_TRADING_DISABLED")
+    assert conn.execute("SELECT count(*)::int AS n FROM sim_orders").fetchone()["n"] == 0
+    assert client_order_id(ACCOUNT, rid)  # the id it would have used is still deterministic
