@@ -809,10 +809,10 @@ def test_duplicate_client_order_id_then_recorded_as_the_existing_order(harness, 
     add_market(conn, "AAPL", NOW, 200)
     rid = add_recommendation(conn, "AAPL", NOW)
     cid = client_order_id(ACCOUNT, rid)
-    # An earlier attempt got through (a retry of alpaca-py, a previous process).
-    existing = h.broker.submit_order(OrderRequest(cid, "AAPL", "AAPL", "STOCK", "buy", 10))
     d = h.dispatcher()
     d.refresh_account(force=True)
+    # An earlier attempt got through (a retry of alpaca-py, a previous process).
+    existing = h.broker.submit_order(OrderRequest(cid, "AAPL", "AAPL", "STOCK", "buy", 10))
 
     d.drain()
 

@@ -177,3 +177,27 @@ def test_live_broker_sends_nothing_once_the_params_in_force_turn_live_trading_of
     assert (rec["status"], rec["outcome_code"]) == ("SKIPPED", "LIVE_TRADING_DISABLED")
     assert conn.execute("SELECT count(*)::int AS n FROM sim_orders").fetchone()["n"] == 0
     assert client_order_id(ACCOUNT, rid)  # the id it would have used is still deterministic
+
+
+def test_refresh_closes_a_position_the_broker_no_longer_holds_after_the_grace_period(world, conn):
+    dispatcher, clock = world
+    d = dispatcher()
+    # An option bought yesterday expired overnight: our row is OPEN, the broker has nothing.
+    conn.execute(
+        """INSERT INTO active_positions (account_id, ticker, instrument, symbol, side, qty, multiplier, avg_price,
+                                         status, opened_at)
+           VALUES (%s, 'SPY', 'OPTION', 'SPY261127C00600000', 'long', 2, 100, 3.10, 'OPEN', %s)""",
+        (ACCOUNT, NOW - timedelta(days=1)))
+    d.refresh_account(force=True)
+    assert positions(conn) == [("SPY", "CLOSED", Decimal("2"))]
+    assert kill_switch.read_state(conn, ACCOUNT) is None  # nothing unknown at the broker
+
+
+def test_refresh_stops_entries_when_the_broker_holds_a_position_we_do_not_know(world, conn):
+    dispatcher, _ = world
+    d = dispatcher()
+    d.broker.submit_order(OrderRequest("by-hand-1", "AAPL", "AAPL", "STOCK", "buy", 3))
+    d.refresh_account(force=True)
+    state = kill_switch.read_state(conn, ACCOUNT)
+    assert (state["state"], state["changed_by"]) == ("REDUCING", "reconciliation")
+    assert state["reason"].startswith("UNKNOWN_BROKER_POSITION: the broker holds AAPL")

@@ -427,10 +427,35 @@ class Dispatcher:
                     {"account_id": self.account_id, "symbol": p.symbol, "price": p.current_price}
                     for p in positions if p.current_price is not None
                 ])
+            self._reconcile_positions(conn, positions, now)
             result = check_daily_loss_limit({"equity": snapshot.equity, "last_equity": snapshot.last_equity},
                                             in_force.params)
             if result.code == "DAILY_LOSS_LIMIT":
                 self._trip(conn, result.reason, now)
+
+    def _reconcile_positions(self, conn, broker_positions, now: datetime) -> None:
+        """Compare our live positions with the broker's.
+
+        One we hold OPEN that the broker no longer has (an option expired, was exercised or
+        assigned; someone closed it by hand) is closed here, after a grace period that covers a
+        fill not yet visible. One the broker has that we do not know is exposure the gates
+        cannot see: new entries stop until an operator has looked.
+        """
+        held = {p.symbol for p in broker_positions if p.qty != 0}
+        ours = conn.execute(queries.LIVE_POSITIONS, {"account_id": self.account_id}).fetchall()
+        vanished = [p for p in ours if p["status"] == "OPEN" and p["symbol"] not in held
+                    and now - p["opened_at"] > IN_FLIGHT_GRACE]
+        if vanished:
+            conn.execute(queries.CLOSE_VANISHED, {"account_id": self.account_id, "now": now,
+                                                  "ids": [p["id"] for p in vanished]})
+            log.warning("positions gone at the broker closed", extra={
+                "account_id": self.account_id, "symbols": [p["symbol"] for p in vanished]})
+        unknown = sorted(held - {p["symbol"] for p in ours})
+        if unknown:
+            log.error("unknown broker positions", extra={"account_id": self.account_id, "symbols": unknown})
+            kill_switch.restrict(conn, self.account_id,
+                                 f"UNKNOWN_BROKER_POSITION: the broker holds {', '.join(unknown)}, which this database does not",
+                                 "reconciliation", now, self._session_day(now))
 
     def recover_in_flight(self) -> int:
         """Resolve SUBMITTING recommendations whose dispatcher is gone: ask the broker, record its answer.

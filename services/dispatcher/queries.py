@@ -221,4 +221,16 @@ UPDATE active_positions SET market_price = %(price)s
 WHERE account_id = %(account_id)s AND symbol = %(symbol)s AND status IN ('OPEN', 'CLOSING')
 """
 
+# -- reconcile_positions --
+# Live positions as this database has them, to compare with the broker's.
+LIVE_POSITIONS = """
+SELECT id, ticker, symbol, status, opened_at FROM active_positions
+WHERE account_id = %(account_id)s AND status IN ('PENDING', 'OPEN', 'CLOSING')
+"""
+# A position the broker no longer holds (expired, exercised, assigned, closed by hand).
+CLOSE_VANISHED = """
+UPDATE active_positions SET status = 'CLOSED', closed_at = %(now)s
+WHERE account_id = %(account_id)s AND id = ANY(%(ids)s) AND status = 'OPEN'
+"""
+
 NOTIFY_CHANNEL = "recommendations"
