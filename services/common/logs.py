@@ -84,3 +84,5 @@ def configure_logging(level: str = "INFO", stream=None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # The embedded server narrates every pg_ctl call at INFO; its warnings still come through.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
