@@ -20,6 +20,22 @@ from services.common.db import connect
 log = logging.getLogger(__name__)
 
 
+def bootstrap(account: str | None = None):
+    """What every account service starts with: settings, the account, a migrated database, the params.
+
+    Returns (settings, account_id, conninfo, params provider).
+    """
+    from services.common.db import database_url
+    from services.common.migrate import migrate
+    from services.common.params_source import provider_from_settings
+    from services.common.settings import load_settings
+
+    settings = load_settings()
+    url = database_url()
+    migrate(url)
+    return settings, account or settings.account_id, url, provider_from_settings(settings)
+
+
 def stop_on_sigterm() -> threading.Event:
     """An event set by SIGTERM (and SIGINT): the loop finishes its cycle and returns."""
     stop = threading.Event()

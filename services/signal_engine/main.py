@@ -279,22 +279,13 @@ def run_loop(conninfo: str, account_id: str, provider, *, interval: float = 5.0,
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from services.common.db import database_url
-    from services.common.migrate import migrate
-    from services.common.params_source import provider_from_settings
-    from services.common.settings import load_settings
+    from services.common.service import bootstrap, stop_on_sigterm
 
-    settings = load_settings()
-    account_id = args.account or settings.account_id
-    url = database_url()
-    migrate(url)
-    provider = provider_from_settings(settings)
+    _, account_id, url, provider = bootstrap(args.account)
     in_force = provider.current()
     log.info("signal engine starting", extra={"account_id": account_id, "params_source": in_force.source,
                                               "params_version": in_force.version,
                                               "signal_params": json.loads(in_force.params.signal.model_dump_json())})
-    from services.common.service import stop_on_sigterm
-
     return run_loop(url, account_id, provider, interval=args.interval, once=args.once, stop=stop_on_sigterm())
 
 

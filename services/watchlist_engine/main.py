@@ -136,18 +136,10 @@ def run_watchlist_cycle(conn: psycopg.Connection, account_id: str,
 
 def _handle(args: argparse.Namespace) -> int:
     from services.common.clock import SystemClock
-    from services.common.db import database_url
-    from services.common.service import run_periodic, stop_on_sigterm
-    from services.common.migrate import migrate
     from services.common.params import ParamsError
-    from services.common.params_source import provider_from_settings
-    from services.common.settings import load_settings
+    from services.common.service import bootstrap, run_periodic, stop_on_sigterm
 
-    settings = load_settings()
-    account_id = args.account or settings.account_id
-    url = database_url()
-    migrate(url)
-    provider = provider_from_settings(settings)
+    _, account_id, url, provider = bootstrap(args.account)
     clock = SystemClock()
     return run_periodic(
         "watchlist-engine", url,

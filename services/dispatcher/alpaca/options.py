@@ -35,8 +35,8 @@ from services.common.market_calendar import (
     option_expiry_instant,
 )
 from services.common.params import OptionParams, TradingParams, as_params
-from services.dispatcher.risk.gates import GateResult, NamedGate
 from services.common.numbers import to_decimal
+from services.dispatcher.risk.gates import GateResult, NamedGate, aware_now, deny, ok
 from services.dispatcher.risk.sizing import SizeResult, size_order
 
 _MISSING = object()
@@ -82,24 +82,6 @@ class OptionValidation(NamedTuple):
     fallback_to_stock: bool
 
 
-def _ok(detail: str, observed: Any, limit: Any) -> GateResult:
-    return GateResult(True, f"OK: {detail}", observed, limit)
-
-
-def _deny(code: str, detail: str, observed: Any, limit: Any) -> GateResult:
-    return GateResult(False, f"{code}: {detail}", observed, limit)
-
-
-def _now(now: datetime | None) -> datetime:
-    if now is None:
-        from services.common.clock import SystemClock
-
-        return SystemClock().now()
-    if now.tzinfo is None:
-        raise ValueError("naive datetime: option gates need an aware `now`")
-    return now
-
-
 def _count(value: Any) -> int | None:
     """A non-negative whole count, or None for a missing, NaN or malformed value.
 
@@ -128,31 +110,31 @@ def check_option_expiry(
     """
     cutoff = params.options.expiry_day_cutoff_minutes_before_close
     if expiration is _MISSING:
-        return _ok(f"{NOT_EVALUATED}: contract carries no expiration", None, cutoff)
+        return ok(f"{NOT_EVALUATED}: contract carries no expiration", None, cutoff)
     if not isinstance(expiration, date) or isinstance(expiration, datetime):
-        return _deny("BAD_EXPIRATION", f"expiration={expiration!r} is not a date", None, cutoff)
+        return deny("BAD_EXPIRATION", f"expiration={expiration!r} is not a date", None, cutoff)
     today = et_date(now)
     observed = expiration.isoformat()
     if expiration < today or (expiration == today and now >= option_expiry_instant(expiration)):
-        return _deny("EXPIRED", f"expiration={expiration} now={now.astimezone(ET):%Y-%m-%d %H:%M} ET", observed, cutoff)
+        return deny("EXPIRED", f"expiration={expiration} now={now.astimezone(ET):%Y-%m-%d %H:%M} ET", observed, cutoff)
     if expiration > today:
-        return _ok(f"expiration={expiration}", observed, cutoff)
+        return ok(f"expiration={expiration}", observed, cutoff)
     try:
         session = (calendar or nyse_calendar()).session_on(today)
     except CalendarUnavailable as e:
-        return _deny("CALENDAR_UNAVAILABLE", str(e), observed, cutoff)
+        return deny("CALENDAR_UNAVAILABLE", str(e), observed, cutoff)
     if session is None:
-        return _deny("EXPIRING_TODAY", f"expiration={expiration} is not a trading day", observed, cutoff)
+        return deny("EXPIRING_TODAY", f"expiration={expiration} is not a trading day", observed, cutoff)
     last_entry = session.close - timedelta(minutes=cutoff)
     if now >= last_entry:
-        return _deny(
+        return deny(
             "EXPIRING_TODAY",
             f"expiration={expiration} now={now.astimezone(ET):%H:%M} ET "
             f"last_entry_before={last_entry.astimezone(ET):%H:%M} ET close={session.close.astimezone(ET):%H:%M} ET",
             observed,
             cutoff,
         )
-    return _ok(f"expiration={expiration} (today) last_entry_before={last_entry.astimezone(ET):%H:%M} ET", observed, cutoff)
+    return ok(f"expiration={expiration} (today) last_entry_before={last_entry.astimezone(ET):%H:%M} ET", observed, cutoff)
 
 
 def check_option_quote(bid_raw: Any, ask_raw: Any) -> GateResult:
@@ -162,28 +144,28 @@ def check_option_quote(bid_raw: Any, ask_raw: Any) -> GateResult:
     NO_BID. A locked quote (bid == ask) passes with spread 0.
     """
     if bid_raw is None or ask_raw is None:
-        return _deny("NO_QUOTE", f"bid={bid_raw} ask={ask_raw}", None, None)
+        return deny("NO_QUOTE", f"bid={bid_raw} ask={ask_raw}", None, None)
     bid, ask = to_decimal(bid_raw), to_decimal(ask_raw)
     if bid is None or ask is None or bid < 0 or ask <= 0:
-        return _deny("BAD_QUOTE", f"bid={bid_raw} ask={ask_raw}", None, None)
+        return deny("BAD_QUOTE", f"bid={bid_raw} ask={ask_raw}", None, None)
     if bid == 0:
-        return _deny("NO_BID", f"bid=0 ask={ask}: no market to exit into", None, None)
+        return deny("NO_BID", f"bid=0 ask={ask}: no market to exit into", None, None)
     if bid > ask:
-        return _deny("CROSSED_QUOTE", f"bid={bid} > ask={ask}", None, None)
-    return _ok(f"bid={bid} ask={ask}", None, None)
+        return deny("CROSSED_QUOTE", f"bid={bid} > ask={ask}", None, None)
+    return ok(f"bid={bid} ask={ask}", None, None)
 
 
 def check_option_quote_age(quote_time: Any, now: datetime, params: TradingParams) -> GateResult:
     """The quote's age from its own timestamp. Not evaluated for a contract without the attribute."""
     limit = params.options.max_quote_age_seconds
     if quote_time is _MISSING:
-        return _ok(f"{NOT_EVALUATED}: contract carries no quote time", None, limit)
+        return ok(f"{NOT_EVALUATED}: contract carries no quote time", None, limit)
     if not isinstance(quote_time, datetime) or quote_time.tzinfo is None:
-        return _deny("STALE_QUOTE", f"quote_time={quote_time!r} is not an aware time", None, limit)
+        return deny("STALE_QUOTE", f"quote_time={quote_time!r} is not an aware time", None, limit)
     age = (now - quote_time).total_seconds()
     if age > limit:
-        return _deny("STALE_QUOTE", f"age={age:.0f}s limit={limit}s quote_time={quote_time.isoformat()}", age, limit)
-    return _ok(f"age={age:.0f}s limit={limit}s", age, limit)
+        return deny("STALE_QUOTE", f"age={age:.0f}s limit={limit}s quote_time={quote_time.isoformat()}", age, limit)
+    return ok(f"age={age:.0f}s limit={limit}s", age, limit)
 
 
 def check_option_spread(bid_raw: Any, ask_raw: Any, params: TradingParams) -> GateResult:
@@ -198,28 +180,28 @@ def check_option_spread(bid_raw: Any, ask_raw: Any, params: TradingParams) -> Ga
     limit_d = Decimal(str(limit))
     detail = f"spread={spread:.4f} limit={limit_d:.4f}"
     if spread > limit_d:
-        return _deny("WIDE_SPREAD", detail, float(spread), limit)
-    return _ok(detail, float(spread), limit)
+        return deny("WIDE_SPREAD", detail, float(spread), limit)
+    return ok(detail, float(spread), limit)
 
 
 def check_option_volume(volume_raw: Any, params: TradingParams) -> GateResult:
     limit = params.options.min_option_volume
     volume = _count(volume_raw)
     if volume is None:
-        return _deny("NO_VOLUME", f"volume={volume_raw!r}", None, limit)
+        return deny("NO_VOLUME", f"volume={volume_raw!r}", None, limit)
     if volume < limit:
-        return _deny("LOW_VOLUME", f"volume={volume} min={limit}", volume, limit)
-    return _ok(f"volume={volume} min={limit}", volume, limit)
+        return deny("LOW_VOLUME", f"volume={volume} min={limit}", volume, limit)
+    return ok(f"volume={volume} min={limit}", volume, limit)
 
 
 def check_option_open_interest(oi_raw: Any, params: TradingParams) -> GateResult:
     limit = params.options.min_open_interest
     oi = _count(oi_raw)
     if oi is None:
-        return _deny("NO_OPEN_INTEREST", f"open_interest={oi_raw!r}", None, limit)
+        return deny("NO_OPEN_INTEREST", f"open_interest={oi_raw!r}", None, limit)
     if oi < limit:
-        return _deny("LOW_OPEN_INTEREST", f"open_interest={oi} min={limit}", oi, limit)
-    return _ok(f"open_interest={oi} min={limit}", oi, limit)
+        return deny("LOW_OPEN_INTEREST", f"open_interest={oi} min={limit}", oi, limit)
+    return ok(f"open_interest={oi} min={limit}", oi, limit)
 
 
 def _split_iv(iv_percentile: Any) -> tuple[Any, str | None]:
@@ -240,16 +222,16 @@ def check_option_iv_percentile(iv_percentile: Any, params: TradingParams) -> Gat
     value, why = _split_iv(iv_percentile)
     if value is None:
         if why and why.startswith(NOT_EVALUATED):
-            return _ok(f"iv_percentile {why}", None, limit)
-        return _deny("NO_IV_PERCENTILE", why or "no IV percentile for the underlying", None, limit)
+            return ok(f"iv_percentile {why}", None, limit)
+        return deny("NO_IV_PERCENTILE", why or "no IV percentile for the underlying", None, limit)
     d = to_decimal(value)
     if d is None or not 0 <= d <= 100:
-        return _deny("NO_IV_PERCENTILE", f"iv_percentile={value!r} is not a percentile", None, limit)
+        return deny("NO_IV_PERCENTILE", f"iv_percentile={value!r} is not a percentile", None, limit)
     pct = float(d)
     detail = f"iv_percentile={pct:.1f} max={limit:g}"
     if pct > limit:
-        return _deny("HIGH_IV_PERCENTILE", detail, pct, limit)
-    return _ok(detail, pct, limit)
+        return deny("HIGH_IV_PERCENTILE", detail, pct, limit)
+    return ok(detail, pct, limit)
 
 
 def option_gate_results(
@@ -279,7 +261,7 @@ def option_gates(
 ) -> list[NamedGate]:
     """Every option gate, in a fixed order (OPTION_GATE_NAMES); the first failure decides."""
     params = as_params(params)
-    now = _now(now)
+    now = aware_now(now)
     bid = getattr(contract, "bid", None)
     ask = getattr(contract, "ask", None)
     if iv_percentile is None:
@@ -513,7 +495,7 @@ def choose_contract(
     if spot_d is None or spot_d <= 0:
         return ContractSelection(None, f"BAD_SPOT: spot={spot!r}")
     spot_f = float(spot_d)
-    now = _now(now)
+    now = aware_now(now)
     cal = calendar or nyse_calendar()
     today = et_date(now)
     today_expired = now >= option_expiry_instant(today)

@@ -43,11 +43,13 @@ class GateResult(NamedTuple):
         return self.reason.split(":", 1)[0]
 
 
-def _ok(detail: str, observed: Any, limit: Any) -> GateResult:
+def ok(detail: str, observed: Any, limit: Any) -> GateResult:
+    """A pass: reason `OK: detail`."""
     return GateResult(True, f"OK: {detail}", observed, limit)
 
 
-def _deny(code: str, detail: str, observed: Any, limit: Any) -> GateResult:
+def deny(code: str, detail: str, observed: Any, limit: Any) -> GateResult:
+    """A denial: reason `CODE: detail`."""
     return GateResult(False, f"{code}: {detail}", observed, limit)
 
 
@@ -65,7 +67,8 @@ def _aware(value: Any) -> datetime | None:
     return None
 
 
-def _now(now: datetime | None) -> datetime:
+def aware_now(now: datetime | None) -> datetime:
+    """`now` as given (it must be aware), or the wall clock."""
     if now is None:
         from services.common.clock import SystemClock
 
@@ -100,33 +103,33 @@ def check_daily_loss_limit(
     params = as_params(config)
     limit = params.risk.max_daily_loss
     if account_state is None:
-        return _deny("NO_ACCOUNT_STATE", "no account state to compute the daily P&L", None, limit)
+        return deny("NO_ACCOUNT_STATE", "no account state to compute the daily P&L", None, limit)
     pnl = daily_pnl(account_state)
     if pnl is None:
-        return _deny("NO_ACCOUNT_STATE", "equity/last_equity missing or not finite", None, limit)
+        return deny("NO_ACCOUNT_STATE", "equity/last_equity missing or not finite", None, limit)
     as_of = _aware(_field(account_state, "as_of"))
     if now is not None and _field(account_state, "as_of") is not None:
         max_age = params.risk.max_account_state_age_seconds
         if as_of is None:
-            return _deny("NO_ACCOUNT_STATE", "account state has no aware as_of time", None, limit)
+            return deny("NO_ACCOUNT_STATE", "account state has no aware as_of time", None, limit)
         age = (now - as_of).total_seconds()
         if age > max_age:
-            return _deny("STALE_ACCOUNT_STATE", f"age={age:.0f}s limit={max_age}s", age, max_age)
+            return deny("STALE_ACCOUNT_STATE", f"age={age:.0f}s limit={max_age}s", age, max_age)
     loss = -pnl if pnl < 0 else Decimal(0)
     if loss >= limit:
-        return _deny("DAILY_LOSS_LIMIT", f"loss={loss:.2f} limit={limit:.2f}", loss, limit)
-    return _ok(f"loss={loss:.2f} limit={limit:.2f}", loss, limit)
+        return deny("DAILY_LOSS_LIMIT", f"loss={loss:.2f} limit={limit:.2f}", loss, limit)
+    return ok(f"loss={loss:.2f} limit={limit:.2f}", loss, limit)
 
 
 def check_max_positions(active_positions_count: Any, config: TradingParams | Mapping, proposed: int = 1) -> GateResult:
     """Deny unless current open positions + the proposed one <= max_open_positions."""
     limit = as_params(config).risk.max_open_positions
     if not isinstance(active_positions_count, int) or isinstance(active_positions_count, bool) or active_positions_count < 0:
-        return _deny("NO_POSITION_COUNT", f"count={active_positions_count!r} is not a count", active_positions_count, limit)
+        return deny("NO_POSITION_COUNT", f"count={active_positions_count!r} is not a count", active_positions_count, limit)
     total = active_positions_count + proposed
     if total > limit:
-        return _deny("MAX_POSITIONS", f"open={active_positions_count} proposed={proposed} limit={limit}", total, limit)
-    return _ok(f"open={active_positions_count} proposed={proposed} limit={limit}", total, limit)
+        return deny("MAX_POSITIONS", f"open={active_positions_count} proposed={proposed} limit={limit}", total, limit)
+    return ok(f"open={active_positions_count} proposed={proposed} limit={limit}", total, limit)
 
 
 def check_max_exposure(
@@ -137,14 +140,14 @@ def check_max_exposure(
     current = to_decimal(total_notional)
     proposed = to_decimal(proposed_notional)
     if current is None or current < 0:
-        return _deny("NO_EXPOSURE", f"notional={total_notional!r} is not a notional", None, limit)
+        return deny("NO_EXPOSURE", f"notional={total_notional!r} is not a notional", None, limit)
     if proposed is None or proposed < 0:
-        return _deny("NO_EXPOSURE", f"proposed={proposed_notional!r} is not a notional", None, limit)
+        return deny("NO_EXPOSURE", f"proposed={proposed_notional!r} is not a notional", None, limit)
     total = current + proposed
     detail = f"notional={total:.2f} (current={current:.2f} proposed={proposed:.2f}) limit={limit:.2f}"
     if total > limit:
-        return _deny("MAX_EXPOSURE", detail, total, limit)
-    return _ok(detail, total, limit)
+        return deny("MAX_EXPOSURE", detail, total, limit)
+    return ok(detail, total, limit)
 
 
 def check_trading_hours(
@@ -156,25 +159,25 @@ def check_trading_hours(
     [open, open + block_after_open) and [close - block_before_close, close).
     """
     hours = as_params(config).trading_hours
-    now = _now(now)
+    now = aware_now(now)
     et_now = now.astimezone(ET)
     observed = et_now.strftime("%Y-%m-%d %H:%M:%S ET")
     try:
         session = (calendar or nyse_calendar()).session_at(now)
     except CalendarUnavailable as e:
-        return _deny("CALENDAR_UNAVAILABLE", str(e), observed, None)
+        return deny("CALENDAR_UNAVAILABLE", str(e), observed, None)
     if session is None:
-        return _deny("MARKET_CLOSED", f"{et_now:%Y-%m-%d} ({et_now:%A}) is not a trading day", observed, None)
+        return deny("MARKET_CLOSED", f"{et_now:%Y-%m-%d} ({et_now:%A}) is not a trading day", observed, None)
     first_ok = session.open + timedelta(minutes=hours.block_after_open_minutes)
     last_ok = session.close - timedelta(minutes=hours.block_before_close_minutes)
     window = f"{first_ok.astimezone(ET):%H:%M}-{last_ok.astimezone(ET):%H:%M} ET"
     if now < session.open or now >= session.close:
-        return _deny("MARKET_CLOSED", f"now={et_now:%H:%M} session={session.open.astimezone(ET):%H:%M}-{session.close.astimezone(ET):%H:%M} ET", observed, window)
+        return deny("MARKET_CLOSED", f"now={et_now:%H:%M} session={session.open.astimezone(ET):%H:%M}-{session.close.astimezone(ET):%H:%M} ET", observed, window)
     if now < first_ok:
-        return _deny("OPENING_BLOCK", f"now={et_now:%H:%M:%S} first_entry={first_ok.astimezone(ET):%H:%M} ET", observed, window)
+        return deny("OPENING_BLOCK", f"now={et_now:%H:%M:%S} first_entry={first_ok.astimezone(ET):%H:%M} ET", observed, window)
     if now >= last_ok:
-        return _deny("CLOSING_BLOCK", f"now={et_now:%H:%M:%S} last_entry_before={last_ok.astimezone(ET):%H:%M} ET", observed, window)
-    return _ok(f"now={et_now:%H:%M} window={window}", observed, window)
+        return deny("CLOSING_BLOCK", f"now={et_now:%H:%M:%S} last_entry_before={last_ok.astimezone(ET):%H:%M} ET", observed, window)
+    return ok(f"now={et_now:%H:%M} window={window}", observed, window)
 
 
 def check_market_open_for_exit(
@@ -183,7 +186,7 @@ def check_market_open_for_exit(
     """An exit may go out in the blocked windows (it reduces risk) but not while the market is closed."""
     result = check_trading_hours(config, now, calendar)
     if result.code in ("OPENING_BLOCK", "CLOSING_BLOCK"):
-        return _ok(f"exit allowed in the blocked window ({result.reason})", result.observed, result.limit)
+        return ok(f"exit allowed in the blocked window ({result.reason})", result.observed, result.limit)
     return result
 
 
@@ -193,55 +196,55 @@ def check_market_open_for_exit(
 def check_kill_switch(state: Any, action: Any) -> GateResult:
     """ACTIVE passes; REDUCING passes only risk-reducing orders (EXIT); HALTED passes nothing."""
     if state not in KILL_SWITCH_STATES:
-        return _deny("NO_KILL_SWITCH_STATE", f"state={state!r}", state, "ACTIVE")
+        return deny("NO_KILL_SWITCH_STATE", f"state={state!r}", state, "ACTIVE")
     if state == "HALTED":
-        return _deny("KILL_SWITCH_HALTED", "account halted by operator", state, "ACTIVE")
+        return deny("KILL_SWITCH_HALTED", "account halted by operator", state, "ACTIVE")
     if state == "REDUCING" and action != "EXIT":
-        return _deny("KILL_SWITCH_REDUCING", f"only risk-reducing orders; action={action}", state, "ACTIVE")
-    return _ok(f"state={state}", state, "ACTIVE")
+        return deny("KILL_SWITCH_REDUCING", f"only risk-reducing orders; action={action}", state, "ACTIVE")
+    return ok(f"state={state}", state, "ACTIVE")
 
 
 def check_action_allowed(action: Any, instrument: Any, config: TradingParams | Mapping) -> GateResult:
     params = as_params(config)
     if action not in ACTIONS:
-        return _deny("UNKNOWN_ACTION", f"action={action!r}", action, sorted(ACTIONS))
+        return deny("UNKNOWN_ACTION", f"action={action!r}", action, sorted(ACTIONS))
     if action == "SELL" and instrument == "STOCK" and not params.instruments.allow_short:
-        return _deny("SHORT_NOT_ALLOWED", "a bearish stock entry is a short sale; allow_short=false", action, "allow_short")
-    return _ok(f"action={action}", action, sorted(ACTIONS))
+        return deny("SHORT_NOT_ALLOWED", "a bearish stock entry is a short sale; allow_short=false", action, "allow_short")
+    return ok(f"action={action}", action, sorted(ACTIONS))
 
 
 def check_instrument_allowed(instrument: Any, config: TradingParams | Mapping) -> GateResult:
     allowed = list(as_params(config).instruments.allowed_instruments)
     if instrument not in INSTRUMENTS:
-        return _deny("UNKNOWN_INSTRUMENT", f"instrument={instrument!r}", instrument, allowed)
+        return deny("UNKNOWN_INSTRUMENT", f"instrument={instrument!r}", instrument, allowed)
     if instrument not in allowed:
-        return _deny("INSTRUMENT_NOT_ALLOWED", f"instrument={instrument} allowed={','.join(allowed)}", instrument, allowed)
-    return _ok(f"instrument={instrument}", instrument, allowed)
+        return deny("INSTRUMENT_NOT_ALLOWED", f"instrument={instrument} allowed={','.join(allowed)}", instrument, allowed)
+    return ok(f"instrument={instrument}", instrument, allowed)
 
 
 def check_confidence(confidence: Any, strategy: Any, config: TradingParams | Mapping) -> GateResult:
     thresholds = as_params(config).confidence
     limits = {"day_trade": thresholds.min_confidence_day_trade, "swing_trade": thresholds.min_confidence_swing_trade}
     if strategy not in limits:
-        return _deny("UNKNOWN_STRATEGY", f"strategy={strategy!r}", strategy, sorted(limits))
+        return deny("UNKNOWN_STRATEGY", f"strategy={strategy!r}", strategy, sorted(limits))
     limit = limits[strategy]
     value = to_decimal(confidence)
     if value is None or not 0 <= value <= 1:
-        return _deny("BAD_CONFIDENCE", f"confidence={confidence!r}", confidence, limit)
+        return deny("BAD_CONFIDENCE", f"confidence={confidence!r}", confidence, limit)
     if float(value) < limit:
-        return _deny("LOW_CONFIDENCE", f"confidence={value} min={limit} strategy={strategy}", float(value), limit)
-    return _ok(f"confidence={value} min={limit} strategy={strategy}", float(value), limit)
+        return deny("LOW_CONFIDENCE", f"confidence={value} min={limit} strategy={strategy}", float(value), limit)
+    return ok(f"confidence={value} min={limit} strategy={strategy}", float(value), limit)
 
 
 def check_recommendation_age(created_at: Any, now: datetime, config: TradingParams | Mapping) -> GateResult:
     limit = as_params(config).risk.max_recommendation_age_seconds
     created = _aware(created_at)
     if created is None:
-        return _deny("BAD_RECOMMENDATION", f"created_at={created_at!r} is not an aware time", None, limit)
+        return deny("BAD_RECOMMENDATION", f"created_at={created_at!r} is not an aware time", None, limit)
     age = (now - created).total_seconds()
     if age > limit:
-        return _deny("STALE_RECOMMENDATION", f"age={age:.0f}s limit={limit}s", age, limit)
-    return _ok(f"age={age:.0f}s limit={limit}s", age, limit)
+        return deny("STALE_RECOMMENDATION", f"age={age:.0f}s limit={limit}s", age, limit)
+    return ok(f"age={age:.0f}s limit={limit}s", age, limit)
 
 
 def bar_problem(bar: Any) -> str | None:
@@ -259,67 +262,67 @@ def check_bar_freshness(bar: Any, now: datetime, config: TradingParams | Mapping
     """The bar covers [ts, ts + 60 s): its age is measured from its end, not from when it was stored."""
     limit = as_params(config).risk.max_bar_age_seconds
     if bar is None:
-        return _deny("NO_BAR", "no bar for the ticker", None, limit)
+        return deny("NO_BAR", "no bar for the ticker", None, limit)
     ts = _aware(_field(bar, "ts"))
     if ts is None:
-        return _deny("BAD_BAR", f"ts={_field(bar, 'ts')!r} is not an aware time", None, limit)
+        return deny("BAD_BAR", f"ts={_field(bar, 'ts')!r} is not an aware time", None, limit)
     problem = bar_problem(bar)
     if problem:
-        return _deny("BAD_BAR", problem, None, limit)
+        return deny("BAD_BAR", problem, None, limit)
     age = (now - (ts + timedelta(seconds=BAR_SECONDS))).total_seconds()
     if age > limit:
-        return _deny("STALE_BAR", f"age={age:.0f}s limit={limit}s bar={ts.isoformat()}", age, limit)
-    return _ok(f"age={age:.0f}s limit={limit}s", age, limit)
+        return deny("STALE_BAR", f"age={age:.0f}s limit={limit}s bar={ts.isoformat()}", age, limit)
+    return ok(f"age={age:.0f}s limit={limit}s", age, limit)
 
 
 def check_feature_freshness(features: Any, now: datetime, config: TradingParams | Mapping) -> GateResult:
     """Features are as old as the latest bar they were computed from (`ts`), not their computed_at."""
     limit = as_params(config).risk.max_feature_age_seconds
     if features is None:
-        return _deny("NO_FEATURES", "no features for the ticker", None, limit)
+        return deny("NO_FEATURES", "no features for the ticker", None, limit)
     ts = _aware(_field(features, "ts"))
     if ts is None:
-        return _deny("BAD_FEATURES", f"ts={_field(features, 'ts')!r} is not an aware time", None, limit)
+        return deny("BAD_FEATURES", f"ts={_field(features, 'ts')!r} is not an aware time", None, limit)
     age = (now - (ts + timedelta(seconds=BAR_SECONDS))).total_seconds()
     if age > limit:
-        return _deny("STALE_FEATURES", f"age={age:.0f}s limit={limit}s", age, limit)
-    return _ok(f"age={age:.0f}s limit={limit}s", age, limit)
+        return deny("STALE_FEATURES", f"age={age:.0f}s limit={limit}s", age, limit)
+    return ok(f"age={age:.0f}s limit={limit}s", age, limit)
 
 
 def check_ticker_trades_today(ticker_count_today: Any, config: TradingParams | Mapping) -> GateResult:
     limit = as_params(config).risk.max_trades_per_ticker_per_day
     if not isinstance(ticker_count_today, int) or isinstance(ticker_count_today, bool) or ticker_count_today < 0:
-        return _deny("NO_TRADE_COUNT", f"count={ticker_count_today!r}", None, limit)
+        return deny("NO_TRADE_COUNT", f"count={ticker_count_today!r}", None, limit)
     if ticker_count_today >= limit:
-        return _deny("TICKER_DAILY_TRADES", f"trades_today={ticker_count_today} limit={limit}", ticker_count_today, limit)
-    return _ok(f"trades_today={ticker_count_today} limit={limit}", ticker_count_today, limit)
+        return deny("TICKER_DAILY_TRADES", f"trades_today={ticker_count_today} limit={limit}", ticker_count_today, limit)
+    return ok(f"trades_today={ticker_count_today} limit={limit}", ticker_count_today, limit)
 
 
 def check_ticker_cooldown(last_trade_time: Any, now: datetime, config: TradingParams | Mapping) -> GateResult:
     minutes = as_params(config).risk.ticker_cooldown_minutes
     limit = minutes * 60
     if last_trade_time is None:
-        return _ok("no previous trade", None, limit)
+        return ok("no previous trade", None, limit)
     last = _aware(last_trade_time)
     if last is None:
-        return _deny("BAD_LAST_TRADE_TIME", f"last_trade_time={last_trade_time!r}", None, limit)
+        return deny("BAD_LAST_TRADE_TIME", f"last_trade_time={last_trade_time!r}", None, limit)
     since = (now - last).total_seconds()
     if since < limit:
-        return _deny("TICKER_COOLDOWN", f"since_last={since:.0f}s cooldown={limit}s", since, limit)
-    return _ok(f"since_last={since:.0f}s cooldown={limit}s", since, limit)
+        return deny("TICKER_COOLDOWN", f"since_last={since:.0f}s cooldown={limit}s", since, limit)
+    return ok(f"since_last={since:.0f}s cooldown={limit}s", since, limit)
 
 
 def check_no_open_position(has_open_position: Any, action: Any) -> GateResult:
     """An entry needs no live position in the ticker; an EXIT needs one."""
     if not isinstance(has_open_position, bool):
-        return _deny("NO_POSITION_STATE", f"has_open_position={has_open_position!r}", None, None)
+        return deny("NO_POSITION_STATE", f"has_open_position={has_open_position!r}", None, None)
     if action == "EXIT":
         if not has_open_position:
-            return _deny("NO_POSITION_TO_EXIT", "no open position in the ticker", False, True)
-        return _ok("open position to exit", True, True)
+            return deny("NO_POSITION_TO_EXIT", "no open position in the ticker", False, True)
+        return ok("open position to exit", True, True)
     if has_open_position:
-        return _deny("POSITION_ALREADY_OPEN", "the ticker already has a live position", True, False)
-    return _ok("no open position", False, False)
+        return deny("POSITION_ALREADY_OPEN", "the ticker already has a live position", True, False)
+    return ok("no open position", False, False)
 
 
 # --- All gates ---------------------------------------------------------------------------------
@@ -398,7 +401,7 @@ def evaluate_all_gates(
     denial (SIZE_ZERO). An EXIT reduces risk: the entry-only gates report "not applicable".
     """
     params = as_params(config)
-    now = _now(now)
+    now = aware_now(now)
     action = _field(recommendation, "action")
     instrument = _field(recommendation, "instrument")
     is_exit = action == "EXIT"
@@ -407,7 +410,7 @@ def evaluate_all_gates(
         try:
             result = fn(*args)
         except (ArithmeticError, TypeError, ValueError, KeyError, AttributeError, CalendarUnavailable) as e:
-            result = _deny("GATE_ERROR", f"{name}: {type(e).__name__}: {e}", None, None)
+            result = deny("GATE_ERROR", f"{name}: {type(e).__name__}: {e}", None, None)
         return NamedGate(name, result)
 
     def entry_only(name: str, fn, *args) -> NamedGate:
@@ -440,7 +443,7 @@ def _exposure_gate(recommendation, bar, account_state, total_notional, proposed_
         equity = to_decimal(_field(account_state, "equity"))
         current = to_decimal(total_notional)
         if price is None or equity is None or current is None:
-            return _deny("NO_SIZE_INPUTS", f"price={price} equity={equity} exposure={current}", None, params.risk.max_notional_exposure)
+            return deny("NO_SIZE_INPUTS", f"price={price} equity={equity} exposure={current}", None, params.risk.max_notional_exposure)
         size = size_order("STOCK", price, equity, current, params)
         if size.qty == 0:
             # When not even one share fits under the limit, the exposure limit is what blocks.
