@@ -422,11 +422,10 @@ class Dispatcher:
                 "cash": snapshot.cash, "buying_power": snapshot.buying_power, "as_of": snapshot.as_of,
                 "source": "paper" if self.broker.paper else "live",
             })
-            with conn.cursor() as cur:
-                cur.executemany(queries.MARK_POSITION, [
-                    {"account_id": self.account_id, "symbol": p.symbol, "price": p.current_price}
-                    for p in positions if p.current_price is not None
-                ])
+            marked = [p for p in positions if p.current_price is not None]
+            conn.execute(queries.MARK_POSITIONS, {"account_id": self.account_id,
+                                                  "symbols": [p.symbol for p in marked],
+                                                  "prices": [p.current_price for p in marked]})
             self._reconcile_positions(conn, positions, now)
             result = check_daily_loss_limit({"equity": snapshot.equity, "last_equity": snapshot.last_equity},
                                             in_force.params)

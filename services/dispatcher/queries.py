@@ -215,10 +215,11 @@ SET equity = EXCLUDED.equity, last_equity = EXCLUDED.last_equity, cash = EXCLUDE
     buying_power = EXCLUDED.buying_power, as_of = EXCLUDED.as_of, source = EXCLUDED.source
 """
 
-# Marks a live position to the broker's current price for its symbol.
-MARK_POSITION = """
-UPDATE active_positions SET market_price = %(price)s
-WHERE account_id = %(account_id)s AND symbol = %(symbol)s AND status IN ('OPEN', 'CLOSING')
+# Marks live positions to the broker's current prices, all in one statement.
+MARK_POSITIONS = """
+UPDATE active_positions p SET market_price = m.price
+FROM unnest(%(symbols)s::text[], %(prices)s::numeric[]) AS m(symbol, price)
+WHERE p.account_id = %(account_id)s AND p.symbol = m.symbol AND p.status IN ('OPEN', 'CLOSING')
 """
 
 # -- reconcile_positions --
