@@ -75,3 +75,26 @@ def test_reconciliation_records_an_order_the_database_does_not_know_and_stops_en
     state = kill_switch.read_state(conn, ACCOUNT)
     assert (state["state"], state["changed_by"]) == ("REDUCING", "reconciliation")
     assert state["reason"].startswith("UNKNOWN_BROKER_ORDER")
+
+
+def test_a_daily_loss_trips_the_switch_even_when_another_gate_denied_first(db_url, conn):
+    from services.common.clock import FixedClock
+    from services.common.db import make_pool
+    from services.common.params import load_params_file
+    from services.dispatcher.main import Dispatcher, StaticParams
+    from services.dispatcher.sim_broker import SimBroker
+    from tests.factories import add_market, add_recommendation, et, set_account_state
+
+    now = et("2026-11-30", "10:00")
+    add_market(conn, "AAPL", now, 200)
+    set_account_state(conn, now, equity=99_000, last_equity=100_000)  # a 1,000 loss
+    add_recommendation(conn, "AAPL", now, confidence=0.1, account=ACCOUNT)  # low confidence fails first
+    pool = make_pool(db_url)
+    try:
+        clock = FixedClock(now)
+        Dispatcher(pool, SimBroker(pool, ACCOUNT, clock), StaticParams(load_params_file()), ACCOUNT,
+                   clock=clock).drain()
+    finally:
+        pool.close()
+    state = kill_switch.read_state(conn, ACCOUNT)
+    assert (state["state"], state["changed_by"]) == ("REDUCING", DAILY_LOSS_ACTOR)

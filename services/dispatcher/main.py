@@ -181,8 +181,9 @@ class Dispatcher:
                     self._record_intent(conn, ctx, decision, cid, in_force, now)
                 else:
                     self._record(conn, rec_id, "SKIPPED", decision.code, decision.detail, decision, in_force, now)
-                    if decision.code == "DAILY_LOSS_LIMIT":
-                        self._trip(conn, decision.detail, now)
+                    loss = next((g.result for g in decision.gates if g.result.code == "DAILY_LOSS_LIMIT"), None)
+                    if loss is not None:  # whichever gate failed first, the loss trips the switch
+                        self._trip(conn, loss.reason, now)
         except (psycopg.OperationalError, psycopg.InterfaceError):
             raise  # the database is down: the loop backs off; nothing was committed
         except Exception as e:  # a bug or bad data: recorded, rolled back, and the loop goes on
