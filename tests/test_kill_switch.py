@@ -87,7 +87,7 @@ def test_a_daily_loss_trips_the_switch_even_when_another_gate_denied_first(db_ur
 
     now = et("2026-11-30", "10:00")
     add_market(conn, "AAPL", now, 200)
-    set_account_state(conn, now, equity=99_000, last_equity=100_000)  # a 1,000 loss
+    set_account_state(conn, now, equity=99_000, last_equity=100_000, account=ACCOUNT)  # a 1,000 loss
     add_recommendation(conn, "AAPL", now, confidence=0.1, account=ACCOUNT)  # low confidence fails first
     pool = make_pool(db_url)
     try:
