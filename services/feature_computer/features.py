@@ -72,37 +72,34 @@ windowed AS (
            w_15m       AS (day RANGE BETWEEN interval '15 minutes' PRECEDING AND interval '15 minutes' PRECEDING)
 )"""
 
-# The latest-bar path, per ticker in `tickers` (a nested loop, no global sort):
-# 1. its latest bar up to the cutoff: one backward probe of the (ticker, ts) primary key;
-# 2. at most LOOKBACK_BARS bars of that bar's ET day ending there: one backward range scan of
-#    the same key, already in the order the window functions want;
-# 3. ONE aggregation over those bars, with FILTERs by recency.
-# Moving windows over the same 25k numeric rows cost ~300 ms; this costs a fraction of that.
+# The latest-bar path, per ticker in `latest(ticker, ts)` (each ticker's latest bar up to the
+# cutoff; a nested loop, no global sort): at most LOOKBACK_BARS bars of that bar's ET day ending
+# there, read by one backward range scan of the (ticker, ts) primary key, already in the order the
+# window functions want; then ONE aggregation over those bars, with FILTERs by recency. The bars
+# exactly 1, 5 and 15 minutes earlier are among those bars when they exist (at most 16 bars back),
+# so they are picked out by the same aggregation rather than probed again.
 _AGGREGATED_LATEST_BAR = f"""
 windowed AS (
-    SELECT t.ticker, last.ts, last.session_day, last.close, last.volume,
-           p1.close AS prev_close, p5.close AS close_5m_ago, p15.close AS close_15m_ago,
+    SELECT l.ticker, l.ts, l.session_day, a.close, a.volume,
+           a.prev_close, a.close_5m_ago, a.close_15m_ago,
            a.sma20, least(a.n_bars, {SMA_SHORT_BARS}) AS n_sma20,
            a.sma50, least(a.n_bars, {SMA_LONG_BARS}) AS n_sma50,
            a.recent_vol, a.n_recent, a.baseline_vol, a.n_baseline,
            a.prev_avg_volume, least(a.n_bars - 1, {VOLUME_AVG_BARS}) AS n_prev_vol
-    FROM tickers t
-    CROSS JOIN LATERAL (
-        SELECT b.ts, b.close, b.volume, {_SESSION_DAY.format(ts="b.ts")} AS session_day
-        FROM lane_telemetry b
-        WHERE b.ticker = t.ticker AND b.ts <= %(cutoff)s
-        ORDER BY b.ts DESC LIMIT 1
-    ) last
-    -- The bars that began exactly 1, 5 and 15 minutes earlier on the same ET day: equality
-    -- probes of the primary key, NULL when that bar does not exist.
-    LEFT JOIN lane_telemetry p1 ON p1.ticker = t.ticker AND p1.ts = last.ts - interval '1 minute'
-                               AND p1.ts >= {_DAY_START.format(day="last.session_day")}
-    LEFT JOIN lane_telemetry p5 ON p5.ticker = t.ticker AND p5.ts = last.ts - interval '5 minutes'
-                               AND p5.ts >= {_DAY_START.format(day="last.session_day")}
-    LEFT JOIN lane_telemetry p15 ON p15.ticker = t.ticker AND p15.ts = last.ts - interval '15 minutes'
-                                AND p15.ts >= {_DAY_START.format(day="last.session_day")}
+    FROM (
+        SELECT l.ticker, l.ts, {_SESSION_DAY.format(ts="l.ts")} AS session_day,
+               {_DAY_START.format(day=_SESSION_DAY.format(ts="l.ts"))} AS day_start,
+               l.ts - interval '1 minute' AS ts_1m, l.ts - interval '5 minutes' AS ts_5m,
+               l.ts - interval '15 minutes' AS ts_15m
+        FROM latest l
+    ) l
     CROSS JOIN LATERAL (
         SELECT count(*) AS n_bars,
+               max(r.close)          FILTER (WHERE r.rn = 1) AS close,
+               max(r.volume)         FILTER (WHERE r.rn = 1) AS volume,
+               max(r.close)          FILTER (WHERE r.ts = l.ts_1m) AS prev_close,
+               max(r.close)          FILTER (WHERE r.ts = l.ts_5m) AS close_5m_ago,
+               max(r.close)          FILTER (WHERE r.ts = l.ts_15m) AS close_15m_ago,
                avg(r.close)          FILTER (WHERE r.rn <= {SMA_SHORT_BARS}) AS sma20,
                avg(r.close)          FILTER (WHERE r.rn <= {SMA_LONG_BARS}) AS sma50,
                stddev_samp(r.ret_1m) FILTER (WHERE r.rn <= {RECENT_VOL_BARS}) AS recent_vol,
@@ -111,14 +108,13 @@ windowed AS (
                count(r.ret_1m)       FILTER (WHERE r.rn <= {BASELINE_VOL_BARS}) AS n_baseline,
                avg(r.volume)         FILTER (WHERE r.rn BETWEEN 2 AND {VOLUME_AVG_BARS + 1}) AS prev_avg_volume
         FROM (
-            SELECT b.close, b.volume,
+            SELECT b.ts, b.close, b.volume,
                    row_number() OVER newest_first AS rn,
                    CASE WHEN lead(b.ts) OVER newest_first = b.ts - interval '1 minute'
                         THEN b.close / lead(b.close) OVER newest_first - 1 END AS ret_1m
             FROM (
                 SELECT b.ts, b.close, b.volume FROM lane_telemetry b
-                WHERE b.ticker = t.ticker AND b.ts <= last.ts
-                  AND b.ts >= {_DAY_START.format(day="last.session_day")}
+                WHERE b.ticker = l.ticker AND b.ts <= l.ts AND b.ts >= l.day_start
                 ORDER BY b.ts DESC LIMIT {LOOKBACK_BARS}
             ) b
             WINDOW newest_first AS (ORDER BY b.ts DESC)
@@ -185,34 +181,47 @@ WHERE ({", ".join(f"lane_features.{c}" for c in _UPDATABLE)})
       IS DISTINCT FROM ({", ".join(f"EXCLUDED.{c}" for c in _UPDATABLE)})
 """
 
-# Every ticker in lane_telemetry, by a skip scan of the (ticker, ts) primary key: one index
-# probe per ticker instead of reading every bar (~500 probes versus ~200k rows).
-_ALL_TICKERS = """
-tickers AS (
-    SELECT t.ticker FROM (
+# Every ticker with a bar up to the cutoff, with its latest such bar, by a descending skip scan
+# of the (ticker, ts) primary key: each step is ONE backward index probe that lands on the
+# previous ticker's latest bar not after the cutoff (bars after the cutoff are stepped over inside
+# the index), ~500 probes instead of reading ~200k rows.
+_ALL_LATEST = """
+latest AS (
+    SELECT s.ticker, s.ts FROM (
         WITH RECURSIVE skip AS (
-            (SELECT b.ticker FROM lane_telemetry b ORDER BY b.ticker LIMIT 1)
+            (SELECT b.ticker, b.ts FROM lane_telemetry b WHERE b.ts <= %(cutoff)s
+             ORDER BY b.ticker DESC, b.ts DESC LIMIT 1)
             UNION ALL
-            SELECT (SELECT b.ticker FROM lane_telemetry b WHERE b.ticker > s.ticker ORDER BY b.ticker LIMIT 1)
-            FROM skip s WHERE s.ticker IS NOT NULL
+            SELECT n.ticker, n.ts FROM skip s CROSS JOIN LATERAL (
+                SELECT b.ticker, b.ts FROM lane_telemetry b
+                WHERE b.ticker < s.ticker AND b.ts <= %(cutoff)s
+                ORDER BY b.ticker DESC, b.ts DESC LIMIT 1
+            ) n
         )
-        SELECT skip.ticker FROM skip WHERE skip.ticker IS NOT NULL
-    ) t
+        SELECT skip.ticker, skip.ts FROM skip
+    ) s
 )"""
 
-_GIVEN_TICKERS = """
-tickers AS (
-    SELECT DISTINCT unnest(%(tickers)s::text[]) AS ticker
+# The given tickers' latest bars up to the cutoff: one backward probe of the primary key each.
+_GIVEN_LATEST = """
+latest AS (
+    SELECT t.ticker, last.ts
+    FROM (SELECT DISTINCT unnest(%(tickers)s::text[]) AS ticker) t
+    CROSS JOIN LATERAL (
+        SELECT b.ts FROM lane_telemetry b
+        WHERE b.ticker = t.ticker AND b.ts <= %(cutoff)s
+        ORDER BY b.ts DESC LIMIT 1
+    ) last
 )"""
 
 # -- upsert_latest_all --
 # Features of the latest complete bar of every ticker that has bars, in one statement.
 # Params: cutoff (timestamptz: the latest bar start to consider).
-UPSERT_LATEST_ALL = f"WITH {_ALL_TICKERS},{_AGGREGATED_LATEST_BAR},{_COMPUTE},\noutput AS (SELECT * FROM computed){_UPSERT}"
+UPSERT_LATEST_ALL = f"WITH {_ALL_LATEST},{_AGGREGATED_LATEST_BAR},{_COMPUTE},\noutput AS (SELECT * FROM computed){_UPSERT}"
 
 # -- upsert_latest_for_tickers --
 # The same for a given list of tickers. Params: cutoff, tickers (text[]).
-UPSERT_LATEST_FOR_TICKERS = f"WITH {_GIVEN_TICKERS},{_AGGREGATED_LATEST_BAR},{_COMPUTE},\noutput AS (SELECT * FROM computed){_UPSERT}"
+UPSERT_LATEST_FOR_TICKERS = f"WITH {_GIVEN_LATEST},{_AGGREGATED_LATEST_BAR},{_COMPUTE},\noutput AS (SELECT * FROM computed){_UPSERT}"
 
 # -- upsert_backfill --
 # Features of EVERY bar with start <= ts < end (replays, backfills). Reads whole ET days from the
