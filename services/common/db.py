@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 
@@ -116,8 +114,3 @@ def make_pool(conninfo: str, *, min_size: int = 1, max_size: int = 4, applicatio
         open=True,
     )
 
-
-@contextmanager
-def transaction(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
-    with conn.transaction():
-        yield conn

@@ -70,7 +70,7 @@ FROM active_positions p
 WHERE p.account_id = %(account_id)s AND p.status IN ('PENDING', 'OPEN', 'CLOSING')
 """
 
-# -- record_denial --
+# -- record_outcome --
 # Terminal status of a recommendation that did not produce an order, with every gate result.
 RECORD_OUTCOME = """
 UPDATE dispatch_recommendations
@@ -113,11 +113,6 @@ SELECT %(account_id)s, %(ticker)s, %(instrument)s, %(symbol)s, %(position_side)s
 FROM exec
 WHERE %(opens_position)s
 RETURNING execution_id
-"""
-
-SELECT_EXECUTION = """
-SELECT e.id, e.client_order_id, e.recommendation_id FROM dispatch_executions e
-WHERE e.account_id = %(account_id)s AND e.recommendation_id = %(recommendation_id)s AND e.leg = %(leg)s
 """
 
 # -- record_fill --
