@@ -176,11 +176,11 @@ class Dispatcher:
                                                                 "ticker": ctx.ticker}).fetchone()
                     if taken is None:
                         decision = exit_unavailable(decision, "CLOSING")
+                cid = client_order_id(self.account_id, rec_id)
                 if decision.is_order:
-                    cid = client_order_id(self.account_id, rec_id)
                     self._record_intent(conn, ctx, decision, cid, in_force, now)
                 else:
-                    self._record(conn, rec_id, "SKIPPED", decision.code, decision.detail, decision, in_force, now)
+                    self._record_skip(conn, rec_id, decision, in_force, now)
                     loss = next((g.result for g in decision.gates if g.result.code == "DAILY_LOSS_LIMIT"), None)
                     if loss is not None:  # whichever gate failed first, the loss trips the switch
                         self._trip(conn, loss.reason, now)
@@ -197,7 +197,7 @@ class Dispatcher:
         if not decision.is_order:
             self._log_decision(ctx, "SKIPPED", decision.code, decision.detail)
             return Outcome(rec_id, "SKIPPED", decision.code, decision.detail, ctx.ticker, ctx.action)
-        return self._submit(ctx, decision, client_order_id(self.account_id, rec_id), now)
+        return self._submit(ctx, decision, cid, now)
 
     def _context(self, conn: psycopg.Connection, row: dict[str, Any], now: datetime) -> Context:
         bar = None
@@ -246,13 +246,11 @@ class Dispatcher:
     def _params_columns(self, in_force: ParamsInForce) -> dict[str, Any]:
         return {"params_source": in_force.source, "params_version": in_force.version, "params_hash": in_force.content_hash}
 
-    def _record(self, conn, rec_id: int, status: str, code: str, detail: str, decision: Decision | None,
-                in_force: ParamsInForce, now: datetime) -> None:
+    def _record_skip(self, conn, rec_id: int, decision: Decision, in_force: ParamsInForce, now: datetime) -> None:
         conn.execute(queries.RECORD_OUTCOME, {
-            "id": rec_id, "account_id": self.account_id, "status": status, "now": now, "worker": self.worker_id,
-            "code": code, "detail": detail,
-            "gates": jsonb(decision.gates_json()) if decision else None,
-            "decision": jsonb(decision.info) if decision else None,
+            "id": rec_id, "account_id": self.account_id, "status": "SKIPPED", "now": now, "worker": self.worker_id,
+            "code": decision.code, "detail": decision.detail,
+            "gates": jsonb(decision.gates_json()), "decision": jsonb(decision.info),
             **self._params_columns(in_force),
         })
 
