@@ -111,16 +111,20 @@ def _evaluate(ctx: Context, rec: dict[str, Any], params: TradingParams, now: dat
     )
 
 
+def _propose(instrument: str, price: Decimal | None, ctx: Context, params: TradingParams,
+             info: dict[str, Any]) -> ProposedOrder | None:
+    """The order sized from the account's equity and exposure (noted in `info`); None for zero units."""
+    equity = to_decimal((ctx.account_state or {}).get("equity"))
+    if price is None or equity is None:
+        return None
+    size = size_order(instrument, price, equity, ctx.exposure, params)
+    info["sizing"] = size.reason
+    return ProposedOrder(instrument, size.qty, price) if size.qty > 0 else None
+
+
 def _stock_entry(ctx: Context, rec: dict[str, Any], params: TradingParams, now: datetime,
                  calendar: SessionCalendar | None, info: dict[str, Any]) -> Decision:
-    price = to_decimal((ctx.bar or {}).get("close"))
-    equity = to_decimal((ctx.account_state or {}).get("equity"))
-    proposed = None
-    if price is not None and equity is not None:
-        size = size_order("STOCK", price, equity, ctx.exposure, params)
-        info["sizing"] = size.reason
-        if size.qty > 0:
-            proposed = ProposedOrder("STOCK", size.qty, price)
+    proposed = _propose("STOCK", to_decimal((ctx.bar or {}).get("close")), ctx, params, info)
     passed, gates = _evaluate(ctx, rec, params, now, calendar, proposed)
     if not passed:
         return _denied(gates, info)
@@ -253,13 +257,7 @@ def _option_entry(ctx: Context, rec: dict[str, Any], params: TradingParams, now:
     info: dict[str, Any] = {"option": {"code": outcome.code, "reason": outcome.reason, **details},
                             "option_gates": [{**g, "name": f"option.{g['name']}"} for g in outcome.option_gates]}
     if outcome.passed and outcome.ask is not None and outcome.symbol:
-        equity = to_decimal((ctx.account_state or {}).get("equity"))
-        proposed = None
-        if equity is not None:
-            size = size_order("OPTION", outcome.ask, equity, ctx.exposure, params)
-            info["sizing"] = size.reason
-            if size.qty > 0:
-                proposed = ProposedOrder("OPTION", size.qty, outcome.ask)
+        proposed = _propose("OPTION", outcome.ask, ctx, params, info)
         if proposed is None:
             # The option costs more than the budget allows: a size-zero skip, never rounded up.
             _, gates = _evaluate(ctx, rec, params, now, calendar, ProposedOrder("OPTION", 1, outcome.ask))
