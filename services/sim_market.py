@@ -144,8 +144,11 @@ class SimOptionMarket:
         )
         return simulate_chain(ticker, spot, now, seed=self.seed, spec=spec)
 
-    def chain(self, ticker: str, spot, now: datetime):
+    def chain(self, ticker: str, spot, now: datetime, window=None):
+        """The simulated chain, only the expiries inside `window` (first, last) when given."""
         chain = self._chain(ticker, spot, now)
+        if window is not None:
+            chain = [q for q in chain if window[0] <= q.expiration <= window[1]]
         marks = [{"symbol": q.symbol, "ts": now, "bid": q.bid, "ask": q.ask}
                  for q in chain if q.bid is not None and q.ask is not None]
         with self.pool.connection() as conn, conn.cursor() as cur:

@@ -229,8 +229,8 @@ def add_execution(conn, ticker: str, submitted_at: datetime, *, status: str = "F
     conn.execute("UPDATE dispatch_recommendations SET status = 'EXECUTED' WHERE id = %s", (rid,))
     conn.execute(
         """INSERT INTO dispatch_executions (account_id, recommendation_id, client_order_id, ticker, instrument, symbol,
-                                            side, qty, est_price, status, submitted_at, updated_at)
-           VALUES (%s, %s, %s, %s, 'STOCK', %s, 'buy', 1, 100, %s, %s, %s)""",
+                                            side, qty, est_price, status, submitted_at, updated_at, role)
+           VALUES (%s, %s, %s, %s, 'STOCK', %s, 'buy', 1, 100, %s, %s, %s, 'ENTRY')""",
         (ACCOUNT, rid, client_order_id(ACCOUNT, rid), ticker, ticker, status, submitted_at, submitted_at),
     )
     return rid
@@ -859,7 +859,7 @@ class ExplodingContract:
 class CorruptOptionData:
     """Option market data whose chain holds a corrupt entry: the contract choice inside decide() raises."""
 
-    def gather(self, conn, ticker, spot, now, params):
+    def gather(self, conn, ticker, spot, now, params, strategy=None):
         return OptionInputs([ExplodingContract()], None)
 
 

@@ -196,10 +196,10 @@ def test_executions_carry_option_columns_and_decision_log_shows_them(conn):
     conn.execute(
         """INSERT INTO dispatch_executions (account_id, recommendation_id, client_order_id, ticker, instrument,
                symbol, side, qty, multiplier, est_price, status, submitted_at, updated_at,
-               strike, expiration, option_right, premium, quote, greeks, option_gates)
+               strike, expiration, option_right, premium, quote, greeks, option_gates, role)
            VALUES ('acct', %s, 'coid-1', 'SPY', 'OPTION', 'SPY261120C00100000', 'buy', 2, 100, 1.05,
                'ACCEPTED', %s, %s, 100, '2026-11-20', 'call', 1.05, '{"bid": 1.0, "ask": 1.05}',
-               '{"delta": 0.5}', '[]')""",
+               '{"delta": 0.5}', '[]', 'ENTRY')""",
         (rec, NOW, NOW),
     )
     row = conn.execute("SELECT strike, expiration, option_right, premium, option_gates FROM decision_log").fetchone()
@@ -223,7 +223,7 @@ def test_option_right_must_be_call_or_put(conn):
     with pytest.raises(psycopg.errors.CheckViolation):
         conn.execute(
             """INSERT INTO dispatch_executions (account_id, recommendation_id, client_order_id, ticker, instrument,
-                   symbol, side, qty, est_price, status, submitted_at, updated_at, option_right)
-               VALUES ('acct', %s, 'coid-2', 'SPY', 'OPTION', 'X', 'buy', 1, 1, 'ACCEPTED', %s, %s, 'C')""",
+                   symbol, side, qty, est_price, status, submitted_at, updated_at, option_right, role)
+               VALUES ('acct', %s, 'coid-2', 'SPY', 'OPTION', 'X', 'buy', 1, 1, 'ACCEPTED', %s, %s, 'C', 'ENTRY')""",
             (rec, NOW, NOW),
         )

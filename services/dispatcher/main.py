@@ -16,7 +16,6 @@ finishes the recommendation in hand and exits 0.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -30,14 +29,12 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from services.common.clock import Clock, SystemClock
-from services.common.logs import json_default
 from services.common.market_calendar import CalendarUnavailable, SessionCalendar, et_date, et_day_bounds, nyse_calendar
 from services.common.params import ParamsInForce
-from services.dispatcher import kill_switch, queries
+from services.dispatcher import kill_switch, orders_repo, queries
 from services.dispatcher.broker import (
     Broker,
     BrokerError,
@@ -58,29 +55,24 @@ from services.dispatcher.decision import (
     live_trading_check,
     recheck_capacity,
 )
+from services.dispatcher.lifecycle import LIVE_POSITION, TERMINAL_RECOMMENDATION, Event, EventKind, Illegal
+from services.dispatcher.orders_repo import BrokerFacts, jsonb
 from services.dispatcher.risk.gates import check_daily_loss_limit
 from services.dispatcher.sim_broker import SimBroker
 
 log = logging.getLogger("dispatcher")
 
-TERMINAL = ("EXECUTED", "SKIPPED", "REJECTED", "FAILED")
+TERMINAL = tuple(s.value for s in TERMINAL_RECOMMENDATION)
 # After a fill the account is refreshed, but at most this often: two trading-API requests a
 # refresh against a budget of 200 a minute.
 FILL_REFRESH_SECONDS = 1.0
+# An option entry whose chain is not cached lets its claim go and fetches it; a cache that
+# loses a chain it was just given is a bug, not a reason to loop.
+MAX_CHAIN_FETCHES = 3
 # An order the broker does not show this long after it was sent was not placed.
 IN_FLIGHT_GRACE = timedelta(minutes=2)
-_BROKER_STATUS = {
-    "filled": "FILLED",
-    "partially_filled": "PARTIALLY_FILLED",
-    "rejected": "REJECTED",
-    "canceled": "CANCELED",
-    "expired": "CANCELED",
-    "done_for_day": "CANCELED",
-}
-
-
-def jsonb(value: Any) -> Jsonb:
-    return Jsonb(value, dumps=lambda v: json.dumps(v, default=json_default))
+# Clocks of two dispatchers differ a little: activity this close before a snapshot counts as after it.
+SNAPSHOT_SKEW = timedelta(seconds=2)
 
 
 def new_worker_id() -> str:
@@ -99,6 +91,14 @@ class StaticParams:
     def status(self) -> dict[str, Any]:
         p = self._in_force
         return {"source": p.source, "version": p.version, "hash": p.content_hash, "last_error": None}
+
+
+class _FetchChain(Exception):
+    """Raised inside the claim transaction to let the claim go while the option chain is fetched."""
+
+    def __init__(self, ticker: str, strategy: str | None, spot: Any):
+        super().__init__(ticker)
+        self.ticker, self.strategy, self.spot = ticker, strategy, spot
 
 
 @dataclass
@@ -134,6 +134,7 @@ class Dispatcher:
         self.option_data = option_data
         self._last_refresh: datetime | None = None
         self._last_reconcile: datetime | None = None
+        self._chain_errors: dict[str, str] = {}
 
     @property
     def calendar(self) -> SessionCalendar:
@@ -143,6 +144,19 @@ class Dispatcher:
 
     def process_next(self) -> Outcome | None:
         """Decide the oldest pending recommendation; None when there is none."""
+        for _ in range(MAX_CHAIN_FETCHES + 1):
+            outcome = self._process_once()
+            if not isinstance(outcome, _FetchChain):
+                return outcome
+            # The claim was let go: fetch the chain with no transaction open, then claim again.
+            try:
+                self.option_data.fetch(outcome.ticker, outcome.strategy, outcome.spot, self.clock.now(),
+                                       self.params.current().params)
+            except BrokerError as e:
+                self._chain_errors[outcome.ticker] = f"{type(e).__name__}: {e}"
+        raise RuntimeError("option chain still not cached after fetching it")  # a cache that does not keep
+
+    def _process_once(self) -> Outcome | _FetchChain | None:
         now = self.clock.now()
         in_force = self.params.current()
         day_start, day_end = et_day_bounds(et_date(now))
@@ -162,8 +176,11 @@ class Dispatcher:
                 option_inputs = None
                 if is_option_entry(ctx.recommendation):
                     option_inputs = self._gather_options(conn, ctx, in_force, now)
+                    if option_inputs is None:  # rolls the claim back: nothing recorded
+                        raise _FetchChain(ctx.ticker, ctx.recommendation.get("strategy"), (ctx.bar or {}).get("close"))
                 decision = decide(ctx, in_force.params, now, self._calendar, option_inputs)
                 decision = live_trading_check(decision, not self.broker.paper, in_force.params)
+                position_id = None
                 if decision.is_order and decision.plan.opens_position:
                     conn.execute(queries.CAPACITY_LOCK, {"account_id": self.account_id})
                     fresh = conn.execute(
@@ -171,33 +188,63 @@ class Dispatcher:
                     ).fetchone()
                     decision = recheck_capacity(decision, ctx, fresh, in_force.params)
                 elif decision.is_order:
-                    # An exit takes its position, under the row lock, or finds another exit has.
-                    taken = conn.execute(queries.MARK_CLOSING, {"account_id": self.account_id,
-                                                                "ticker": ctx.ticker}).fetchone()
-                    if taken is None:
+                    # An exit takes its position by id, under the row lock, or finds another exit has.
+                    position_id = (ctx.open_position or {}).get("id")
+                    taken = position_id is not None and orders_repo.take_position(
+                        conn, self.account_id, position_id, now)
+                    if not taken:
                         decision = exit_unavailable(decision, "CLOSING")
                 cid = client_order_id(self.account_id, rec_id)
                 if decision.is_order:
-                    self._record_intent(conn, ctx, decision, cid, in_force, now)
+                    self._record_intent(conn, ctx, decision, cid, in_force, now, position_id)
                 else:
                     self._record_skip(conn, rec_id, decision, in_force, now)
                     loss = next((g.result for g in decision.gates if g.result.code == "DAILY_LOSS_LIMIT"), None)
                     if loss is not None:  # whichever gate failed first, the loss trips the switch
                         self._trip(conn, loss.reason, now)
+        except _FetchChain as fetch:
+            return fetch
         except (psycopg.OperationalError, psycopg.InterfaceError):
             raise  # the database is down: the loop backs off; nothing was committed
         except Exception as e:  # a bug or bad data: recorded, rolled back, and the loop goes on
             log.exception("decision failed", extra={"recommendation_id": rec_id, "account_id": self.account_id})
             if rec_id is None:
-                raise
-            self._mark_failed(rec_id, "DECISION_ERROR", f"DECISION_ERROR: {type(e).__name__}: {e}", now)
+                # The claimed row could not even be loaded (a value the driver cannot decode):
+                # claim it again by id alone and fail it, or every dispatcher would stop on it.
+                return self._fail_unloadable(e, now)
+            detail = f"DECISION_ERROR: {type(e).__name__}: {e}"
+            with self.pool.connection() as conn:
+                failed = orders_repo.fail_pending(conn, self.account_id, rec_id, "DECISION_ERROR", detail, now,
+                                                  self.worker_id)
+            if not failed:  # another worker holds it now: its to finish
+                return Outcome(rec_id, "PENDING", "DECISION_ERROR_NOT_RECORDED", str(e))
             return Outcome(rec_id, "FAILED", "DECISION_ERROR", str(e))
 
         assert ctx is not None and decision is not None
         if not decision.is_order:
             self._log_decision(ctx, "SKIPPED", decision.code, decision.detail)
             return Outcome(rec_id, "SKIPPED", decision.code, decision.detail, ctx.ticker, ctx.action)
-        return self._submit(ctx, decision, cid, now)
+        try:
+            return self._submit(ctx, decision, cid, now)
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            raise
+        except Exception as e:  # after the intent's commit: the order may be out, recovery asks the broker
+            log.exception("submit failed", extra={"recommendation_id": rec_id, "client_order_id": cid,
+                                                  "account_id": self.account_id})
+            detail = f"SUBMIT_ERROR: {type(e).__name__}: {e}"
+            with self.pool.connection() as conn:
+                orders_repo.note_error(conn, self.account_id, rec_id, detail)
+            return Outcome(rec_id, "SUBMITTING", "SUBMIT_ERROR", detail, ctx.ticker, ctx.action)
+
+    def _fail_unloadable(self, error: Exception, now: datetime) -> Outcome | None:
+        with self.pool.connection() as conn, conn.transaction():
+            row = conn.execute(queries.CLAIM_ID, {"account_id": self.account_id}).fetchone()
+            if row is None:
+                return None
+            detail = f"UNLOADABLE_RECOMMENDATION: {type(error).__name__}: {error}"
+            orders_repo.fail_pending(conn, self.account_id, row["id"], "UNLOADABLE_RECOMMENDATION", detail, now,
+                                     self.worker_id)
+        return Outcome(row["id"], "FAILED", "UNLOADABLE_RECOMMENDATION", detail)
 
     def _context(self, conn: psycopg.Connection, row: dict[str, Any], now: datetime) -> Context:
         bar = None
@@ -233,33 +280,38 @@ class Dispatcher:
             kill_state=kill_state,
         )
 
-    def _gather_options(self, conn, ctx: Context, in_force: ParamsInForce, now: datetime) -> OptionInputs:
-        """The chain and the IV percentile for an option entry; an outage becomes a recorded reason."""
+    def _gather_options(self, conn, ctx: Context, in_force: ParamsInForce, now: datetime) -> OptionInputs | None:
+        """The chain and the IV percentile for an option entry, from the cache; None: fetch it first.
+
+        An outage met while fetching becomes the recorded reason of the next decision on that ticker.
+        """
         if self.option_data is None:
             return OptionInputs(None, error="no option market data configured")
+        error = self._chain_errors.pop(ctx.ticker, None)
+        if error is not None:
+            return OptionInputs(None, error=error)
         spot = (ctx.bar or {}).get("close")
-        try:
-            return self.option_data.gather(conn, ctx.ticker, spot, now, in_force.params)
-        except BrokerError as e:
-            return OptionInputs(None, error=f"{type(e).__name__}: {e}")
+        return self.option_data.gather(conn, ctx.ticker, spot, now, in_force.params,
+                                       strategy=ctx.recommendation.get("strategy"))
 
     def _params_columns(self, in_force: ParamsInForce) -> dict[str, Any]:
         return {"params_source": in_force.source, "params_version": in_force.version, "params_hash": in_force.content_hash}
 
     def _record_skip(self, conn, rec_id: int, decision: Decision, in_force: ParamsInForce, now: datetime) -> None:
-        conn.execute(queries.RECORD_OUTCOME, {
+        orders_repo.record_outcome(conn, **{
             "id": rec_id, "account_id": self.account_id, "status": "SKIPPED", "now": now, "worker": self.worker_id,
             "code": decision.code, "detail": decision.detail,
             "gates": jsonb(decision.gates_json()), "decision": jsonb(decision.info),
             **self._params_columns(in_force),
         })
 
-    def _record_intent(self, conn, ctx: Context, decision: Decision, cid: str, in_force: ParamsInForce, now: datetime) -> None:
+    def _record_intent(self, conn, ctx: Context, decision: Decision, cid: str, in_force: ParamsInForce, now: datetime,
+                       position_id: int | None) -> None:
         plan = decision.plan
         info = {**decision.info, "plan": {"instrument": plan.instrument, "symbol": plan.symbol, "side": plan.side,
                                           "qty": plan.qty, "est_price": plan.est_price, "notional": plan.notional}}
-        conn.execute(queries.RECORD_INTENT, {
-            "recommendation_id": ctx.recommendation["id"], "account_id": self.account_id, "worker": self.worker_id,
+        orders_repo.record_intent(conn, **{
+            "position_id": position_id, "recommendation_id": ctx.recommendation["id"], "account_id": self.account_id, "worker": self.worker_id,
             "now": now, "gates": jsonb(decision.gates_json()), "decision": jsonb(info),
             "leg": 0, "client_order_id": cid, "ticker": ctx.ticker, "instrument": plan.instrument,
             "symbol": plan.symbol, "side": plan.side, "position_intent": plan.position_intent, "qty": plan.qty,
@@ -280,17 +332,6 @@ class Dispatcher:
             "greeks": jsonb(option["greeks"]) if option.get("greeks") else None,
             "option_gates": jsonb(option["gates"]) if option.get("gates") else None,
         }
-
-    def _mark_failed(self, rec_id: int, code: str, detail: str, now: datetime) -> None:
-        with self.pool.connection() as conn:
-            conn.execute(
-                """UPDATE dispatch_recommendations
-                   SET status = 'FAILED', decided_at = %(now)s, outcome_code = %(code)s, outcome_detail = %(detail)s,
-                       claimed_by = %(worker)s
-                   WHERE id = %(id)s AND account_id = %(account_id)s AND status IN ('PENDING', 'SUBMITTING')""",
-                {"now": now, "code": code, "detail": detail[:2000], "worker": self.worker_id,
-                 "id": rec_id, "account_id": self.account_id},
-            )
 
     def _session_day(self, now: datetime):
         try:
@@ -332,66 +373,28 @@ class Dispatcher:
 
     def record_broker_answer(self, cid: str, result: OrderResult | None, *, rejected: str | None = None,
                              failed: str | None = None) -> str:
-        """Execution, position and the recommendation's status from the broker's answer, in one transaction.
+        """Apply the broker's answer (or its refusal, or a lookup that found nothing) to the order.
 
-        The same path serves the answer to a submit, a later poll, and recovery, so a fill that
-        arrives late closes an exit just as an immediate one does.
+        The same path serves the answer to a submit, the trade-updates stream, a later poll and
+        recovery, so a fill that arrives late closes an exit just as an immediate one does.
+        Returns the recommendation's status after it.
         """
+        if result is not None:
+            event = Event.report(result.status, result.filled_qty, result.reject_reason)
+            facts = BrokerFacts(result.broker_order_id, result.filled_avg_price, result.filled_at, result.reject_reason)
+        elif rejected is not None:
+            event, facts = Event(EventKind.BROKER_REFUSED, message=rejected), BrokerFacts(message=rejected)
+        else:
+            event, facts = Event(EventKind.NOT_FOUND, message=failed), BrokerFacts(message=failed)
         now = self.clock.now()
         with self.pool.connection() as conn, conn.transaction():
-            return self._apply_answer(conn, cid, result, rejected, failed, now)
-
-    def _apply_answer(self, conn, cid: str, result: OrderResult | None, rejected: str | None,
-                      failed: str | None, now: datetime) -> str:
-        if result is not None:
-            exec_status = _BROKER_STATUS.get(result.status, "ACCEPTED")
-            message = result.reject_reason
-        else:
-            exec_status = "REJECTED" if rejected else "FAILED"
-            message = rejected or failed
-        filled = result.filled_qty if result is not None and result.filled_qty else Decimal(0)
-        price = result.filled_avg_price if result is not None else None
-        ex = conn.execute(queries.UPDATE_EXECUTION, {
-            "account_id": self.account_id, "client_order_id": cid, "status": exec_status, "now": now,
-            "broker_order_id": result.broker_order_id if result else None,
-            "filled_qty": filled or None, "filled_avg_price": price,
-            "message": message, "filled_at": result.filled_at if result else None,
-        }).fetchone()
-        if ex is None:
-            raise RuntimeError(f"no execution row for client_order_id {cid}")
-        args = {"account_id": self.account_id, "execution_id": ex["id"], "now": now, "ticker": ex["ticker"]}
-        ended = exec_status in ("REJECTED", "CANCELED", "FAILED")
-        if ex["opens_position"]:
-            if exec_status == "FILLED" or (ended and filled > 0):
-                # Shares bought before a cancel are held: the position opens with what filled.
-                conn.execute(queries.OPEN_POSITION, {**args, "qty": filled, "price": price})
-            elif ended:
-                conn.execute(queries.RELEASE_POSITION, args)
-        elif exec_status == "FILLED":
-            conn.execute(queries.CLOSE_POSITION, {**args, "price": price})
-        elif ended:
-            conn.execute(queries.REOPEN_POSITION, {**args, "filled": filled, "price": price})
-        if exec_status == "FILLED":
-            rec_status, code = "EXECUTED", "ORDER_FILLED"
-        elif exec_status in ("ACCEPTED", "PARTIALLY_FILLED"):
-            rec_status, code = "EXECUTED", "ORDER_ACCEPTED" if exec_status == "ACCEPTED" else "ORDER_PARTIALLY_FILLED"
-        elif ended and filled > 0:
-            rec_status, code = "EXECUTED", "ORDER_PARTIALLY_FILLED"
-        else:
-            rec_status, code = {"REJECTED": ("REJECTED", "BROKER_REJECTED"), "CANCELED": ("REJECTED", "ORDER_CANCELED"),
-                                "FAILED": ("FAILED", "ORDER_NOT_PLACED")}[exec_status]
-        # SUBMITTING, or a later answer for an order first recorded as accepted.
-        conn.execute(
-            """UPDATE dispatch_recommendations
-               SET status = %(status)s, decided_at = coalesce(decided_at, %(now)s), outcome_code = %(code)s,
-                   outcome_detail = %(detail)s
-               WHERE id = %(id)s AND account_id = %(account_id)s
-                 AND (status = 'SUBMITTING' OR (status = 'EXECUTED' AND outcome_code IN ('ORDER_ACCEPTED', 'ORDER_PARTIALLY_FILLED')))""",
-            {"status": rec_status, "now": now, "code": code, "id": ex["recommendation_id"],
-             "account_id": self.account_id,
-             "detail": message or (f"{result.status} {result.filled_qty} @ {result.filled_avg_price}" if result else None)},
-        )
-        return rec_status
+            applied = orders_repo.apply_event(conn, self.account_id, cid, event, facts, now)
+        if isinstance(applied, Illegal):
+            with self.pool.connection() as conn:
+                row = conn.execute(queries.RECOMMENDATION_STATUS_BY_ORDER,
+                                   {"account_id": self.account_id, "client_order_id": cid}).fetchone()
+            return row["status"] if row else "UNKNOWN"
+        return applied.transition.recommendation.value
 
     # --- account state, recovery ----------------------------------------------------------
 
@@ -421,34 +424,39 @@ class Dispatcher:
                 "cash": snapshot.cash, "buying_power": snapshot.buying_power, "as_of": snapshot.as_of,
                 "source": "paper" if self.broker.paper else "live",
             })
-            marked = [p for p in positions if p.current_price is not None]
-            conn.execute(queries.MARK_POSITIONS, {"account_id": self.account_id,
-                                                  "symbols": [p.symbol for p in marked],
-                                                  "prices": [p.current_price for p in marked]})
+            orders_repo.mark_positions(conn, self.account_id,
+                                       {p.symbol: p.current_price for p in positions if p.current_price is not None})
             self._reconcile_positions(conn, positions, now)
             result = check_daily_loss_limit({"equity": snapshot.equity, "last_equity": snapshot.last_equity},
                                             in_force.params)
             if result.code == "DAILY_LOSS_LIMIT":
                 self._trip(conn, result.reason, now)
 
-    def _reconcile_positions(self, conn, broker_positions, now: datetime) -> None:
-        """Compare our live positions with the broker's.
+    def _reconcile_positions(self, conn, broker_positions, snapshot_at: datetime) -> None:
+        """Compare our live positions with the broker's snapshot, taken at `snapshot_at`.
 
         One we hold OPEN that the broker no longer has (an option expired, was exercised or
         assigned; someone closed it by hand) is closed here, after a grace period that covers a
         fill not yet visible. One the broker has that we do not know is exposure the gates
         cannot see: new entries stop until an operator has looked.
+
+        A snapshot is only as new as the moment it was asked for: a symbol with local activity
+        since then (another dispatcher recorded an exit fill, an entry opened) is judged at the
+        next refresh, not on a picture that predates it.
         """
+        now = self.clock.now()
+        since = snapshot_at - SNAPSHOT_SKEW
         held = {p.symbol for p in broker_positions if p.qty != 0}
-        ours = conn.execute(queries.LIVE_POSITIONS, {"account_id": self.account_id}).fetchall()
+        rows = conn.execute(queries.RECONCILE_POSITIONS, {"account_id": self.account_id, "since": since}).fetchall()
+        ours = [p for p in rows if p["status"] in LIVE_POSITION]
+        active_since = {p["symbol"] for p in rows if p["updated_at"] >= since}
         vanished = [p for p in ours if p["status"] == "OPEN" and p["symbol"] not in held
-                    and now - p["opened_at"] > IN_FLIGHT_GRACE]
+                    and p["symbol"] not in active_since and now - p["opened_at"] > IN_FLIGHT_GRACE]
         if vanished:
-            conn.execute(queries.CLOSE_VANISHED, {"account_id": self.account_id, "now": now,
-                                                  "ids": [p["id"] for p in vanished]})
+            closed = orders_repo.close_vanished(conn, self.account_id, [p["id"] for p in vanished], now)
             log.warning("positions gone at the broker closed", extra={
-                "account_id": self.account_id, "symbols": [p["symbol"] for p in vanished]})
-        unknown = sorted(held - {p["symbol"] for p in ours})
+                "account_id": self.account_id, "symbols": [p["symbol"] for p in closed]})
+        unknown = sorted(held - {p["symbol"] for p in ours} - active_since)
         if unknown:
             log.error("unknown broker positions", extra={"account_id": self.account_id, "symbols": unknown})
             kill_switch.restrict(conn, self.account_id,
@@ -456,43 +464,57 @@ class Dispatcher:
                                  "reconciliation", now, self._session_day(now))
 
     def recover_in_flight(self) -> int:
-        """Resolve SUBMITTING recommendations whose dispatcher is gone: ask the broker, record its answer.
+        """Resolve SUBMITTING recommendations whose dispatcher is gone, and poll working orders.
 
-        Found: recorded as the broker has it. Not found: nothing was placed, recorded FAILED.
-        The broker unreachable: left for the next pass. Never resubmitted.
+        Found: recorded as the broker has it. Not found: nothing was placed, recorded FAILED
+        once the grace period has passed. The broker unreachable: left for the next pass. Never
+        resubmitted. One order's error is logged against it and the others go on.
         """
         with self.pool.connection() as conn:
             rows = conn.execute(queries.IN_FLIGHT, {"account_id": self.account_id, "worker": self.worker_id}).fetchall()
         resolved = 0
         for row in rows:
             try:
-                found = self.broker.get_order_by_client_id(row["client_order_id"])
-            except BrokerError as e:
-                log.warning("reconcile lookup failed", extra={"client_order_id": row["client_order_id"], "error": str(e)})
-                continue
-            if found is None:
-                if self.clock.now() - row["submitted_at"] < IN_FLIGHT_GRACE:
-                    continue  # an order sent moments ago may not be visible yet: ask again later
-                self.record_broker_answer(row["client_order_id"], None,
-                                          failed="ORDER_NOT_PLACED: the broker has no such order "
-                                                 f"{IN_FLIGHT_GRACE.total_seconds():.0f} s after it was sent")
-            else:
-                self.record_broker_answer(row["client_order_id"], found)
-            log.info("reconciled in-flight order", extra={"recommendation_id": row["recommendation_id"],
-                                                          "client_order_id": row["client_order_id"],
-                                                          "found": found is not None})
-            resolved += 1
+                resolved += self._resolve_in_flight(row)
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                raise
+            except Exception:
+                log.exception("in-flight order not resolved", extra={
+                    "recommendation_id": row["recommendation_id"], "client_order_id": row["client_order_id"]})
         self.reconcile_broker_orders()
         with self.pool.connection() as conn:
             unfilled = conn.execute(queries.UNFILLED, {"account_id": self.account_id}).fetchall()
         for row in unfilled:
             try:
                 found = self.broker.get_order_by_client_id(row["client_order_id"])
+                if found is not None:
+                    self.record_broker_answer(row["client_order_id"], found)
             except BrokerError:
                 continue
-            if found is not None and found.status not in ("new", "accepted", "pending_new"):
-                self.record_broker_answer(row["client_order_id"], found)
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                raise
+            except Exception:
+                log.exception("working order not polled", extra={"client_order_id": row["client_order_id"]})
         return resolved
+
+    def _resolve_in_flight(self, row: dict[str, Any]) -> int:
+        try:
+            found = self.broker.get_order_by_client_id(row["client_order_id"])
+        except BrokerError as e:
+            log.warning("reconcile lookup failed", extra={"client_order_id": row["client_order_id"], "error": str(e)})
+            return 0
+        if found is None:
+            if self.clock.now() - row["submitted_at"] < IN_FLIGHT_GRACE:
+                return 0  # an order sent moments ago may not be visible yet: ask again later
+            self.record_broker_answer(row["client_order_id"], None,
+                                      failed="ORDER_NOT_PLACED: the broker has no such order "
+                                             f"{IN_FLIGHT_GRACE.total_seconds():.0f} s after it was sent")
+        else:
+            self.record_broker_answer(row["client_order_id"], found)
+        log.info("reconciled in-flight order", extra={"recommendation_id": row["recommendation_id"],
+                                                      "client_order_id": row["client_order_id"],
+                                                      "found": found is not None})
+        return 1
 
     def reconcile_broker_orders(self, lookback: timedelta = timedelta(days=1)) -> int:
         """Record the broker's recent orders that this database does not know, and stop new entries.
@@ -562,6 +584,10 @@ class Dispatcher:
                 if listener is not None:
                     listener.close()
                 listener = None
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 30)
+            except Exception:  # a bug outside any one recommendation: logged, and the loop goes on
+                log.exception("dispatcher pass failed; retrying", extra={"backoff_s": backoff})
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30)
         if listener is not None:
@@ -679,7 +705,8 @@ def build_option_data(broker: Broker):
     from services.dispatcher.alpaca.client import AlpacaMarketData
 
     market = AlpacaMarketData(broker.settings, trading_client=broker.trading_client)
-    return OptionData(lambda ticker, spot, now: market.option_chain(ticker))
+    return OptionData(lambda ticker, spot, now, window: market.option_chain(
+        ticker, expiration_gte=window[0] if window else None, expiration_lte=window[1] if window else None))
 
 
 def register(subparsers) -> None:

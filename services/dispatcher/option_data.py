@@ -1,41 +1,63 @@
 """Gathering an option entry's inputs: the underlying's chain and its IV percentile.
 
 I/O only; the choice and validation of a contract are pure (alpaca/options.py, decision.py).
-A chain is cached per underlying for a few seconds, so a burst of recommendations on one
-ticker costs one market-data request.
+
+The chain comes over the network (retries, rate-limit waits), so it is never fetched inside the
+claim transaction, where it would hold the recommendation's row lock and a pooled connection
+for seconds: `gather` answers from the cache only, and returns None when the chain is not
+there; the dispatcher then lets the claim go, calls `fetch` outside any transaction and claims
+again. Only the expiries the strategy's DTE window can choose are fetched. A chain is cached per
+(underlying, window) for a few seconds, so a burst of recommendations on one ticker costs one
+market-data request.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from services.common.market_calendar import et_date
 from services.common.params import TradingParams
+from services.dispatcher.alpaca.options import expiration_window
 from services.dispatcher.decision import OptionInputs
 from services.dispatcher.iv_history import current_iv_percentile
 
-ChainSource = Callable[[str, Decimal, datetime], list[Any]]
+Window = tuple[date, date] | None
+ChainSource = Callable[[str, Decimal, datetime, Window], list[Any]]
 
 
 class OptionData:
     def __init__(self, chain_source: ChainSource, cache_seconds: float = 5.0):
         self.chain_source = chain_source
         self.cache = timedelta(seconds=cache_seconds)
-        self._cached: dict[str, tuple[datetime, list[Any]]] = {}
+        self._cached: dict[tuple[str, Window], tuple[datetime, list[Any]]] = {}
 
-    def chain(self, ticker: str, spot: Decimal | None, now: datetime) -> list[Any]:
-        hit = self._cached.get(ticker)
+    @staticmethod
+    def window(strategy: str | None, now: datetime, params: TradingParams) -> Window:
+        return expiration_window(strategy, params, et_date(now))
+
+    def cached(self, ticker: str, window: Window, now: datetime) -> list[Any] | None:
+        hit = self._cached.get((ticker, window))
         if hit is not None and timedelta(0) <= now - hit[0] < self.cache:
             return hit[1]
-        chain = self.chain_source(ticker, spot, now)
-        self._cached[ticker] = (now, chain)
-        return chain
+        return None
 
-    def gather(self, conn, ticker: str, spot: Any, now: datetime, params: TradingParams) -> OptionInputs:
+    def fetch(self, ticker: str, strategy: str | None, spot: Any, now: datetime, params: TradingParams) -> None:
+        """Fetch the chain into the cache. Network I/O: call it outside any transaction."""
+        window = self.window(strategy, now, params)
+        if spot is None or self.cached(ticker, window, now) is not None:
+            return
+        self._cached[(ticker, window)] = (now, self.chain_source(ticker, spot, now, window))
+
+    def gather(self, conn, ticker: str, spot: Any, now: datetime, params: TradingParams,
+               strategy: str | None = None) -> OptionInputs | None:
+        """The inputs from the cached chain; None when the chain must be fetched first."""
         if spot is None:
             return OptionInputs(None, error="no underlying price to choose a strike against")
-        chain = self.chain(ticker, spot, now)
+        chain = self.cached(ticker, self.window(strategy, now, params), now)
+        if chain is None:
+            return None
         iv = current_iv_percentile(conn, ticker, chain, spot, now, params.options.iv_min_history_sessions)
         return OptionInputs(chain, iv)

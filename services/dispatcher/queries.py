@@ -70,100 +70,21 @@ FROM active_positions p
 WHERE p.account_id = %(account_id)s AND p.status IN ('PENDING', 'OPEN', 'CLOSING')
 """
 
-# -- record_outcome --
-# Terminal status of a recommendation that did not produce an order, with every gate result.
-RECORD_OUTCOME = """
-UPDATE dispatch_recommendations
-SET status = %(status)s, decided_at = %(now)s, claimed_by = %(worker)s, claimed_at = coalesce(claimed_at, %(now)s),
-    outcome_code = %(code)s, outcome_detail = %(detail)s, gate_results = %(gates)s, decision = %(decision)s,
-    params_source = %(params_source)s, params_version = %(params_version)s, params_hash = %(params_hash)s
-WHERE id = %(id)s AND account_id = %(account_id)s
+# -- claim_id --
+# The claim alone, returning nothing but the id: used when the full claim failed to load its row
+# (a value the driver cannot decode), so that row can still be failed by id.
+CLAIM_ID = """
+SELECT r.id FROM dispatch_recommendations r
+WHERE r.account_id = %(account_id)s AND r.status = 'PENDING'
+ORDER BY r.created_at, r.id
+LIMIT 1
+FOR UPDATE SKIP LOCKED
 """
 
-# -- record_intent --
-# Before the order leaves: the execution row (with its deterministic client_order_id), the
-# reserved position for an entry, and the recommendation moved to SUBMITTING, all in the
-# claiming transaction. A crash after this commit leaves a SUBMITTING row that recovery
-# resolves by asking the broker for that client_order_id; a crash before it leaves the
-# recommendation PENDING, and nothing was sent.
-RECORD_INTENT = """
-WITH rec AS (
-    UPDATE dispatch_recommendations
-    SET status = 'SUBMITTING', claimed_by = %(worker)s, claimed_at = %(now)s,
-        gate_results = %(gates)s, decision = %(decision)s,
-        params_source = %(params_source)s, params_version = %(params_version)s, params_hash = %(params_hash)s
-    WHERE id = %(recommendation_id)s AND account_id = %(account_id)s
-    RETURNING id
-), exec AS (
-    INSERT INTO dispatch_executions (
-        account_id, recommendation_id, leg, client_order_id, ticker, instrument, symbol, side,
-        position_intent, qty, multiplier, est_price, notional, status, submitted_at, updated_at,
-        strike, expiration, option_right, premium, quote, greeks, option_gates)
-    SELECT %(account_id)s, rec.id, %(leg)s, %(client_order_id)s, %(ticker)s, %(instrument)s, %(symbol)s,
-           %(side)s, %(position_intent)s, %(qty)s, %(multiplier)s, %(est_price)s, %(notional)s,
-           'SUBMITTING', %(now)s, %(now)s,
-           %(strike)s, %(expiration)s, %(option_right)s, %(premium)s, %(quote)s, %(greeks)s, %(option_gates)s
-    FROM rec
-    RETURNING id
-)
-INSERT INTO active_positions (account_id, ticker, instrument, symbol, side, qty, multiplier, avg_price,
-                              status, recommendation_id, execution_id, opened_at)
-SELECT %(account_id)s, %(ticker)s, %(instrument)s, %(symbol)s, %(position_side)s, %(qty)s, %(multiplier)s,
-       %(est_price)s, 'PENDING', %(recommendation_id)s, exec.id, %(now)s
-FROM exec
-WHERE %(opens_position)s
-RETURNING execution_id
-"""
-
-# -- record_fill --
-# The broker's answer for an order: execution, position and the recommendation's terminal
-# status in one transaction.
-UPDATE_EXECUTION = """
-UPDATE dispatch_executions
-SET status = %(status)s, broker_order_id = %(broker_order_id)s, filled_qty = %(filled_qty)s,
-    filled_avg_price = %(filled_avg_price)s,
-    notional = coalesce(%(filled_qty)s::numeric * %(filled_avg_price)s::numeric * multiplier, notional),
-    broker_message = %(message)s, filled_at = %(filled_at)s, updated_at = %(now)s
-WHERE account_id = %(account_id)s AND client_order_id = %(client_order_id)s
-RETURNING id, recommendation_id, ticker, instrument, side, multiplier,
-          EXISTS (SELECT 1 FROM active_positions p
-                  WHERE p.account_id = dispatch_executions.account_id
-                    AND p.execution_id = dispatch_executions.id) AS opens_position
-"""
-
-# An entry's reserved position becomes OPEN at the fill price, or is released.
-OPEN_POSITION = """
-UPDATE active_positions
-SET status = 'OPEN', qty = %(qty)s, avg_price = %(price)s, market_price = %(price)s
-WHERE account_id = %(account_id)s AND execution_id = %(execution_id)s AND status = 'PENDING'
-"""
-RELEASE_POSITION = """
-UPDATE active_positions SET status = 'CANCELLED', closed_at = %(now)s
-WHERE account_id = %(account_id)s AND execution_id = %(execution_id)s AND status = 'PENDING'
-"""
-# -- mark_closing --
-# An exit takes the ticker's OPEN position for itself, under the row lock: a second exit finds
-# nothing to close. Runs in the transaction that records the exit order.
-MARK_CLOSING = """
-UPDATE active_positions SET status = 'CLOSING'
-WHERE account_id = %(account_id)s AND ticker = %(ticker)s AND status = 'OPEN'
-RETURNING id
-"""
-# An exit's fill closes the position and realizes its P&L.
-CLOSE_POSITION = """
-UPDATE active_positions
-SET status = 'CLOSED', closed_at = %(now)s, close_price = %(price)s,
-    realized_pnl = (%(price)s::numeric - avg_price) * qty * multiplier * CASE WHEN side = 'short' THEN -1 ELSE 1 END
-WHERE account_id = %(account_id)s AND ticker = %(ticker)s AND status IN ('OPEN', 'CLOSING')
-"""
-# An exit that ended without closing everything: the position is OPEN again with what is left.
-REOPEN_POSITION = """
-UPDATE active_positions
-SET status = 'OPEN', qty = qty - %(filled)s::numeric,
-    realized_pnl = coalesce(realized_pnl, 0)
-                   + (coalesce(%(price)s::numeric, avg_price) - avg_price) * %(filled)s::numeric * multiplier
-                     * CASE WHEN side = 'short' THEN -1 ELSE 1 END
-WHERE account_id = %(account_id)s AND ticker = %(ticker)s AND status = 'CLOSING'
+# The recommendation status behind an order, for a caller whose event was refused.
+RECOMMENDATION_STATUS_BY_ORDER = """
+SELECT r.status FROM dispatch_executions e JOIN dispatch_recommendations r ON r.id = e.recommendation_id
+WHERE e.account_id = %(account_id)s AND e.client_order_id = %(client_order_id)s
 """
 
 # -- in_flight --
@@ -174,7 +95,7 @@ IN_FLIGHT = """
 SELECT r.id AS recommendation_id, r.claimed_by, e.client_order_id, e.ticker, e.instrument, e.submitted_at
 FROM dispatch_recommendations r
 JOIN dispatch_executions e ON e.account_id = r.account_id AND e.recommendation_id = r.id
-WHERE r.account_id = %(account_id)s AND r.status = 'SUBMITTING'
+WHERE r.account_id = %(account_id)s AND r.status = 'SUBMITTING' AND e.status = 'SUBMITTING'
   AND NOT EXISTS (
       SELECT 1 FROM pg_stat_activity a
       WHERE a.application_name LIKE 'ops-dispatcher:' || r.claimed_by || '%%' AND r.claimed_by <> %(worker)s)
@@ -210,23 +131,14 @@ SET equity = EXCLUDED.equity, last_equity = EXCLUDED.last_equity, cash = EXCLUDE
     buying_power = EXCLUDED.buying_power, as_of = EXCLUDED.as_of, source = EXCLUDED.source
 """
 
-# Marks live positions to the broker's current prices, all in one statement.
-MARK_POSITIONS = """
-UPDATE active_positions p SET market_price = m.price
-FROM unnest(%(symbols)s::text[], %(prices)s::numeric[]) AS m(symbol, price)
-WHERE p.account_id = %(account_id)s AND p.symbol = m.symbol AND p.status IN ('OPEN', 'CLOSING')
-"""
-
 # -- reconcile_positions --
-# Live positions as this database has them, to compare with the broker's.
-LIVE_POSITIONS = """
-SELECT id, ticker, symbol, status, opened_at FROM active_positions
-WHERE account_id = %(account_id)s AND status IN ('PENDING', 'OPEN', 'CLOSING')
-"""
-# A position the broker no longer holds (expired, exercised, assigned, closed by hand).
-CLOSE_VANISHED = """
-UPDATE active_positions SET status = 'CLOSED', closed_at = %(now)s
-WHERE account_id = %(account_id)s AND id = ANY(%(ids)s) AND status = 'OPEN'
+# Live positions as this database has them, and every position with local activity since the
+# broker's snapshot was asked for (those symbols are not judged on that snapshot).
+RECONCILE_POSITIONS = """
+SELECT id, ticker, symbol, status, opened_at, coalesce(updated_at, closed_at, opened_at) AS updated_at
+FROM active_positions
+WHERE account_id = %(account_id)s
+  AND (status IN ('PENDING', 'OPEN', 'CLOSING') OR coalesce(updated_at, closed_at, opened_at) >= %(since)s)
 """
 
 NOTIFY_CHANNEL = "recommendations"

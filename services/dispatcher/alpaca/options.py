@@ -448,6 +448,23 @@ def _expiry_facts(
     return dte, math.sqrt(years)
 
 
+def expiration_window(strategy: str | None, params: Any, today: date) -> tuple[date, date] | None:
+    """The calendar dates that can hold an expiry inside the strategy's DTE window, or None.
+
+    DTE counts trading days, which never outnumber calendar days: min_dte calendar days is a
+    safe lower bound. Above, a week holds at least 3 trading days even with two holidays, so
+    max_dte * 7 / 3 + 7 calendar days holds every expiry the window can choose. Only this
+    range is fetched from the market-data API; the exact DTE is checked by `choose_contract`.
+    """
+    o = as_params(params).options
+    windows = {"day_trade": (o.day_trade_min_dte, o.day_trade_max_dte),
+               "swing_trade": (o.swing_trade_min_dte, o.swing_trade_max_dte)}
+    if strategy not in windows:
+        return None
+    min_dte, max_dte = windows[strategy]
+    return today + timedelta(days=min_dte), today + timedelta(days=max_dte * 7 // 3 + 7)
+
+
 def choose_contract(
     chain: Iterable[Any],
     direction: str,

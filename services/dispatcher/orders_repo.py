@@ -1,0 +1,355 @@
+"""The one write path of the order lifecycle: recommendations, executions and positions.
+
+Every change of those three tables goes through a function here, and every UPDATE names the
+state (and, for a broker event, the version) it expects the row to be in: a row another worker
+changed meanwhile is left alone, and the function says so (`Conflict`) instead of overwriting
+it. Which changes are legal is decided by the pure table in `lifecycle.py`; this module only
+loads, asks and writes. Positions are addressed by id, never by ticker.
+
+Each function runs on the caller's connection, inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from services.common.logs import json_default
+from services.dispatcher.lifecycle import (
+    Event,
+    ExecutionStatus,
+    Illegal,
+    OrderRole,
+    OrderState,
+    PositionAction,
+    PositionStatus,
+    RecommendationStatus,
+    Transition,
+    transition,
+)
+
+log = logging.getLogger("dispatcher.lifecycle")
+
+
+class Conflict(RuntimeError):
+    """A row was not in the state this worker loaded: another worker changed it first.
+
+    Resolves itself: the transaction is rolled back and the next pass sees the new state.
+    """
+
+
+def jsonb(value: Any) -> Jsonb:
+    return Jsonb(value, dumps=lambda v: json.dumps(v, default=json_default))
+
+
+# --- recommendations ------------------------------------------------------------------------
+
+# -- record_outcome --
+# A recommendation decided without an order: its terminal status with every gate result. Only
+# from PENDING, under the claim's row lock.
+RECORD_OUTCOME = """
+UPDATE dispatch_recommendations
+SET status = %(status)s, decided_at = %(now)s, claimed_by = %(worker)s, claimed_at = coalesce(claimed_at, %(now)s),
+    outcome_code = %(code)s, outcome_detail = %(detail)s, gate_results = %(gates)s, decision = %(decision)s,
+    params_source = %(params_source)s, params_version = %(params_version)s, params_hash = %(params_hash)s,
+    version = version + 1
+WHERE id = %(id)s AND account_id = %(account_id)s AND status = 'PENDING'
+"""
+
+
+def record_outcome(conn: psycopg.Connection, **fields: Any) -> None:
+    if conn.execute(RECORD_OUTCOME, fields).rowcount != 1:
+        raise Conflict(f"recommendation {fields['id']} is no longer PENDING")
+
+
+# -- fail_pending --
+# A recommendation that could not be decided (a bug, a row that cannot be loaded) is FAILED by
+# id, and only while it is still PENDING and no other worker holds it: a row another worker
+# claimed meanwhile is that worker's to finish (it used to be failed here while its execution
+# stayed SUBMITTING and its reserved position PENDING, leaking the slot for good).
+FAIL_PENDING = """
+UPDATE dispatch_recommendations r
+SET status = 'FAILED', decided_at = %(now)s, outcome_code = %(code)s, outcome_detail = %(detail)s,
+    claimed_by = %(worker)s, claimed_at = coalesce(r.claimed_at, %(now)s), version = r.version + 1
+WHERE r.id = (SELECT id FROM dispatch_recommendations
+              WHERE id = %(id)s AND account_id = %(account_id)s AND status = 'PENDING'
+              FOR UPDATE SKIP LOCKED)
+"""
+
+
+def fail_pending(conn: psycopg.Connection, account_id: str, rec_id: int, code: str, detail: str,
+                 now: datetime, worker: str) -> bool:
+    """FAILED with its reason if still PENDING and unclaimed; False when another worker has it."""
+    changed = conn.execute(FAIL_PENDING, {"id": rec_id, "account_id": account_id, "code": code,
+                                          "detail": detail[:2000], "now": now, "worker": worker}).rowcount
+    return changed == 1
+
+
+# -- note_error --
+# An error after the intent was committed (the order may be at the broker): the recommendation
+# stays SUBMITTING for recovery to resolve by asking the broker, and the error is kept on it.
+NOTE_ERROR = """
+UPDATE dispatch_recommendations SET outcome_detail = %(detail)s, version = version + 1
+WHERE id = %(id)s AND account_id = %(account_id)s AND status = 'SUBMITTING'
+"""
+
+
+def note_error(conn: psycopg.Connection, account_id: str, rec_id: int, detail: str) -> bool:
+    return conn.execute(NOTE_ERROR, {"id": rec_id, "account_id": account_id, "detail": detail[:2000]}).rowcount == 1
+
+
+# --- the intent -------------------------------------------------------------------------------
+
+# -- take_position --
+# An exit takes the position it closes, by id, under the row lock: a second exit finds it
+# CLOSING and sells nothing. Runs in the transaction that records the exit order.
+TAKE_POSITION = """
+UPDATE active_positions SET status = 'CLOSING', updated_at = %(now)s, version = version + 1
+WHERE id = %(position_id)s AND account_id = %(account_id)s AND status = 'OPEN'
+RETURNING id, qty
+"""
+
+
+def take_position(conn: psycopg.Connection, account_id: str, position_id: int, now: datetime) -> dict | None:
+    return conn.execute(TAKE_POSITION, {"account_id": account_id, "position_id": position_id, "now": now}).fetchone()
+
+
+# -- record_intent --
+# Before the order leaves: the execution row (with its deterministic client_order_id), the
+# reserved position for an entry, and the recommendation moved PENDING -> SUBMITTING, in the
+# claiming transaction. A crash after this commit leaves a SUBMITTING row that recovery
+# resolves by asking the broker for that client_order_id; a crash before it leaves the
+# recommendation PENDING, and nothing was sent.
+RECORD_INTENT = """
+WITH reserved AS (
+    -- the entry's position id, taken first so the execution row can name it
+    SELECT CASE WHEN %(opens_position)s THEN nextval(pg_get_serial_sequence('active_positions', 'id')) END AS id
+), rec AS (
+    UPDATE dispatch_recommendations
+    SET status = 'SUBMITTING', claimed_by = %(worker)s, claimed_at = %(now)s, outcome_code = 'ORDER_SUBMITTING',
+        gate_results = %(gates)s, decision = %(decision)s,
+        params_source = %(params_source)s, params_version = %(params_version)s, params_hash = %(params_hash)s,
+        version = version + 1
+    WHERE id = %(recommendation_id)s AND account_id = %(account_id)s AND status = 'PENDING'
+    RETURNING id
+), exec AS (
+    INSERT INTO dispatch_executions (
+        account_id, recommendation_id, leg, client_order_id, ticker, instrument, symbol, side,
+        position_intent, qty, multiplier, est_price, notional, status, submitted_at, updated_at,
+        strike, expiration, option_right, premium, quote, greeks, option_gates, role, position_id)
+    SELECT %(account_id)s, rec.id, %(leg)s, %(client_order_id)s, %(ticker)s, %(instrument)s, %(symbol)s,
+           %(side)s, %(position_intent)s, %(qty)s, %(multiplier)s, %(est_price)s, %(notional)s,
+           'SUBMITTING', %(now)s, %(now)s,
+           %(strike)s, %(expiration)s, %(option_right)s, %(premium)s, %(quote)s, %(greeks)s, %(option_gates)s,
+           CASE WHEN %(opens_position)s THEN 'ENTRY' ELSE 'EXIT' END, coalesce(%(position_id)s, reserved.id)
+    FROM rec, reserved
+    RETURNING id, position_id
+), pos AS (
+    INSERT INTO active_positions (id, account_id, ticker, instrument, symbol, side, qty, multiplier, avg_price,
+                                  status, recommendation_id, execution_id, opened_at, updated_at)
+    SELECT exec.position_id, %(account_id)s, %(ticker)s, %(instrument)s, %(symbol)s, %(position_side)s, %(qty)s,
+           %(multiplier)s, %(est_price)s, 'PENDING', %(recommendation_id)s, exec.id, %(now)s, %(now)s
+    FROM exec
+    WHERE %(opens_position)s
+)
+SELECT id AS execution_id, position_id FROM exec
+"""
+
+
+def record_intent(conn: psycopg.Connection, **fields: Any) -> int:
+    """The execution row, the reservation (entries) and SUBMITTING; returns the execution id."""
+    row = conn.execute(RECORD_INTENT, fields).fetchone()
+    if row is None:
+        raise Conflict(f"recommendation {fields['recommendation_id']} is no longer PENDING")
+    return row["execution_id"]
+
+
+# --- broker events ----------------------------------------------------------------------------
+
+# -- load_order --
+# One order as the lifecycle table needs it, with its position and recommendation, locked so
+# that two workers applying events to the same order (the stream and a poll) take turns.
+LOAD_ORDER = """
+SELECT e.id, e.status, e.role, e.qty, coalesce(e.filled_qty, 0) AS filled_qty, e.version, e.recommendation_id,
+       e.position_id, e.ticker, e.symbol, e.multiplier,
+       p.status AS position_status, p.qty AS position_qty, p.version AS position_version,
+       r.status AS recommendation_status
+FROM dispatch_executions e
+LEFT JOIN active_positions p ON p.id = e.position_id
+JOIN dispatch_recommendations r ON r.id = e.recommendation_id
+WHERE e.account_id = %(account_id)s AND e.client_order_id = %(client_order_id)s
+FOR UPDATE OF e
+"""
+
+# -- update_execution --
+# Compare-and-set on the state and version loaded above.
+UPDATE_EXECUTION = """
+UPDATE dispatch_executions
+SET status = %(status)s, broker_order_id = coalesce(%(broker_order_id)s, broker_order_id),
+    filled_qty = %(filled_qty)s, filled_avg_price = coalesce(%(filled_avg_price)s, filled_avg_price),
+    notional = coalesce(%(filled_qty)s::numeric * %(filled_avg_price)s::numeric * multiplier, notional),
+    broker_message = coalesce(%(message)s, broker_message), filled_at = coalesce(%(filled_at)s, filled_at),
+    updated_at = %(now)s, version = version + 1
+WHERE id = %(id)s AND status = %(expected)s AND version = %(version)s
+"""
+
+# Position moves, each from the one state it may start in.
+OPEN_POSITION = """
+UPDATE active_positions
+SET status = 'OPEN', qty = %(qty)s, avg_price = %(price)s, market_price = %(price)s, updated_at = %(now)s,
+    version = version + 1
+WHERE id = %(position_id)s AND status = 'PENDING'
+"""
+RELEASE_POSITION = """
+UPDATE active_positions SET status = 'CANCELLED', closed_at = %(now)s, updated_at = %(now)s, version = version + 1
+WHERE id = %(position_id)s AND status = 'PENDING'
+"""
+CLOSE_POSITION = """
+UPDATE active_positions
+SET status = 'CLOSED', closed_at = %(now)s, close_price = %(price)s, updated_at = %(now)s, version = version + 1,
+    realized_pnl = coalesce(realized_pnl, 0)
+                   + (%(price)s::numeric - avg_price) * qty * multiplier * CASE WHEN side = 'short' THEN -1 ELSE 1 END
+WHERE id = %(position_id)s AND status = 'CLOSING'
+"""
+REOPEN_POSITION = """
+UPDATE active_positions
+SET status = 'OPEN', qty = qty - %(filled)s::numeric, updated_at = %(now)s, version = version + 1,
+    realized_pnl = coalesce(realized_pnl, 0)
+                   + (coalesce(%(price)s::numeric, avg_price) - avg_price) * %(filled)s::numeric * multiplier
+                     * CASE WHEN side = 'short' THEN -1 ELSE 1 END
+WHERE id = %(position_id)s AND status = 'CLOSING'
+"""
+_POSITION_SQL = {
+    PositionAction.OPEN: OPEN_POSITION,
+    PositionAction.RELEASE: RELEASE_POSITION,
+    PositionAction.CLOSE: CLOSE_POSITION,
+    PositionAction.REOPEN: REOPEN_POSITION,
+}
+
+# -- finish_recommendation --
+# The recommendation follows its order: SUBMITTING while it works, one terminal status when it ends.
+FINISH_RECOMMENDATION = """
+UPDATE dispatch_recommendations
+SET status = %(status)s, outcome_code = %(code)s, outcome_detail = %(detail)s, version = version + 1,
+    decided_at = CASE WHEN %(status)s = 'SUBMITTING' THEN decided_at ELSE coalesce(decided_at, %(now)s) END
+WHERE id = %(id)s AND status = 'SUBMITTING'
+"""
+
+
+@dataclass(frozen=True)
+class BrokerFacts:
+    """What a broker report carries besides its status: ids, prices, times, message."""
+
+    broker_order_id: str | None = None
+    filled_avg_price: Decimal | None = None
+    filled_at: datetime | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class Applied:
+    """An event applied to one order: what changed, and the recommendation it belongs to."""
+
+    recommendation_id: int
+    transition: Transition
+
+
+def apply_event(conn: psycopg.Connection, account_id: str, client_order_id: str, event: Event,
+                facts: BrokerFacts, now: datetime) -> Applied | Illegal:
+    """Apply one event to one order, its position and its recommendation, with compare-and-set.
+
+    Returns what changed, or why nothing did (an illegal or stale event is logged, never
+    applied). Raises Conflict when a row was not in the state loaded, and LookupError when the
+    database has no such order.
+    """
+    row = conn.execute(LOAD_ORDER, {"account_id": account_id, "client_order_id": client_order_id}).fetchone()
+    if row is None:
+        raise LookupError(f"no execution row for client_order_id {client_order_id}")
+    order = OrderState(ExecutionStatus(row["status"]), OrderRole(row["role"]), row["qty"], row["filled_qty"])
+    result = transition(order, event)
+    if isinstance(result, Illegal):
+        log.warning("order event refused", extra={
+            "client_order_id": client_order_id, "recommendation_id": row["recommendation_id"],
+            "code": result.code, "reason": result.reason, "account_id": account_id})
+        return result
+    if not result.changed:
+        return Applied(row["recommendation_id"], result)
+    detail = facts.message or _fill_detail(event, facts)
+    if conn.execute(UPDATE_EXECUTION, {
+        "id": row["id"], "expected": row["status"], "version": row["version"], "status": result.execution,
+        "broker_order_id": facts.broker_order_id, "filled_qty": result.filled_qty or None,
+        "filled_avg_price": facts.filled_avg_price, "message": facts.message, "filled_at": facts.filled_at,
+        "now": now,
+    }).rowcount != 1:
+        raise Conflict(f"execution {client_order_id} changed under this worker")
+    if result.position is not PositionAction.NONE:
+        _move_position(conn, row, result, facts, now)
+    if conn.execute(FINISH_RECOMMENDATION, {
+        "id": row["recommendation_id"], "status": result.recommendation, "code": result.code,
+        "detail": detail, "now": now,
+    }).rowcount != 1:
+        # The order's truth is recorded; the recommendation was already final (rows from before
+        # this table existed). Said loudly, never silently.
+        log.error("recommendation not SUBMITTING while its order moved", extra={
+            "recommendation_id": row["recommendation_id"], "recommendation_status": row["recommendation_status"],
+            "client_order_id": client_order_id, "account_id": account_id})
+    return Applied(row["recommendation_id"], result)
+
+
+def _move_position(conn: psycopg.Connection, row: dict, result: Transition, facts: BrokerFacts,
+                   now: datetime) -> None:
+    expected = PositionStatus.PENDING if row["role"] == OrderRole.ENTRY else PositionStatus.CLOSING
+    if row["position_id"] is None or row["position_status"] != expected:
+        log.error("position not in the state its order expects", extra={
+            "position_id": row["position_id"], "position_status": row["position_status"],
+            "expected": expected, "action": result.position, "recommendation_id": row["recommendation_id"]})
+        return
+    changed = conn.execute(_POSITION_SQL[result.position], {
+        "position_id": row["position_id"], "qty": result.filled_qty, "filled": result.filled_qty,
+        "price": facts.filled_avg_price, "now": now,
+    }).rowcount
+    if changed != 1:
+        raise Conflict(f"position {row['position_id']} changed under this worker")
+
+
+def _fill_detail(event: Event, facts: BrokerFacts) -> str:
+    if event.broker_status is None:
+        return event.kind.value
+    return f"{event.broker_status} {event.filled_qty} @ {facts.filled_avg_price}"
+
+
+# --- reconciliation -------------------------------------------------------------------------
+
+# -- close_vanished --
+# A position the broker no longer holds (expired, exercised, assigned, closed by hand), by id,
+# only while it is still OPEN.
+CLOSE_VANISHED = """
+UPDATE active_positions SET status = 'CLOSED', closed_at = %(now)s, updated_at = %(now)s, version = version + 1
+WHERE account_id = %(account_id)s AND id = ANY(%(ids)s) AND status = 'OPEN'
+RETURNING id, symbol
+"""
+
+
+def close_vanished(conn: psycopg.Connection, account_id: str, ids: list[int], now: datetime) -> list[dict]:
+    return conn.execute(CLOSE_VANISHED, {"account_id": account_id, "ids": ids, "now": now}).fetchall()
+
+
+# Marks live positions to the broker's current prices, all in one statement. A mark is not a
+# state change: it neither bumps the version nor counts as activity.
+MARK_POSITIONS = """
+UPDATE active_positions p SET market_price = m.price
+FROM unnest(%(symbols)s::text[], %(prices)s::numeric[]) AS m(symbol, price)
+WHERE p.account_id = %(account_id)s AND p.symbol = m.symbol AND p.status IN ('OPEN', 'CLOSING')
+"""
+
+
+def mark_positions(conn: psycopg.Connection, account_id: str, marks: dict[str, Decimal]) -> None:
+    conn.execute(MARK_POSITIONS, {"account_id": account_id, "symbols": list(marks), "prices": list(marks.values())})
+
