@@ -29,6 +29,10 @@ ALTER TABLE active_positions
 UPDATE active_positions SET updated_at = coalesce(closed_at, opened_at);
 CREATE INDEX active_positions_symbol_activity ON active_positions (account_id, symbol, updated_at);
 
+-- The last time the broker's orders were compared with ours: a comparison that keeps failing
+-- ages like the account state and stops entries past its limit.
+ALTER TABLE account_state ADD COLUMN orders_reconciled_at timestamptz;
+
 -- Working orders, polled until they end.
 CREATE INDEX dispatch_executions_working
     ON dispatch_executions (account_id, id) WHERE status IN ('SUBMITTING', 'ACCEPTED', 'PARTIALLY_FILLED');

@@ -48,12 +48,16 @@ def add_recommendation(conn, ticker: str, created_at: datetime, *, action: str =
     ).fetchone()["id"]
 
 
-def set_account_state(conn, now: datetime, equity, last_equity, account: str = ACCOUNT) -> None:
+def set_account_state(conn, now: datetime, equity, last_equity, account: str = ACCOUNT,
+                      orders_reconciled_at: datetime | None | str = "now") -> None:
+    """The account state as a refresh writes it: the snapshot and, by default, the orders compared at `now`."""
+    reconciled = now if orders_reconciled_at == "now" else orders_reconciled_at
     conn.execute(
-        """INSERT INTO account_state (account_id, equity, last_equity, as_of, source) VALUES (%s, %s, %s, %s, 'test')
+        """INSERT INTO account_state (account_id, equity, last_equity, as_of, source, orders_reconciled_at)
+           VALUES (%s, %s, %s, %s, 'test', %s)
            ON CONFLICT (account_id) DO UPDATE SET equity = EXCLUDED.equity, last_equity = EXCLUDED.last_equity,
-               as_of = EXCLUDED.as_of""",
-        (account, Decimal(str(equity)), Decimal(str(last_equity)), now),
+               as_of = EXCLUDED.as_of, orders_reconciled_at = EXCLUDED.orders_reconciled_at""",
+        (account, Decimal(str(equity)), Decimal(str(last_equity)), now, reconciled),
     )
 
 

@@ -26,6 +26,7 @@ from services.dispatcher.risk.gates import (
     NamedGate,
     ProposedOrder,
     check_action_allowed,
+    check_broker_reconciliation,
     check_bar_freshness,
     check_confidence,
     check_daily_loss_limit,
@@ -73,6 +74,7 @@ GATE_ORDER = [
     "feature_freshness",
     "trading_hours",
     "daily_loss",
+    "broker_reconciliation",
     "ticker_trades_today",
     "ticker_cooldown",
     "open_position",
@@ -725,6 +727,36 @@ def good_context(**overrides) -> dict:
     return ctx
 
 
+@pytest.mark.parametrize(
+    "reconciled_at, passed, code, observed",
+    [
+        pytest.param(NOW - timedelta(seconds=299), True, "OK", 299, id="299s-passes"),
+        pytest.param(NOW - timedelta(seconds=300), True, "OK", 300, id="exactly-300s-passes"),
+        pytest.param(NOW - timedelta(seconds=301), False, "STALE_RECONCILIATION", 301, id="301s-denies"),
+        pytest.param(None, False, "NO_RECONCILIATION", None, id="never-reconciled-denies"),
+    ],
+)
+def test_broker_reconciliation_ages_like_the_account_state(reconciled_at, passed, code, observed):
+    params = as_params({"risk": {"max_reconciliation_age_seconds": 300}})
+    result = check_broker_reconciliation(account(Decimal("100000"), orders_reconciled_at=reconciled_at), NOW, params)
+    assert (result.passed, result.code, result.observed, result.limit) == (passed, code, observed, 300)
+
+
+def test_broker_reconciliation_is_not_judged_for_a_caller_that_supplies_no_time():
+    result = check_broker_reconciliation(account(Decimal("100000")), NOW, as_params({}))
+    assert (result.passed, result.observed) == (True, None)
+    assert "not evaluated" in result.reason
+
+
+def test_stale_reconciliation_denies_entries_but_not_exits():
+    stale = account(Decimal("100000"), orders_reconciled_at=NOW - timedelta(hours=1))
+    _, entry = run_gates(account_state=stale)
+    assert by_name(entry)["broker_reconciliation"].code == "STALE_RECONCILIATION"
+    _, exit_ = run_gates(account_state=stale, recommendation={**good_context()["recommendation"], "action": "EXIT"},
+                         has_open_position=True)
+    assert by_name(exit_)["broker_reconciliation"].passed
+
+
 def run_gates(**overrides):
     ctx = good_context(**overrides)
     return evaluate_all_gates(
@@ -749,7 +781,7 @@ def test_all_gates_pass_for_a_good_entry_with_every_gate_in_order():
 
 def test_all_gates_accept_typed_params():
     passed, gates = run_gates(config=default_params())
-    assert passed and len(gates) == 14
+    assert passed and len(gates) == 15
 
 
 def test_all_gates_run_after_a_failure_and_keep_every_result():
@@ -773,6 +805,7 @@ def test_all_gates_run_after_a_failure_and_keep_every_result():
         "feature_freshness": "OK",
         "trading_hours": "OK",
         "daily_loss": "OK",
+        "broker_reconciliation": "OK",
         "ticker_trades_today": "TICKER_DAILY_TRADES",
         "ticker_cooldown": "OK",
         "open_position": "POSITION_ALREADY_OPEN",
@@ -813,7 +846,7 @@ def test_all_gates_deny_an_entry_with_the_failing_gates_code(overrides, gate, co
     """Only the gate named fails: each case isolates one rule inside the full evaluation."""
     passed, gates = run_gates(**overrides)
     assert not passed
-    assert len(gates) == 14
+    assert len(gates) == 15
     assert by_name(gates)[gate].code == code
     assert [g.name for g in gates if not g.result.passed] == [gate]
 

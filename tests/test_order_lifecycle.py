@@ -201,3 +201,45 @@ def test_refresh_stops_entries_when_the_broker_holds_a_position_we_do_not_know(w
     state = kill_switch.read_state(conn, ACCOUNT)
     assert (state["state"], state["changed_by"]) == ("REDUCING", "reconciliation")
     assert state["reason"].startswith("UNKNOWN_BROKER_POSITION: the broker holds AAPL")
+
+
+class OrdersListFails:
+    """The broker answers everything but its order list, which keeps failing."""
+
+    paper = True
+
+    def __init__(self, inner: SimBroker):
+        self.inner, self.failing = inner, False
+
+    def list_orders_since(self, since):
+        if self.failing:
+            raise BrokerUnavailable("GET /v2/orders: 503")
+        return self.inner.list_orders_since(since)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_order_reconciliation_that_keeps_failing_ages_and_then_stops_entries(world, conn):
+    dispatcher, clock = world
+    d = dispatcher(OrdersListFails)  # reconciled once at NOW
+    d.broker.failing = True
+    params = d.params.current().params
+    limit = params.risk.max_reconciliation_age_seconds
+
+    clock.advance(timedelta(seconds=limit))
+    add_market(conn, "AAPL", clock.now(), 200)
+    within = add_recommendation(conn, "AAPL", clock.now())
+    d.refresh_account(force=True)
+    d.drain()
+    assert recommendation(conn, within)["status"] == "EXECUTED"
+
+    clock.advance(timedelta(seconds=1))
+    add_market(conn, "MSFT", clock.now(), 300)
+    past = add_recommendation(conn, "MSFT", clock.now())
+    d.refresh_account(force=True)  # the account refreshes, the order list still fails
+    d.drain()
+    rec = recommendation(conn, past)
+    assert (rec["status"], rec["outcome_code"]) == ("SKIPPED", "STALE_RECONCILIATION")
+    gate = next(g for g in rec["gate_results"] if g["name"] == "broker_reconciliation")
+    assert (gate["observed"], gate["limit"]) == (limit + 1, limit)

@@ -47,6 +47,9 @@ class RiskParams(_Section):
     max_feature_age_seconds: int = Field(ge=1, le=3600)
     max_recommendation_age_seconds: int = Field(ge=1, le=86_400)
     max_account_state_age_seconds: int = Field(ge=1, le=86_400)
+    # How old the last successful comparison of the broker's orders with ours may be before
+    # entries stop (unknown orders are exposure the gates cannot see).
+    max_reconciliation_age_seconds: int = Field(ge=30, le=86_400)
 
 
 class TradingHoursParams(_Section):

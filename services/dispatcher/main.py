@@ -71,6 +71,8 @@ FILL_REFRESH_SECONDS = 1.0
 MAX_CHAIN_FETCHES = 3
 # An order the broker does not show this long after it was sent was not placed.
 IN_FLIGHT_GRACE = timedelta(minutes=2)
+# In-flight orders, working orders and the broker's order list are compared with ours this often.
+RECONCILE_EVERY = timedelta(seconds=30)
 # Clocks of two dispatchers differ a little: activity this close before a snapshot counts as after it.
 SNAPSHOT_SKEW = timedelta(seconds=2)
 
@@ -134,6 +136,7 @@ class Dispatcher:
         self.option_data = option_data
         self._last_refresh: datetime | None = None
         self._last_reconcile: datetime | None = None
+        self._last_orders_reconcile: datetime | None = None
         self._chain_errors: dict[str, str] = {}
 
     @property
@@ -253,7 +256,8 @@ class Dispatcher:
                    "low": row["bar_low"], "close": row["bar_close"], "volume": row["bar_volume"]}
         account = None
         if row["equity"] is not None:
-            account = {"equity": row["equity"], "last_equity": row["last_equity"], "as_of": row["account_as_of"]}
+            account = {"equity": row["equity"], "last_equity": row["last_equity"], "as_of": row["account_as_of"],
+                       "orders_reconciled_at": row["orders_reconciled_at"]}
         kill_state = row["kill_state"] or "ACTIVE"
         if row["kill_state"] is not None:
             try:
@@ -431,6 +435,9 @@ class Dispatcher:
                                             in_force.params)
             if result.code == "DAILY_LOSS_LIMIT":
                 self._trip(conn, result.reason, now)
+        if force or self._last_orders_reconcile is None or now - self._last_orders_reconcile >= RECONCILE_EVERY:
+            self._last_orders_reconcile = now
+            self.reconcile_broker_orders()
 
     def _reconcile_positions(self, conn, broker_positions, snapshot_at: datetime) -> None:
         """Compare our live positions with the broker's snapshot, taken at `snapshot_at`.
@@ -481,7 +488,6 @@ class Dispatcher:
             except Exception:
                 log.exception("in-flight order not resolved", extra={
                     "recommendation_id": row["recommendation_id"], "client_order_id": row["client_order_id"]})
-        self.reconcile_broker_orders()
         with self.pool.connection() as conn:
             unfilled = conn.execute(queries.UNFILLED, {"account_id": self.account_id}).fetchall()
         for row in unfilled:
@@ -527,11 +533,13 @@ class Dispatcher:
         try:
             orders = self.broker.list_orders_since(now - lookback)
         except BrokerError as e:
+            # Not swallowed: orders_reconciled_at stops moving, and entries stop once it is too old.
             log.warning("broker order reconciliation failed", extra={"account_id": self.account_id, "error": str(e)})
             return 0
         rows = [{"broker_order_id": o.broker_order_id, "client_order_id": o.client_order_id, "symbol": o.symbol,
                  "side": o.side, "qty": o.qty, "status": o.status, "submitted_at": o.submitted_at} for o in orders]
         with self.pool.connection() as conn, conn.transaction():
+            conn.execute(queries.ORDERS_RECONCILED, {"account_id": self.account_id, "now": now})
             unknown = conn.execute(queries.RECORD_UNKNOWN_ORDERS, {
                 "account_id": self.account_id, "now": now, "orders": jsonb(rows)}).fetchall()
             if unknown:
@@ -607,7 +615,7 @@ class Dispatcher:
 
     def _periodic(self) -> None:
         now = self.clock.now()
-        if self._last_reconcile is None or now - self._last_reconcile >= timedelta(seconds=30):
+        if self._last_reconcile is None or now - self._last_reconcile >= RECONCILE_EVERY:
             self._last_reconcile = now
             self.recover_in_flight()
 

@@ -34,7 +34,7 @@ SELECT c.id, c.account_id, c.ticker, c.action, c.instrument, c.strategy, c.confi
          WHERE p.account_id = c.account_id AND p.ticker = c.ticker
            AND p.status IN ('PENDING', 'OPEN', 'CLOSING')) AS open_position,
        cap.open_positions, cap.exposure,
-       a.equity, a.last_equity, a.as_of AS account_as_of,
+       a.equity, a.last_equity, a.as_of AS account_as_of, a.orders_reconciled_at,
        k.state AS kill_state, k.changed_by AS kill_changed_by, k.tripped_session AS kill_tripped_session
 FROM claimed c
 LEFT JOIN LATERAL (
@@ -115,6 +115,9 @@ WHERE NOT EXISTS (SELECT 1 FROM dispatch_executions e
 ON CONFLICT (account_id, broker_order_id) DO NOTHING
 RETURNING broker_order_id, client_order_id, symbol, side, qty
 """
+
+# The broker's orders were compared with ours at `now`.
+ORDERS_RECONCILED = "UPDATE account_state SET orders_reconciled_at = %(now)s WHERE account_id = %(account_id)s"
 
 # Orders accepted but not yet filled, to poll for their fill.
 UNFILLED = """

@@ -61,6 +61,14 @@ def _field(obj: Any, name: str, default: Any = None) -> Any:
     return getattr(obj, name, default)
 
 
+def _has_field(obj: Any, name: str) -> bool:
+    if obj is None:
+        return False
+    if isinstance(obj, Mapping):
+        return name in obj
+    return hasattr(obj, name)
+
+
 def _aware(value: Any) -> datetime | None:
     if isinstance(value, datetime) and value.tzinfo is not None:
         return value
@@ -119,6 +127,26 @@ def check_daily_loss_limit(
     if loss >= limit:
         return deny("DAILY_LOSS_LIMIT", f"loss={loss:.2f} limit={limit:.2f}", loss, limit)
     return ok(f"loss={loss:.2f} limit={limit:.2f}", loss, limit)
+
+
+def check_broker_reconciliation(account_state: Any, now: datetime | None, config: TradingParams | Mapping) -> GateResult:
+    """Deny entries when the broker's orders have not been compared with ours recently.
+
+    Orders at the broker that this database does not know are exposure no other gate sees; a
+    comparison that keeps failing must stop entries, as a stale account state does. A caller
+    that supplies no `orders_reconciled_at` at all (the seed's account dicts) is not judged.
+    """
+    params = as_params(config)
+    limit = params.risk.max_reconciliation_age_seconds
+    if not _has_field(account_state, "orders_reconciled_at"):
+        return ok("OK: not evaluated: no reconciliation time supplied", None, limit)
+    reconciled_at = _aware(_field(account_state, "orders_reconciled_at"))
+    if reconciled_at is None:
+        return deny("NO_RECONCILIATION", "the broker's orders have not been compared with ours yet", None, limit)
+    age = (aware_now(now) - reconciled_at).total_seconds()
+    if age > limit:
+        return deny("STALE_RECONCILIATION", f"age={age:.0f}s limit={limit}s", age, limit)
+    return ok(f"age={age:.0f}s limit={limit}s", age, limit)
 
 
 def check_max_positions(active_positions_count: Any, config: TradingParams | Mapping, proposed: int = 1) -> GateResult:
@@ -428,6 +456,7 @@ def evaluate_all_gates(
         entry_only("feature_freshness", check_feature_freshness, features, now, params),
         run("trading_hours", check_market_open_for_exit if is_exit else check_trading_hours, params, now, calendar),
         entry_only("daily_loss", check_daily_loss_limit, account_state, params, now),
+        entry_only("broker_reconciliation", check_broker_reconciliation, account_state, now, params),
         entry_only("ticker_trades_today", check_ticker_trades_today, ticker_count_today, params),
         entry_only("ticker_cooldown", check_ticker_cooldown, last_trade_time, now, params),
         run("open_position", check_no_open_position, has_open_position, action),
