@@ -47,6 +47,9 @@ class RiskParams(_Section):
     max_feature_age_seconds: int = Field(ge=1, le=3600)
     max_recommendation_age_seconds: int = Field(ge=1, le=86_400)
     max_account_state_age_seconds: int = Field(ge=1, le=86_400)
+    # How far into the future another machine's timestamp may lie before it is refused. Small:
+    # beyond a few seconds the other clock (or the row) is wrong, not merely ahead.
+    max_clock_skew_seconds: int = Field(ge=0, le=60)
 
 
 class TradingHoursParams(_Section):
