@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
 from services.common.logs import configure_logging
+from services.common.migrate import MigrationError
 
 # Subcommand groups, each registered by its own module: (module, function).
 _REGISTRARS = [
@@ -35,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except MigrationError as e:
+        # A service cannot start on a schema it could not check: say why in one line, exit 1.
+        logging.getLogger("ops-pipeline").error("start-up failed: the database is not ready", extra={
+            "command": args.command, "reason": type(e).__name__, "error": str(e)})
+        return 1
 
 
 if __name__ == "__main__":

@@ -177,10 +177,10 @@ def run_telemetry(conn: psycopg.Connection, market_data: MarketData, tickers: Se
 
 def _connect_migrated():
     from services.common.db import connect, database_url
-    from services.common.migrate import migrate
+    from services.common.migrate import migrate_when_ready
 
     url = database_url()
-    migrate(url)
+    migrate_when_ready(url)
     return url, connect(url, application_name="ingest")
 
 
@@ -207,12 +207,12 @@ def _market_data_from_settings():
 def _telemetry_command(args: argparse.Namespace) -> int:
     from services.common.clock import SystemClock
     from services.common.db import database_url
-    from services.common.migrate import migrate
+    from services.common.migrate import migrate_when_ready
     from services.common.service import run_periodic, stop_on_sigterm
     from services.dispatcher.broker import BrokerUnavailable
 
     url = database_url()
-    migrate(url)
+    migrate_when_ready(url)
     market_data = _market_data_from_settings()
     clock = SystemClock()
 

@@ -68,7 +68,7 @@ PINNED = {
     "max_daily_loss": 500, "max_open_positions": 5, "max_notional_exposure": 10_000,
     "max_notional_per_trade": 2_000, "max_equity_pct_per_trade": 0.05, "max_trades_per_ticker_per_day": 2,
     "ticker_cooldown_minutes": 30, "max_bar_age_seconds": 180, "max_feature_age_seconds": 300,
-    "max_recommendation_age_seconds": 300, "max_account_state_age_seconds": 600,
+    "max_recommendation_age_seconds": 300, "max_account_state_age_seconds": 600, "max_clock_skew_seconds": 5,
     "block_after_open_minutes": 5, "block_before_close_minutes": 15, "min_confidence_day_trade": 0.6,
 }
 
@@ -612,6 +612,72 @@ def test_bar_freshness_measured_from_the_bars_own_time_not_its_ingestion(harness
     fresh = gate(rec, "bar_freshness")
     assert (fresh["passed"], fresh["observed"], fresh["limit"]) == (False, Decimal("540"), 180)
     assert gate(rec, "feature_freshness")["passed"] is True
+    assert count(conn, "SELECT count(*) AS n FROM sim_orders") == 0
+
+
+# --- time from other machines --------------------------------------------------------------------
+
+
+def test_recommendations_dated_in_the_future_then_skipped_future_dated_without_an_order_and_the_next_trades(
+        harness, conn):
+    """DESIGN.md invariant 15: a future date is refused, not read as a negative (always fresh) age."""
+    h = harness()
+    broker = PassThroughBroker(h.broker)
+    d = h.dispatcher(broker)
+    add_market(conn, "AAPL", NOW, 200)
+    future = {
+        "now+1h": NOW + timedelta(hours=1),
+        "2999-01-01": datetime(2999, 1, 1, tzinfo=timezone.utc),
+        "9999-12-31": datetime(9999, 12, 31, tzinfo=timezone.utc),
+    }
+    dated = {label: add_recommendation(conn, "AAPL", when) for label, when in future.items()}
+    # Written just now, but from a signal on a bar an hour ahead of this clock.
+    signal_bar = add_recommendation(conn, "AAPL", NOW - timedelta(seconds=1))
+    conn.execute("UPDATE dispatch_recommendations SET bar_ts = %s WHERE id = %s",
+                 (NOW + timedelta(hours=1), signal_bar))
+    d.refresh_account(force=True)
+
+    outcomes = d.drain()
+
+    # Claimed oldest first: the one created now, then the future dates in order.
+    assert [(o.recommendation_id, o.status, o.code) for o in outcomes] == [
+        (rid, "SKIPPED", "FUTURE_DATED") for rid in (signal_bar, *dated.values())]
+    for label, rid in dated.items():
+        rec = recommendation(conn, rid)
+        assert (rec["status"], rec["outcome_code"]) == ("SKIPPED", "FUTURE_DATED"), label
+        age = gate(rec, "recommendation_age")
+        lead = (future[label] - NOW).total_seconds()
+        assert (age["passed"], age["code"], float(age["observed"]), age["limit"]) == (False, "FUTURE_DATED", lead, 5)
+        assert rec["outcome_detail"].startswith("FUTURE_DATED: created_at=")
+    rec = recommendation(conn, signal_bar)
+    assert rec["outcome_detail"].startswith("FUTURE_DATED: bar_ts=")
+    assert float(gate(rec, "recommendation_age")["observed"]) == 3600.0
+    assert broker.submits == 0
+    assert count(conn, "SELECT count(*) AS n FROM sim_orders") == 0
+    assert count(conn, "SELECT count(*) AS n FROM dispatch_executions") == 0
+    assert count(conn, "SELECT count(*) AS n FROM active_positions") == 0
+
+    normal = add_recommendation(conn, "AAPL", NOW)
+    assert [(o.recommendation_id, o.status, o.code) for o in d.drain()] == [(normal, "EXECUTED", "ORDER_FILLED")]
+    assert broker.submits == 1
+    assert gate(recommendation(conn, normal), "recommendation_age")["passed"] is True
+
+
+def test_a_bar_dated_after_now_is_not_the_bar_a_recommendation_trades_on(harness, conn):
+    """The freshness bar is the latest one that has begun: a future-dated row cannot stand in for a fresh one."""
+    h = harness()
+    d = h.dispatcher()
+    add_bar(conn, "AAPL", NOW - timedelta(minutes=30), 200)
+    add_bar(conn, "AAPL", NOW + timedelta(hours=1), 200)
+    add_features(conn, "AAPL", NOW - timedelta(minutes=1), 200)
+    rid = add_recommendation(conn, "AAPL", NOW)
+    d.refresh_account(force=True)
+
+    d.drain()
+
+    rec = recommendation(conn, rid)
+    assert (rec["status"], rec["outcome_code"]) == ("SKIPPED", "STALE_BAR")
+    assert gate(rec, "bar_freshness")["observed"] == Decimal("1740")
     assert count(conn, "SELECT count(*) AS n FROM sim_orders") == 0
 
 

@@ -35,7 +35,7 @@ RESET = """TRUNCATE dispatch_recommendations, dispatch_executions, active_positi
            RESTART IDENTITY CASCADE"""
 CODE = re.compile(r"^[A-Z][A-Z_]+$")
 # The limits the cases are written against (a stale bar is older than 180 s, and so on).
-PINNED = {"max_bar_age_seconds": 180, "max_feature_age_seconds": 300, "min_confidence_day_trade": 0.6,
+PINNED = {"max_bar_age_seconds": 180, "max_feature_age_seconds": 300, "max_clock_skew_seconds": 5, "min_confidence_day_trade": 0.6,
           "max_open_positions": 5, "max_notional_exposure": 10_000, "max_notional_per_trade": 2_000}
 
 

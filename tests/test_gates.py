@@ -36,6 +36,7 @@ from services.dispatcher.risk.gates import (
     check_max_exposure,
     check_max_positions,
     check_no_open_position,
+    check_not_future_dated,
     check_recommendation_age,
     check_ticker_cooldown,
     check_ticker_trades_today,
@@ -631,6 +632,107 @@ def test_recommendation_age(config, created_at, passed, code):
     assert result.limit == 300
 
 
+# --- time from other machines: FUTURE_DATED -----------------------------------------------------
+
+# The reviewed default tolerance is 5 s; each case states its lead over NOW.
+SKEW_CASES = [
+    pytest.param(4.999, True, "OK", id="just-inside-the-tolerance"),
+    pytest.param(5, True, "OK", id="exactly-at-the-tolerance"),
+    pytest.param(5.001, False, "FUTURE_DATED", id="just-past-the-tolerance"),
+    pytest.param(3600, False, "FUTURE_DATED", id="an-hour-ahead"),
+]
+FAR_FUTURE = [
+    pytest.param(datetime(2999, 1, 1, tzinfo=UTC), id="2999-01-01"),
+    pytest.param(datetime(9999, 12, 31, tzinfo=UTC), id="9999-12-31"),
+]
+
+
+def ahead(lead: float) -> datetime:
+    return NOW + timedelta(seconds=lead)
+
+
+def assert_future_dated(result: GateResult, lead: float | None = None) -> None:
+    assert_gate(result, False, "FUTURE_DATED")
+    assert result.limit == 5
+    assert result.observed == (lead if lead is not None else result.observed) and result.observed > 5
+
+
+def test_clock_skew_tolerance_is_a_bounded_param_defaulting_to_5_seconds():
+    assert default_params().risk.max_clock_skew_seconds == 5
+    assert as_params({"max_clock_skew_seconds": 0}).risk.max_clock_skew_seconds == 0
+    for bad in (-1, 61):
+        with pytest.raises(ValueError, match="max_clock_skew_seconds"):
+            as_params({"max_clock_skew_seconds": bad})
+
+
+@pytest.mark.parametrize("lead, passed, code", SKEW_CASES)
+def test_not_future_dated_boundaries_observe_the_lead_against_the_tolerance(config, lead, passed, code):
+    result = check_not_future_dated("created_at", ahead(lead), NOW, config)
+    assert_gate(result, passed, code)
+    assert (result.observed, result.limit) == (pytest.approx(lead), 5)
+
+
+def test_not_future_dated_follows_the_params_tolerance():
+    assert_gate(check_not_future_dated("x", ahead(1), NOW, {"max_clock_skew_seconds": 0}), False, "FUTURE_DATED")
+    assert_gate(check_not_future_dated("x", ahead(30), NOW, {"max_clock_skew_seconds": 30}), True, "OK")
+
+
+@pytest.mark.parametrize("lead, passed, code", SKEW_CASES)
+def test_recommendation_created_in_the_future_denies_future_dated_not_a_negative_age(config, lead, passed, code):
+    result = check_recommendation_age(ahead(lead), NOW, config)
+    assert_gate(result, passed, code)
+    if not passed:
+        assert (result.observed, result.limit) == (pytest.approx(lead), 5)
+
+
+@pytest.mark.parametrize("lead, passed, code", SKEW_CASES)
+def test_recommendation_whose_signal_bar_is_in_the_future_denies_future_dated(config, lead, passed, code):
+    result = check_recommendation_age(NOW - timedelta(seconds=10), NOW, config, bar_ts=ahead(lead))
+    assert_gate(result, passed, code)
+    if not passed:
+        assert (result.observed, result.limit) == (pytest.approx(lead), 5)
+        assert result.reason.startswith("FUTURE_DATED: bar_ts=")
+
+
+@pytest.mark.parametrize("when", FAR_FUTURE)
+def test_recommendation_dated_in_a_far_year_denies_future_dated(config, when):
+    result = check_recommendation_age(when, NOW, config)
+    assert_future_dated(result, (when - NOW).total_seconds())
+
+
+def test_recommendation_with_a_naive_bar_ts_denies_bad_recommendation(config):
+    result = check_recommendation_age(NOW, NOW, config, bar_ts=datetime(2026, 11, 30, 14, 59))
+    assert_gate(result, False, "BAD_RECOMMENDATION")
+
+
+@pytest.mark.parametrize("lead, passed, code", SKEW_CASES)
+def test_bar_beginning_in_the_future_denies_future_dated_not_fresh(config, lead, passed, code):
+    result = check_bar_freshness(bar(ahead(lead)), NOW, config)
+    assert_gate(result, passed, code)
+    if not passed:
+        assert (result.observed, result.limit) == (pytest.approx(lead), 5)
+
+
+@pytest.mark.parametrize("lead, passed, code", SKEW_CASES)
+def test_features_from_a_future_bar_deny_future_dated(config, lead, passed, code):
+    result = check_feature_freshness({"ts": ahead(lead)}, NOW, config)
+    assert_gate(result, passed, code)
+
+
+@pytest.mark.parametrize("when", FAR_FUTURE)
+def test_every_gate_runs_and_the_far_future_recommendation_is_denied_future_dated(config, when):
+    rec = {"action": "BUY", "instrument": "STOCK", "strategy": "day_trade", "confidence": 0.9,
+           "created_at": when, "bar_ts": when}
+    passed, gates = evaluate_all_gates(rec, bar(NOW - timedelta(seconds=60)), {"ts": NOW - timedelta(seconds=60)},
+                                       0, None, False, config, now=NOW,
+                                       account_state={"equity": 100000, "last_equity": 100000})
+    assert passed is False
+    assert [g.name for g in gates] == GATE_ORDER
+    failed = first_denial(gates)
+    assert (failed.name, failed.result.code) == ("recommendation_age", "FUTURE_DATED")
+    assert json.loads(json.dumps(failed.as_json()))["observed"] == (when - NOW).total_seconds()
+
+
 # --- check_ticker_trades_today / check_ticker_cooldown / check_no_open_position -----------------
 
 
@@ -701,7 +803,12 @@ def test_open_position(has_position, action, passed, code):
 
 
 def good_context(**overrides) -> dict:
-    """Everything an entry needs to pass at 10:00 ET on a normal Monday."""
+    """Everything an entry needs to pass at 10:00 ET on a normal Monday.
+
+    The recommendation, bar and features are dated just before `now` (an override moves them
+    with it), so a case that changes the time isolates its own gate.
+    """
+    now = overrides.get("now", NOW)
     ctx = dict(
         recommendation={
             "ticker": "AAPL",
@@ -709,15 +816,15 @@ def good_context(**overrides) -> dict:
             "instrument": "STOCK",
             "strategy": "day_trade",
             "confidence": Decimal("0.72"),
-            "created_at": NOW - timedelta(seconds=30),
+            "created_at": now - timedelta(seconds=30),
         },
-        bar=bar(NOW - timedelta(seconds=120), "100", "101", "99", "100"),
-        features={"ts": NOW - timedelta(seconds=120), "computed_at": NOW - timedelta(seconds=5)},
+        bar=bar(now - timedelta(seconds=120), "100", "101", "99", "100"),
+        features={"ts": now - timedelta(seconds=120), "computed_at": now - timedelta(seconds=5)},
         ticker_count_today=0,
         last_trade_time=None,
         has_open_position=False,
         config=PINNED_CONFIG,
-        now=NOW,
+        now=now,
         account_state=account(Decimal("100000")),
         kill_switch_state="ACTIVE",
         open_positions_count=0,

@@ -250,8 +250,9 @@ def test_timestamps_are_timestamptz(empty_db_url):
 
 
 def _cli() -> list[str]:
-    exe = Path(sys.executable).parent / "ops-pipeline"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "services.cli"]
+    # The CLI of the tree under test (cwd=REPO), not whichever checkout the venv's console
+    # script was installed from.
+    return [sys.executable, "-m", "services.cli"]
 
 
 def _admin_cli_present() -> bool:

@@ -220,6 +220,39 @@ def test_quote_age_at_the_limit_passes():
     assert passed is True, reason
 
 
+@pytest.mark.parametrize(
+    "lead, passed, expected_code",
+    [
+        pytest.param(4.999, True, "OK", id="just-inside-the-5s-tolerance"),
+        pytest.param(5, True, "OK", id="exactly-at-the-tolerance"),
+        pytest.param(5.001, False, "FUTURE_DATED", id="just-past-the-tolerance"),
+        pytest.param(3600, False, "FUTURE_DATED", id="an-hour-ahead"),
+    ],
+)
+def test_quote_time_ahead_of_now_beyond_the_skew_tolerance_denies_future_dated(lead, passed, expected_code):
+    contract = quote(quote_time=NOW + timedelta(seconds=lead))
+    ok_, reason, fallback = validate(contract)
+    assert (ok_, code(reason)) == (passed, expected_code), reason
+    gate = next(g for g in option_gate_results(contract, PARAMS, NOW, IV_OK) if g["name"] == "option_quote_age")
+    assert (gate["passed"], gate["code"]) == (passed, expected_code)
+    if not passed:
+        # Refused like a stale quote: this contract's market data is bad, the stock may be considered.
+        assert fallback is True
+        assert (gate["observed"], gate["limit"]) == (pytest.approx(lead), 5)
+
+
+@pytest.mark.parametrize("when", [datetime(2999, 1, 1, tzinfo=ET), datetime(9999, 12, 31, tzinfo=ET)], ids=str)
+def test_quote_dated_in_a_far_year_denies_future_dated(when):
+    passed, reason, fallback = validate(quote(quote_time=when))
+    assert (passed, code(reason), fallback) == (False, "FUTURE_DATED", True)
+
+
+def test_quote_skew_tolerance_follows_the_params():
+    contract = quote(quote_time=NOW + timedelta(seconds=20))
+    assert code(validate(contract, config=as_params({"max_clock_skew_seconds": 30})).reason) == "OK"
+    assert code(validate(contract, config={"max_clock_skew_seconds": 0}).reason) == "FUTURE_DATED"
+
+
 def test_open_interest_as_string_from_the_broker_is_read_as_a_count():
     assert validate(quote(open_interest="1200")).passed is True
 

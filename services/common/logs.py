@@ -10,7 +10,9 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
@@ -57,24 +59,72 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(payload, default=json_default))
 
 
-class RateLimitFilter(logging.Filter):
-    """Drop a repeated identical warning more than once per `interval` seconds."""
+# Extras that name what a line is about. Two warnings alike but for one of these are two
+# events (two recommendations whose order state is unknown), not one event repeated.
+SUBJECT_FIELDS = ("account_id", "recommendation_id", "client_order_id", "ticker", "symbol", "symbols")
 
-    def __init__(self, interval: float = 60.0):
+
+class RateLimitFilter(logging.Filter):
+    """At most one warning per subject each `interval` seconds, and a count of what was dropped.
+
+    A subject is the logger, the message and whichever SUBJECT_FIELDS the record carries. The
+    first line written for a subject after its interval carries `suppressed=N`, the number of
+    its lines dropped since the last one written. Errors and decision lines are never dropped.
+
+    Subjects idle for a whole interval are forgotten (their next line is written anyway), so
+    one subject per recommendation does not grow without bound; past `max_subjects` the oldest
+    are forgotten even with a count pending.
+    """
+
+    def __init__(self, interval: float = 60.0, *, clock: Callable[[], float] = time.monotonic,
+                 max_subjects: int = 10_000):
         super().__init__()
         self.interval = interval
-        self._last: dict[tuple[str, str], float] = {}
+        self.max_subjects = max_subjects
+        self._clock = clock
+        self._lock = threading.Lock()
+        # subject -> [time its last line was written, lines dropped since]; oldest first
+        self._subjects: dict[tuple, list] = {}
+        self._next_prune = clock() + interval
+
+    @property
+    def tracked(self) -> int:
+        """How many subjects are remembered now."""
+        return len(self._subjects)
 
     def filter(self, record: logging.LogRecord) -> bool:
         # Only warnings repeat harmlessly; an error is always written, whatever its neighbours said.
         if record.levelno != logging.WARNING or getattr(record, "decision", None) is not None:
             return True
-        key = (record.name, record.getMessage())
-        now = time.monotonic()
-        if now - self._last.get(key, -1e9) < self.interval:
-            return False
-        self._last[key] = now
+        key = _subject(record)
+        now = self._clock()
+        with self._lock:
+            if now >= self._next_prune:
+                self._prune(now)
+            entry = self._subjects.get(key)
+            if entry is not None and now - entry[0] < self.interval:
+                entry[1] += 1
+                return False
+            suppressed = entry[1] if entry is not None else 0
+            self._subjects.pop(key, None)  # re-inserted last: the dict stays in order of last write
+            self._subjects[key] = [now, 0]
+            while len(self._subjects) > self.max_subjects:
+                del self._subjects[next(iter(self._subjects))]
+        if suppressed:
+            record.suppressed = suppressed
         return True
+
+    def _prune(self, now: float) -> None:
+        self._next_prune = now + self.interval
+        idle = [k for k, (last, dropped) in self._subjects.items() if dropped == 0 and now - last >= self.interval]
+        for key in idle:
+            del self._subjects[key]
+
+
+def _subject(record: logging.LogRecord) -> tuple:
+    extras = tuple((name, str(value)) for name in SUBJECT_FIELDS
+                   if (value := getattr(record, name, None)) is not None)
+    return record.name, record.getMessage(), extras
 
 
 def configure_logging(level: str = "INFO", stream=None) -> None:

@@ -50,6 +50,9 @@ class RiskParams(_Section):
     # How old the last successful comparison of the broker's orders with ours may be before
     # entries stop (unknown orders are exposure the gates cannot see).
     max_reconciliation_age_seconds: int = Field(ge=30, le=86_400)
+    # How far into the future another machine's timestamp may lie before it is refused. Small:
+    # beyond a few seconds the other clock (or the row) is wrong, not merely ahead.
+    max_clock_skew_seconds: int = Field(ge=0, le=60)
 
 
 class TradingHoursParams(_Section):

@@ -26,13 +26,13 @@ def bootstrap(account: str | None = None):
     Returns (settings, account_id, conninfo, params provider).
     """
     from services.common.db import database_url
-    from services.common.migrate import migrate
+    from services.common.migrate import migrate_when_ready
     from services.common.params_source import provider_from_settings
     from services.common.settings import load_settings
 
     settings = load_settings()
     url = database_url()
-    migrate(url)
+    migrate_when_ready(url)
     return settings, account or settings.account_id, url, provider_from_settings(settings)
 
 

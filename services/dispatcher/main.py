@@ -673,10 +673,10 @@ def log_startup(dispatcher: Dispatcher) -> None:
 
 def run_dispatcher(once: bool = False) -> int:
     from services.common.db import database_url, make_pool
-    from services.common.migrate import migrate
+    from services.common.migrate import migrate_when_ready
 
     url = database_url()
-    migrate(url)
+    migrate_when_ready(url)
     account_id = os.environ.get("ACCOUNT_ID", "paper-main")
     worker_id = new_worker_id()
     pool = make_pool(url, min_size=1, max_size=2, application_name=f"ops-dispatcher:{worker_id}"[:63], check=False)

@@ -76,10 +76,10 @@ def run_loop(conninfo: str, *, interval: float = DEFAULT_INTERVAL_SECONDS, once:
 
 def _handle(args: argparse.Namespace) -> int:
     from services.common.db import database_url
-    from services.common.migrate import migrate
+    from services.common.migrate import migrate_when_ready
 
     url = database_url()
-    migrate(url)
+    migrate_when_ready(url)
     from services.common.service import stop_on_sigterm
 
     return run_loop(url, interval=args.interval, once=args.once, stop=stop_on_sigterm())

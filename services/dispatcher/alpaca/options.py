@@ -36,7 +36,7 @@ from services.common.market_calendar import (
 )
 from services.common.params import OptionParams, TradingParams, as_params
 from services.common.numbers import to_decimal
-from services.dispatcher.risk.gates import GateResult, NamedGate, aware_now, deny, ok
+from services.dispatcher.risk.gates import GateResult, NamedGate, aware_now, check_not_future_dated, deny, ok
 from services.dispatcher.risk.sizing import SizeResult, size_order
 
 _MISSING = object()
@@ -51,6 +51,7 @@ FALLBACK_CODES = frozenset(
         "NO_BID",
         "CROSSED_QUOTE",
         "STALE_QUOTE",
+        "FUTURE_DATED",  # a quote time ahead of our clock is refused like a stale one
         "WIDE_SPREAD",
         "NO_VOLUME",
         "LOW_VOLUME",
@@ -156,12 +157,19 @@ def check_option_quote(bid_raw: Any, ask_raw: Any) -> GateResult:
 
 
 def check_option_quote_age(quote_time: Any, now: datetime, params: TradingParams) -> GateResult:
-    """The quote's age from its own timestamp. Not evaluated for a contract without the attribute."""
+    """The quote's age from its own timestamp. Not evaluated for a contract without the attribute.
+
+    A quote time further ahead of `now` than max_clock_skew_seconds is FUTURE_DATED: its
+    negative age would otherwise pass.
+    """
     limit = params.options.max_quote_age_seconds
     if quote_time is _MISSING:
         return ok(f"{NOT_EVALUATED}: contract carries no quote time", None, limit)
     if not isinstance(quote_time, datetime) or quote_time.tzinfo is None:
         return deny("STALE_QUOTE", f"quote_time={quote_time!r} is not an aware time", None, limit)
+    ahead = check_not_future_dated("quote_time", quote_time, now, params)
+    if not ahead.passed:
+        return ahead
     age = (now - quote_time).total_seconds()
     if age > limit:
         return deny("STALE_QUOTE", f"age={age:.0f}s limit={limit}s quote_time={quote_time.isoformat()}", age, limit)

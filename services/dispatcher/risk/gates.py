@@ -5,6 +5,11 @@ The reason starts with a code (`MAX_EXPOSURE: notional=10450.00 limit=10000.00`)
 the code OK. Missing or malformed inputs deny with their own code (NO_ACCOUNT_STATE, NO_BAR,
 BAD_BAR, ...): a gate never passes on data it does not have.
 
+Times written by other machines (a recommendation's created_at and bar_ts, a bar's or the
+features' ts, an option quote's time) are not trusted blindly: one further ahead of `now` than
+`max_clock_skew_seconds` is denied as FUTURE_DATED, since its age would come out negative and
+pass every staleness limit.
+
 `evaluate_all_gates` runs every gate, keeps every result, and turns an exception inside a
 gate into a denial (GATE_ERROR), so one bad field cannot crash the dispatcher's loop.
 
@@ -84,6 +89,25 @@ def aware_now(now: datetime | None) -> datetime:
     if now.tzinfo is None:
         raise ValueError("naive datetime: gates need an aware `now`")
     return now
+
+
+def check_not_future_dated(what: str, ts: datetime, now: datetime, config: TradingParams | Mapping) -> GateResult:
+    """Deny an aware time `ts` that lies more than max_clock_skew_seconds after `now`.
+
+    Observed is the lead in seconds (ts - now), the limit the tolerance; exactly the
+    tolerance passes. `what` names the time in the reason (created_at, bar_ts, quote_time).
+    """
+    limit = as_params(config).risk.max_clock_skew_seconds
+    lead = (ts - now).total_seconds()
+    detail = f"{what}={ts.isoformat()} lead={lead:.3f}s limit={limit}s"
+    if lead > limit:
+        return deny("FUTURE_DATED", detail, lead, limit)
+    return ok(detail, lead, limit)
+
+
+def _future_dated(what: str, ts: datetime, now: datetime, config: TradingParams | Mapping) -> GateResult | None:
+    result = check_not_future_dated(what, ts, now, config)
+    return None if result.passed else result
 
 
 # --- The seed's account kill switches ---------------------------------------------------------
@@ -264,11 +288,25 @@ def check_confidence(confidence: Any, strategy: Any, config: TradingParams | Map
     return ok(f"confidence={value} min={limit} strategy={strategy}", float(value), limit)
 
 
-def check_recommendation_age(created_at: Any, now: datetime, config: TradingParams | Mapping) -> GateResult:
-    limit = as_params(config).risk.max_recommendation_age_seconds
+def check_recommendation_age(
+    created_at: Any, now: datetime, config: TradingParams | Mapping, bar_ts: Any = None
+) -> GateResult:
+    """Deny a recommendation older than max_recommendation_age_seconds, or dated in the future.
+
+    Both its own times come from the machine that wrote it: created_at, and bar_ts (the bar
+    its signal was computed from) when it has one.
+    """
+    params = as_params(config)
+    limit = params.risk.max_recommendation_age_seconds
     created = _aware(created_at)
     if created is None:
         return deny("BAD_RECOMMENDATION", f"created_at={created_at!r} is not an aware time", None, limit)
+    signal_bar = _aware(bar_ts)
+    if bar_ts is not None and signal_bar is None:
+        return deny("BAD_RECOMMENDATION", f"bar_ts={bar_ts!r} is not an aware time", None, limit)
+    for what, ts in (("created_at", created), ("bar_ts", signal_bar)):
+        if ts is not None and (future := _future_dated(what, ts, now, params)):
+            return future
     age = (now - created).total_seconds()
     if age > limit:
         return deny("STALE_RECOMMENDATION", f"age={age:.0f}s limit={limit}s", age, limit)
@@ -288,7 +326,8 @@ def bar_problem(bar: Any) -> str | None:
 
 def check_bar_freshness(bar: Any, now: datetime, config: TradingParams | Mapping) -> GateResult:
     """The bar covers [ts, ts + 60 s): its age is measured from its end, not from when it was stored."""
-    limit = as_params(config).risk.max_bar_age_seconds
+    params = as_params(config)
+    limit = params.risk.max_bar_age_seconds
     if bar is None:
         return deny("NO_BAR", "no bar for the ticker", None, limit)
     ts = _aware(_field(bar, "ts"))
@@ -297,6 +336,9 @@ def check_bar_freshness(bar: Any, now: datetime, config: TradingParams | Mapping
     problem = bar_problem(bar)
     if problem:
         return deny("BAD_BAR", problem, None, limit)
+    # A bar still forming began before now; one that begins later than the tolerance is not data yet.
+    if future := _future_dated("bar_ts", ts, now, params):
+        return future
     age = (now - (ts + timedelta(seconds=BAR_SECONDS))).total_seconds()
     if age > limit:
         return deny("STALE_BAR", f"age={age:.0f}s limit={limit}s bar={ts.isoformat()}", age, limit)
@@ -305,12 +347,15 @@ def check_bar_freshness(bar: Any, now: datetime, config: TradingParams | Mapping
 
 def check_feature_freshness(features: Any, now: datetime, config: TradingParams | Mapping) -> GateResult:
     """Features are as old as the latest bar they were computed from (`ts`), not their computed_at."""
-    limit = as_params(config).risk.max_feature_age_seconds
+    params = as_params(config)
+    limit = params.risk.max_feature_age_seconds
     if features is None:
         return deny("NO_FEATURES", "no features for the ticker", None, limit)
     ts = _aware(_field(features, "ts"))
     if ts is None:
         return deny("BAD_FEATURES", f"ts={_field(features, 'ts')!r} is not an aware time", None, limit)
+    if future := _future_dated("features_ts", ts, now, params):
+        return future
     age = (now - (ts + timedelta(seconds=BAR_SECONDS))).total_seconds()
     if age > limit:
         return deny("STALE_FEATURES", f"age={age:.0f}s limit={limit}s", age, limit)
@@ -451,7 +496,8 @@ def evaluate_all_gates(
         run("action_allowed", check_action_allowed, action, instrument, params),
         run("instrument_allowed", check_instrument_allowed, instrument, params),
         entry_only("confidence", check_confidence, _field(recommendation, "confidence"), _field(recommendation, "strategy"), params),
-        run("recommendation_age", check_recommendation_age, _field(recommendation, "created_at"), now, params),
+        run("recommendation_age", check_recommendation_age, _field(recommendation, "created_at"), now, params,
+            _field(recommendation, "bar_ts")),
         run("bar_freshness", check_bar_freshness, bar, now, params),
         entry_only("feature_freshness", check_feature_freshness, features, now, params),
         run("trading_hours", check_market_open_for_exit if is_exit else check_trading_hours, params, now, calendar),
