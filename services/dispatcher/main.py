@@ -38,6 +38,7 @@ from services.common.logs import json_default
 from services.common.market_calendar import CalendarUnavailable, SessionCalendar, et_date, et_day_bounds, nyse_calendar
 from services.common.params import ParamsInForce
 from services.dispatcher import kill_switch, queries
+from services.dispatcher.assets import AssetCache
 from services.dispatcher.broker import (
     Broker,
     BrokerError,
@@ -123,6 +124,7 @@ class Dispatcher:
         calendar: SessionCalendar | None = None,
         worker_id: str | None = None,
         option_data: Any = None,
+        assets: AssetCache | None = None,
     ):
         self.pool = pool
         self.broker = broker
@@ -132,6 +134,7 @@ class Dispatcher:
         self._calendar = calendar
         self.worker_id = worker_id or new_worker_id()
         self.option_data = option_data
+        self.assets = assets or AssetCache(lambda symbol: self.broker.get_asset(symbol), self.clock)
         self._last_refresh: datetime | None = None
         self._last_reconcile: datetime | None = None
 
@@ -231,6 +234,7 @@ class Dispatcher:
             exposure=row["exposure"],
             account_state=account,
             kill_state=kill_state,
+            asset=self.assets.lookup(row["ticker"], now),
         )
 
     def _gather_options(self, conn, ctx: Context, in_force: ParamsInForce, now: datetime) -> OptionInputs:
@@ -631,6 +635,7 @@ def log_startup(dispatcher: Dispatcher) -> None:
         ("trading_hours", f"blocked first {p.trading_hours.block_after_open_minutes}m and last {p.trading_hours.block_before_close_minutes}m"),
         ("ticker_cooldown", f"{p.risk.ticker_cooldown_minutes}m"),
         ("ticker_trades_today", f"max {p.risk.max_trades_per_ticker_per_day}"),
+        ("asset", "ticker well-formed; broker asset active, tradable (shortable for a short sale), cached per session"),
         ("option_liquidity", f"spread<={p.options.max_option_spread} volume>={p.options.min_option_volume} "
                              f"oi>={p.options.min_open_interest} iv_pct<={p.options.max_iv_percentile}"),
     ]:
