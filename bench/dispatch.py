@@ -33,6 +33,15 @@ SESSION_START = datetime(2026, 11, 30, 15, 0, tzinfo=timezone.utc)  # 10:00 ET
 ACCOUNT = "bench"
 
 
+def ticker(i: int) -> str:
+    """The i-th synthetic ticker, letters only as real tickers are (the asset gate refuses digits): TAAAA, TAAAB, ..."""
+    letters = ""
+    for _ in range(4):
+        i, r = divmod(i, 26)
+        letters = chr(ord("A") + r) + letters
+    return "T" + letters
+
+
 def bench_params(max_open_positions: int = 50):
     from services.common.params import ParamsInForce, as_params
 
@@ -79,7 +88,7 @@ def seed(url: str, tickers: int, now: datetime) -> None:
     from services.common.db import connect
 
     bar_ts = now.replace(second=0, microsecond=0) - timedelta(minutes=1)
-    rows = [(f"T{i:05d}", bar_ts, Decimal("50"), Decimal("50.1"), Decimal("49.9"), Decimal("50"), 1000) for i in range(tickers)]
+    rows = [(ticker(i), bar_ts, Decimal("50"), Decimal("50.1"), Decimal("49.9"), Decimal("50"), 1000) for i in range(tickers)]
     with connect(url) as conn, conn.cursor() as cur:
         cur.executemany("INSERT INTO lane_telemetry (ticker, ts, open, high, low, close, volume) VALUES (%s,%s,%s,%s,%s,%s,%s)", rows)
         cur.executemany("INSERT INTO lane_features (ticker, ts, close) VALUES (%s, %s, %s)", [(r[0], r[1], r[5]) for r in rows])
@@ -95,7 +104,7 @@ def reset(url: str) -> None:
 def insert_recs(url: str, n: int, tickers: int, now: datetime) -> None:
     from services.common.db import connect
 
-    rows = [(ACCOUNT, f"T{i % tickers:05d}", "BUY", "STOCK", "day_trade", 0.8, now) for i in range(n)]
+    rows = [(ACCOUNT, ticker(i % tickers), "BUY", "STOCK", "day_trade", 0.8, now) for i in range(n)]
     with connect(url) as conn, conn.cursor() as cur:
         cur.executemany("""INSERT INTO dispatch_recommendations (account_id, ticker, action, instrument, strategy, confidence, created_at)
                            VALUES (%s, %s, %s, %s, %s, %s, %s)""", rows)
@@ -150,7 +159,7 @@ def latency(ctx, url: str, offset_s: float, n_workers: int, n: int, now: datetim
                 rid = conn.execute(
                     """INSERT INTO dispatch_recommendations (account_id, ticker, action, instrument, strategy, confidence, created_at)
                        VALUES (%s, %s, 'BUY', 'STOCK', 'day_trade', 0.8, %s) RETURNING id""",
-                    (ACCOUNT, f"T{i:05d}", now),
+                    (ACCOUNT, ticker(i), now),
                 ).fetchone()["id"]
                 conn.execute("SELECT pg_notify('recommendations', %s)", (ACCOUNT,))
             committed[rid] = time.time()

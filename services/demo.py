@@ -99,6 +99,7 @@ DESK = [
     DeskRec(24, "XYZ", "BUY", note="no market data"),
     DeskRec(26, "AAPL", "HOLD", note="unknown action"),
     DeskRec(28, "AAPL", "BUY", confidence=0.4, note="low confidence"),
+    DeskRec(30, "b00", "BUY", note="malformed ticker: no such asset"),
     DeskRec(110, "MSFT", "EXIT", note="desk: take profit"),
     DeskRec(112, "BKNG", "BUY", note="one share would breach the exposure limit"),
     DeskRec(245, "MSFT", "BUY", note="after the daily-loss trip"),
@@ -161,7 +162,8 @@ def run_demo(day: date = DEMO_DAY, seed: int = 7, in_force: ParamsInForce | None
     try:
         with connect(url) as conn:
             _reset_account(conn, DEMO_ACCOUNT)
-        broker = SimBroker(pool, DEMO_ACCOUNT, clock, slippage_bps=in_force.params.execution.slippage_bps)
+        broker = SimBroker(pool, DEMO_ACCOUNT, clock, slippage_bps=in_force.params.execution.slippage_bps,
+                           universe=ALL)
         options = SimOptionMarket(pool, seed=seed, liquidity={t.ticker: t.option_liquidity for t in TICKERS})
         dispatcher = Dispatcher(pool, broker, StaticParams(in_force), DEMO_ACCOUNT, clock=clock,
                                 calendar=calendar, worker_id="demo", option_data=OptionData(options.chain))

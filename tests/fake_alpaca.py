@@ -20,7 +20,8 @@ As a process (the state file survives a restart; faults and requests via /_fake/
     (prints "listening on http://127.0.0.1:PORT" once it accepts connections)
 
 Responses carry the field names alpaca-py parses (Order, TradeAccount, Clock, Calendar,
-Position, OptionContractsResponse, OptionsSnapshot, BarSet). Market data responses carry exactly
+Position, Asset, OptionContractsResponse, OptionsSnapshot, BarSet). GET /v2/assets/{symbol} answers
+for the assets a test registered with `add_asset` and 404s every other symbol, as Alpaca does. Market data responses carry exactly
 one payload key plus "next_page_token": null, or the SDK keeps paging.
 """
 
@@ -39,7 +40,7 @@ from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -180,6 +181,7 @@ class FakeAlpaca:
         self.contracts: list[dict] = []
         self.snapshots: dict[str, dict] = {}
         self.bars: dict[str, list[dict]] = {}
+        self.assets: dict[str, dict] = {}  # by symbol
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._load()
@@ -329,6 +331,37 @@ class FakeAlpaca:
             {"t": _iso(ts), "o": o, "h": h, "l": low, "c": c, "v": v, "n": 10, "vw": (h + low) / 2}
         )
 
+    def add_asset(
+        self,
+        symbol: str,
+        *,
+        status: str = "active",
+        tradable: bool = True,
+        shortable: bool = True,
+        easy_to_borrow: bool = True,
+        fractionable: bool = True,
+        asset_class: str = "us_equity",
+        exchange: str = "NASDAQ",
+    ) -> None:
+        """An asset record in Alpaca's shape (GET /v2/assets/{symbol})."""
+        self.assets[symbol] = {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_DNS, symbol)),
+            "class": asset_class,
+            "exchange": exchange,
+            "symbol": symbol,
+            "name": f"{symbol} Inc. Common Stock",
+            "status": status,
+            "tradable": tradable,
+            "marginable": tradable,
+            "maintenance_margin_requirement": 30,
+            "margin_requirement_long": "30",
+            "margin_requirement_short": "100",
+            "shortable": shortable,
+            "easy_to_borrow": easy_to_borrow,
+            "fractionable": fractionable,
+            "attributes": ["fractional_eh_enabled"] if fractionable else [],
+        }
+
     def add_position(self, symbol: str, qty: str, avg_entry_price: str, current_price: str | None = None) -> None:
         option = _is_occ(symbol)
         q = Decimal(qty)
@@ -439,6 +472,13 @@ class FakeAlpaca:
                     if not found:
                         raise _Reply(404, {"code": 40410000, "message": "order not found"})
                     return 200, found[0]
+                if path.startswith("/v2/assets/"):
+                    symbol = unquote(path[len("/v2/assets/"):])
+                    with self._lock:
+                        asset = self.assets.get(symbol)
+                    if asset is None:
+                        raise _Reply(404, {"code": 40410000, "message": f"asset not found for {symbol}"})
+                    return 200, dict(asset)
                 if path == "/v2/options/contracts":
                     return 200, self._contracts(q)
                 if path == "/v1beta1/options/snapshots":

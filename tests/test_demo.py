@@ -98,3 +98,15 @@ def test_demo_output_and_logs_carry_no_secret(demo_run):
     assert '"settings"' in stderr  # the start-up line that describes the settings was logged
     for value in (*SECRETS.values(), "pg-password-not-to-log"):
         assert value not in stdout and value not in stderr
+
+
+def test_demo_refuses_the_malformed_ticker_at_the_asset_gate_and_sends_it_nowhere(demo_run):
+    url, _, _ = demo_run
+    with connect(url) as conn:
+        rec = conn.execute("SELECT status, gate_results FROM dispatch_recommendations WHERE account_id = 'demo' "
+                           "AND ticker = 'b00'").fetchone()
+        orders = conn.execute("SELECT count(*)::int AS n FROM sim_orders WHERE account_id = 'demo' AND symbol = 'b00'"
+                              ).fetchone()["n"]
+    asset = next(g for g in rec["gate_results"] if g["name"] == "asset")
+    assert (rec["status"], asset["passed"], asset["code"]) == ("SKIPPED", False, "BAD_SYMBOL")
+    assert orders == 0

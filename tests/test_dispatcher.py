@@ -54,7 +54,8 @@ REPO = Path(__file__).resolve().parents[1]
 NOW = et("2026-11-30", "10:00")  # a Monday session, 25 minutes after the opening block ends
 GATE_NAMES = {
     "kill_switch", "action_allowed", "instrument_allowed", "confidence", "recommendation_age",
-    "bar_freshness", "feature_freshness", "trading_hours", "daily_loss", "broker_reconciliation", "ticker_trades_today",
+    "bar_freshness", "asset", "feature_freshness", "trading_hours", "daily_loss", "broker_reconciliation",
+    "ticker_trades_today",
     "ticker_cooldown", "open_position", "max_positions", "max_exposure",
 }
 
@@ -144,6 +145,9 @@ class PassThroughBroker:
 
     def list_orders_since(self, since):
         return self.inner.list_orders_since(since)
+
+    def get_asset(self, symbol: str):
+        return self.inner.get_asset(symbol)
 
 
 class SimulatedCrash(BaseException):
@@ -280,7 +284,7 @@ def test_stock_entry_when_all_gates_pass_then_filled_and_recorded_with_every_gat
         params.source, params.version, params.content_hash)
     assert rec["params_source"].startswith("file:") and len(rec["params_hash"]) == 64
 
-    assert len(rec["gate_results"]) == 15
+    assert len(rec["gate_results"]) == len(GATE_NAMES)
     assert {g["name"] for g in rec["gate_results"]} == GATE_NAMES
     for g in rec["gate_results"]:
         assert set(g) >= {"name", "passed", "code", "reason", "observed", "limit"}
@@ -314,7 +318,7 @@ def test_stock_entry_when_all_gates_pass_then_filled_and_recorded_with_every_gat
     assert len(why) == 1
     assert (why[0]["status"], why[0]["outcome_code"], why[0]["client_order_id"], why[0]["qty"],
             why[0]["params_source"]) == ("EXECUTED", "ORDER_FILLED", cid, qty, params.source)
-    assert len(why[0]["gate_results"]) == 15
+    assert len(why[0]["gate_results"]) == len(GATE_NAMES)
 
 
 # --- exposure and positions count the proposed order --------------------------------------------

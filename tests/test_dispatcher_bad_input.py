@@ -168,7 +168,7 @@ def test_bad_recommendation_then_skipped_with_its_code_every_gate_stored_and_the
 
     assert_contained(outcomes, bad, good)
     assert (bad["status"], bad["outcome_code"]) == ("SKIPPED", code)
-    assert len(bad["gate_results"]) >= 14
+    assert len(bad["gate_results"]) >= 15
     denied = [g for g in bad["gate_results"] if g["name"] == gate_name]
     assert len(denied) == 1 and (denied[0]["passed"], denied[0]["code"]) == (False, code), bad["gate_results"]
 

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOW = et("2026-11-30", "11:00")
 WORKERS = 4
 RECOMMENDATIONS = 200
-TICKERS = [f"T{i:02d}" for i in range(20)]
+TICKERS = [f"T{chr(ord('A') + i)}" for i in range(20)]  # letters only, as tickers are
 MAX_POSITIONS = 5
 # Positions bind, not exposure: 5 x 2,000 per trade is far below this.
 OVERRIDES = {"max_open_positions": MAX_POSITIONS, "max_notional_exposure": 1_000_000}

@@ -19,7 +19,7 @@ from freezegun import freeze_time
 
 from services.common.market_calendar import ET, Session, SessionCalendar
 from services.common.params import TradingParams, as_params, default_params
-from services.dispatcher.broker import AccountSnapshot
+from services.dispatcher.broker import AccountSnapshot, AssetRecord
 from services.dispatcher.risk.gates import (
     GateResult,
     check_market_open_for_exit,
@@ -46,6 +46,8 @@ from services.dispatcher.risk.gates import (
 )
 
 UTC = timezone.utc
+AAPL_ASSET = AssetRecord("AAPL", "active", tradable=True, shortable=True, fractionable=True, asset_class="us_equity",
+                         easy_to_borrow=True)
 
 # The seed's flat mapping; `as_params` overlays it on the reviewed defaults.
 SEED_CONFIG = {
@@ -72,6 +74,7 @@ GATE_ORDER = [
     "confidence",
     "recommendation_age",
     "bar_freshness",
+    "asset",
     "feature_freshness",
     "trading_hours",
     "daily_loss",
@@ -829,6 +832,7 @@ def good_context(**overrides) -> dict:
         kill_switch_state="ACTIVE",
         open_positions_count=0,
         total_notional=Decimal("0"),
+        asset=AAPL_ASSET,
     )
     ctx.update(overrides)
     return ctx
@@ -888,7 +892,7 @@ def test_all_gates_pass_for_a_good_entry_with_every_gate_in_order():
 
 def test_all_gates_accept_typed_params():
     passed, gates = run_gates(config=default_params())
-    assert passed and len(gates) == 15
+    assert passed and len(gates) == len(GATE_ORDER)
 
 
 def test_all_gates_run_after_a_failure_and_keep_every_result():
@@ -909,6 +913,7 @@ def test_all_gates_run_after_a_failure_and_keep_every_result():
         "confidence": "OK",
         "recommendation_age": "OK",
         "bar_freshness": "STALE_BAR",
+        "asset": "OK",
         "feature_freshness": "OK",
         "trading_hours": "OK",
         "daily_loss": "OK",
@@ -953,7 +958,7 @@ def test_all_gates_deny_an_entry_with_the_failing_gates_code(overrides, gate, co
     """Only the gate named fails: each case isolates one rule inside the full evaluation."""
     passed, gates = run_gates(**overrides)
     assert not passed
-    assert len(gates) == 15
+    assert len(gates) == len(GATE_ORDER)
     assert by_name(gates)[gate].code == code
     assert [g.name for g in gates if not g.result.passed] == [gate]
 

@@ -9,6 +9,7 @@ from decimal import Decimal
 import pytest
 
 from services.common.params import as_params
+from services.dispatcher.broker import AssetRecord
 from services.dispatcher.decision import Context, OptionInputs, decide
 from services.dispatcher.iv_history import IVPercentile
 from services.dispatcher.sim_options import SimChainSpec, simulate_chain
@@ -33,6 +34,8 @@ def context(action="BUY", exposure="0", equity="100000") -> Context:
         open_positions=0, exposure=Decimal(exposure),
         account_state={"equity": Decimal(equity), "last_equity": Decimal(equity), "as_of": NOW},
         kill_state="ACTIVE",
+        asset=AssetRecord("XYZ", "active", tradable=True, shortable=True, fractionable=True, asset_class="us_equity",
+                          easy_to_borrow=True),
     )
 
 

@@ -117,6 +117,19 @@ class BrokerPosition:
     asset_class: str  # us_equity / us_option
 
 
+@dataclass(frozen=True)
+class AssetRecord:
+    """The broker's record of a tradable symbol (Alpaca's GET /v2/assets/{symbol})."""
+
+    symbol: str
+    status: str  # active / inactive
+    tradable: bool
+    shortable: bool
+    fractionable: bool
+    asset_class: str  # us_equity / us_option / crypto
+    easy_to_borrow: bool = False  # Alpaca opens short positions only in easy-to-borrow names
+
+
 class Broker(Protocol):
     """What the dispatcher needs from a broker."""
 
@@ -133,6 +146,10 @@ class Broker(Protocol):
     def get_account(self) -> AccountSnapshot: ...
 
     def get_positions(self) -> Sequence[BrokerPosition]: ...
+
+    def get_asset(self, symbol: str) -> AssetRecord | None:
+        """The broker's record of a symbol, or None when it has no such asset. Raises BrokerUnavailable."""
+        ...
 
     def list_orders_since(self, since: datetime) -> Sequence[OrderResult]:
         """Orders submitted since an instant, for reconciliation."""

@@ -15,6 +15,7 @@ from typing import Any
 from services.common.market_calendar import SessionCalendar
 from services.common.params import TradingParams
 from services.dispatcher.risk.gates import (
+    ASSET_NOT_GATHERED,
     GateResult,
     NamedGate,
     ProposedOrder,
@@ -44,6 +45,8 @@ class Context:
     exposure: Decimal
     account_state: dict[str, Any] | None
     kill_state: str
+    # The broker's record of the ticker: an AssetRecord, None (no such asset) or AssetUnavailable.
+    asset: Any = ASSET_NOT_GATHERED
 
     @property
     def ticker(self) -> str:
@@ -107,7 +110,7 @@ def _evaluate(ctx: Context, rec: dict[str, Any], params: TradingParams, now: dat
         ctx.open_position is not None, params,
         now=now, account_state=ctx.account_state, kill_switch_state=ctx.kill_state,
         open_positions_count=ctx.open_positions, total_notional=ctx.exposure,
-        proposed_order=proposed, calendar=calendar,
+        proposed_order=proposed, calendar=calendar, asset=ctx.asset,
     )
 
 

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from services.common.clock import Clock, SystemClock
 from services.common.market_calendar import CalendarUnavailable, SessionCalendar, et_date, et_day_bounds, nyse_calendar
 from services.common.params import ParamsInForce
 from services.dispatcher import kill_switch, orders_repo, queries
+from services.dispatcher.assets import MISSING as MISSING_ASSET
+from services.dispatcher.assets import AssetCache
 from services.dispatcher.broker import (
     Broker,
     BrokerError,
@@ -57,7 +60,7 @@ from services.dispatcher.decision import (
 )
 from services.dispatcher.lifecycle import LIVE_POSITION, TERMINAL_RECOMMENDATION, Event, EventKind, Illegal
 from services.dispatcher.orders_repo import BrokerFacts, jsonb
-from services.dispatcher.risk.gates import check_daily_loss_limit
+from services.dispatcher.risk.gates import AssetUnavailable, check_daily_loss_limit
 from services.dispatcher.sim_broker import SimBroker
 
 log = logging.getLogger("dispatcher")
@@ -66,9 +69,9 @@ TERMINAL = tuple(s.value for s in TERMINAL_RECOMMENDATION)
 # After a fill the account is refreshed, but at most this often: two trading-API requests a
 # refresh against a budget of 200 a minute.
 FILL_REFRESH_SECONDS = 1.0
-# An option entry whose chain is not cached lets its claim go and fetches it; a cache that
-# loses a chain it was just given is a bug, not a reason to loop.
-MAX_CHAIN_FETCHES = 3
+# A decision whose network inputs (asset record, option chain) are not cached lets its claim go,
+# fetches them and claims again (maybe another row, when other dispatchers took that one).
+MAX_FETCHES = 20
 # An order the broker does not show this long after it was sent was not placed.
 IN_FLIGHT_GRACE = timedelta(minutes=2)
 # In-flight orders, working orders and the broker's order list are compared with ours this often.
@@ -95,12 +98,16 @@ class StaticParams:
         return {"source": p.source, "version": p.version, "hash": p.content_hash, "last_error": None}
 
 
-class _FetchChain(Exception):
-    """Raised inside the claim transaction to let the claim go while the option chain is fetched."""
+class _FetchFirst(Exception):
+    """Raised inside the claim transaction to let the claim go while a network input is fetched.
 
-    def __init__(self, ticker: str, strategy: str | None, spot: Any):
-        super().__init__(ticker)
-        self.ticker, self.strategy, self.spot = ticker, strategy, spot
+    Market data and asset records come over the network, with retries and rate-limit waits;
+    fetched inside the claim they would hold the row lock and a pooled connection for seconds.
+    """
+
+    def __init__(self, what: str, fetch: Callable[[], None]):
+        super().__init__(what)
+        self.fetch = fetch
 
 
 @dataclass
@@ -125,6 +132,7 @@ class Dispatcher:
         calendar: SessionCalendar | None = None,
         worker_id: str | None = None,
         option_data: Any = None,
+        assets: AssetCache | None = None,
     ):
         self.pool = pool
         self.broker = broker
@@ -134,10 +142,12 @@ class Dispatcher:
         self._calendar = calendar
         self.worker_id = worker_id or new_worker_id()
         self.option_data = option_data
+        self.assets = assets or AssetCache(lambda symbol: self.broker.get_asset(symbol), self.clock)
         self._last_refresh: datetime | None = None
         self._last_reconcile: datetime | None = None
         self._last_orders_reconcile: datetime | None = None
         self._chain_errors: dict[str, str] = {}
+        self._asset_errors: dict[str, AssetUnavailable] = {}
 
     @property
     def calendar(self) -> SessionCalendar:
@@ -147,19 +157,17 @@ class Dispatcher:
 
     def process_next(self) -> Outcome | None:
         """Decide the oldest pending recommendation; None when there is none."""
-        for _ in range(MAX_CHAIN_FETCHES + 1):
+        for _ in range(MAX_FETCHES):
             outcome = self._process_once()
-            if not isinstance(outcome, _FetchChain):
+            if not isinstance(outcome, _FetchFirst):
                 return outcome
-            # The claim was let go: fetch the chain with no transaction open, then claim again.
-            try:
-                self.option_data.fetch(outcome.ticker, outcome.strategy, outcome.spot, self.clock.now(),
-                                       self.params.current().params)
-            except BrokerError as e:
-                self._chain_errors[outcome.ticker] = f"{type(e).__name__}: {e}"
-        raise RuntimeError("option chain still not cached after fetching it")  # a cache that does not keep
+            outcome.fetch()  # the claim was let go: fetch with no transaction open, then claim again
+        # Each pass cached what the row it claimed needed; other dispatchers kept taking those rows.
+        log.warning("no decision after fetching inputs; yielding", extra={"account_id": self.account_id,
+                                                                            "fetches": MAX_FETCHES})
+        return None
 
-    def _process_once(self) -> Outcome | _FetchChain | None:
+    def _process_once(self) -> Outcome | _FetchFirst | None:
         now = self.clock.now()
         in_force = self.params.current()
         day_start, day_end = et_day_bounds(et_date(now))
@@ -180,7 +188,7 @@ class Dispatcher:
                 if is_option_entry(ctx.recommendation):
                     option_inputs = self._gather_options(conn, ctx, in_force, now)
                     if option_inputs is None:  # rolls the claim back: nothing recorded
-                        raise _FetchChain(ctx.ticker, ctx.recommendation.get("strategy"), (ctx.bar or {}).get("close"))
+                        raise _FetchFirst(f"option chain {ctx.ticker}", lambda: self._fetch_chain(ctx))
                 decision = decide(ctx, in_force.params, now, self._calendar, option_inputs)
                 decision = live_trading_check(decision, not self.broker.paper, in_force.params)
                 position_id = None
@@ -205,7 +213,7 @@ class Dispatcher:
                     loss = next((g.result for g in decision.gates if g.result.code == "DAILY_LOSS_LIMIT"), None)
                     if loss is not None:  # whichever gate failed first, the loss trips the switch
                         self._trip(conn, loss.reason, now)
-        except _FetchChain as fetch:
+        except _FetchFirst as fetch:
             return fetch
         except (psycopg.OperationalError, psycopg.InterfaceError):
             raise  # the database is down: the loop backs off; nothing was committed
@@ -282,7 +290,28 @@ class Dispatcher:
             exposure=row["exposure"],
             account_state=account,
             kill_state=kill_state,
+            asset=self._asset(row["ticker"], now),
         )
+
+    def _asset(self, ticker: str, now: datetime):
+        asset = self.assets.cached(ticker, now)
+        if asset is MISSING_ASSET:
+            if ticker in self._asset_errors:  # the fetch just made failed: that is the answer, once
+                return self._asset_errors.pop(ticker)
+            raise _FetchFirst(f"asset {ticker}", lambda: self._fetch_asset(ticker, now))
+        return asset
+
+    def _fetch_asset(self, ticker: str, now: datetime) -> None:
+        answer = self.assets.lookup(ticker, now)
+        if isinstance(answer, AssetUnavailable):
+            self._asset_errors[ticker] = answer
+
+    def _fetch_chain(self, ctx: Context) -> None:
+        try:
+            self.option_data.fetch(ctx.ticker, ctx.recommendation.get("strategy"), (ctx.bar or {}).get("close"),
+                                   self.clock.now(), self.params.current().params)
+        except BrokerError as e:
+            self._chain_errors[ctx.ticker] = f"{type(e).__name__}: {e}"
 
     def _gather_options(self, conn, ctx: Context, in_force: ParamsInForce, now: datetime) -> OptionInputs | None:
         """The chain and the IV percentile for an option entry, from the cache; None: fetch it first.
@@ -665,6 +694,7 @@ def log_startup(dispatcher: Dispatcher) -> None:
         ("trading_hours", f"blocked first {p.trading_hours.block_after_open_minutes}m and last {p.trading_hours.block_before_close_minutes}m"),
         ("ticker_cooldown", f"{p.risk.ticker_cooldown_minutes}m"),
         ("ticker_trades_today", f"max {p.risk.max_trades_per_ticker_per_day}"),
+        ("asset", "ticker well-formed; broker asset active, tradable (shortable for a short sale), cached per session"),
         ("option_liquidity", f"spread<={p.options.max_option_spread} volume>={p.options.min_option_volume} "
                              f"oi>={p.options.min_open_interest} iv_pct<={p.options.max_iv_percentile}"),
     ]:

@@ -9,12 +9,16 @@ simulated market. A buy fills at the ask plus `slippage_bps`, a sell at the bid 
 Positions are marked to mid. equity = cash + marked positions; last_equity is rolled to the
 equity at the first look of each new ET session, so equity - last_equity is the day's P&L, as
 Alpaca reports it.
+
+Assets: the simulated universe is the `universe` given (the demo's tickers), else every ticker
+the simulated market has bars for; each is an active, tradable, shortable us_equity, and any
+other symbol has no asset record (None), as Alpaca answers 404.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from decimal import Decimal
 
@@ -24,6 +28,7 @@ from services.common.clock import Clock
 from services.common.market_calendar import SessionCalendar, nyse_calendar
 from services.dispatcher.broker import (
     AccountSnapshot,
+    AssetRecord,
     BrokerPosition,
     BrokerRejected,
     DuplicateClientOrderId,
@@ -36,6 +41,9 @@ _BPS = Decimal("0.0001")
 
 _STOCK_QUOTE = """
 SELECT close FROM lane_telemetry WHERE ticker = %(symbol)s AND ts <= %(now)s ORDER BY ts DESC LIMIT 1
+"""
+_HAS_BARS = """
+SELECT EXISTS (SELECT 1 FROM lane_telemetry WHERE ticker = %(symbol)s) AS listed
 """
 _OPTION_QUOTE = """
 SELECT bid, ask FROM sim_option_marks WHERE symbol = %(symbol)s AND ts <= %(now)s ORDER BY ts DESC LIMIT 1
@@ -91,6 +99,7 @@ class SimBroker:
         half_spread_bps: float = 2,
         starting_cash: Decimal = Decimal("100000"),
         calendar: SessionCalendar | None = None,
+        universe: Collection[str] | None = None,
     ):
         self.pool = pool
         self.account_id = account_id
@@ -100,6 +109,7 @@ class SimBroker:
         self.starting_cash = starting_cash
         self.calendar = calendar or nyse_calendar()
         self._account_created = False
+        self.universe = frozenset(universe) if universe is not None else None
 
     def __repr__(self) -> str:
         return f"SimBroker(account_id={self.account_id!r})"
@@ -178,6 +188,19 @@ class SimBroker:
                 (self.account_id, since),
             ).fetchall()
         return [_order_result(r) for r in rows]
+
+    # --- assets ---------------------------------------------------------------------------
+
+    def get_asset(self, symbol: str) -> AssetRecord | None:
+        if self.universe is not None:
+            listed = symbol in self.universe
+        else:
+            with self.pool.connection() as conn:
+                listed = conn.execute(_HAS_BARS, {"symbol": symbol}).fetchone()["listed"]
+        if not listed:
+            return None
+        return AssetRecord(symbol=symbol, status="active", tradable=True, shortable=True, fractionable=True,
+                           asset_class="us_equity", easy_to_borrow=True)
 
     # --- account --------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import requests
 from alpaca.common.enums import Sort
@@ -51,7 +52,7 @@ from alpaca.trading.enums import (
     QueryOrderStatus,
     TimeInForce,
 )
-from alpaca.trading.models import OptionContract, Order
+from alpaca.trading.models import Asset, OptionContract, Order
 from alpaca.trading.requests import (
     GetCalendarRequest,
     GetOptionContractsRequest,
@@ -67,6 +68,7 @@ from services.dispatcher.alpaca.models import MarketClock, OptionQuote, parse_oc
 from services.dispatcher.alpaca.settings import AlpacaSettings
 from services.dispatcher.broker import (
     AccountSnapshot,
+    AssetRecord,
     BrokerError,
     BrokerPosition,
     BrokerRejected,
@@ -300,6 +302,19 @@ def order_result(order: Order) -> OrderResult:
     )
 
 
+def asset_record(asset: Asset) -> AssetRecord:
+    """alpaca-py Asset -> AssetRecord (enum values as plain strings)."""
+    return AssetRecord(
+        symbol=asset.symbol,
+        status=_enum_value(asset.status),
+        tradable=bool(asset.tradable),
+        shortable=bool(asset.shortable),
+        fractionable=bool(asset.fractionable),
+        asset_class=_enum_value(asset.asset_class),
+        easy_to_borrow=bool(asset.easy_to_borrow),
+    )
+
+
 def calendar_session(day: date, open_naive: datetime, close_naive: datetime) -> Session:
     """alpaca-py's Calendar.open/close are naive ET wall times: attach ET, then convert to UTC."""
 
@@ -480,6 +495,25 @@ class AlpacaBroker:
                 )
             )
         return out
+
+    # Assets -----------------------------------------------------------------------------------
+
+    def get_asset(self, symbol: str) -> AssetRecord | None:
+        """GET /v2/assets/{symbol}: the asset's record; None on 404 (the broker has no such asset).
+
+        The symbol is one URL path segment, quoted: whatever a recommendation carries cannot
+        reach another path. The dispatcher caches the answer per session (assets.AssetCache).
+        """
+
+        def call() -> AssetRecord | None:
+            try:
+                return asset_record(self._client.get_asset(quote(symbol, safe=".")))
+            except APIError as e:
+                if _is_not_found(e):
+                    return None
+                raise
+
+        return self._retrying.read(f"get asset {symbol}", call)
 
     # Clock and calendar -----------------------------------------------------------------------
 

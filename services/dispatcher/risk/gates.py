@@ -19,6 +19,7 @@ gate into a denial (GATE_ERROR), so one bad field cannot crash the dispatcher's 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -398,6 +399,87 @@ def check_no_open_position(has_open_position: Any, action: Any) -> GateResult:
     return ok("no open position", False, False)
 
 
+# --- The asset: is the ticker a US equity the broker trades? ------------------------------------
+
+# US equity tickers as Alpaca writes them: upper-case ASCII letters, optionally a share-class
+# suffix after a dot (BRK.B, BF.B). Nothing else reaches the broker, not even as a URL path.
+SYMBOL_PATTERN = r"[A-Z]{1,6}(\.[A-Z]{1,2})?"
+_SYMBOL = re.compile(SYMBOL_PATTERN)
+SYMBOL_MAX_LENGTH = 9
+
+
+@dataclass(frozen=True)
+class AssetUnavailable:
+    """The broker's asset record could not be had (the lookup failed, or none was made).
+
+    Distinct from None, which means the broker answered that it has no such asset.
+    """
+
+    reason: str
+
+
+ASSET_NOT_GATHERED = AssetUnavailable("no asset record was gathered")
+
+
+def symbol_problem(symbol: Any) -> str | None:
+    """Why `symbol` is not a US equity ticker as Alpaca writes it, or None."""
+    if not isinstance(symbol, str):
+        return f"symbol={symbol!r} is not a string"
+    if len(symbol) > SYMBOL_MAX_LENGTH:
+        return f"symbol={symbol[:20]!r}{'...' if len(symbol) > 20 else ''} longer than {SYMBOL_MAX_LENGTH}"
+    if not _SYMBOL.fullmatch(symbol):
+        return f"symbol={symbol!r} is not upper-case letters with an optional .CLASS suffix"
+    return None
+
+
+def check_asset(symbol: Any, asset: Any, action: Any, instrument: Any, qty: Any = None) -> GateResult:
+    """The ticker is well-formed and the broker trades it: active, tradable, shortable for a short sale.
+
+    `asset` is the broker's record (symbol, status, tradable, shortable, easy_to_borrow,
+    fractionable, asset_class), None when the broker has no such asset, or AssetUnavailable
+    when the record could not be had: entries then fail closed (NO_ASSET).
+
+    A malformed symbol is refused always. An EXIT closes a position we hold: a halted or
+    delisted stock still needs closing, so the record's verdict is kept in the reason but
+    does not block it.
+    """
+    problem = symbol_problem(symbol)
+    if problem:
+        return deny("BAD_SYMBOL", problem, (symbol if isinstance(symbol, str) else repr(symbol))[:40], SYMBOL_PATTERN)
+    result = _asset_record_check(symbol, asset, action, instrument, qty)
+    if action == "EXIT" and not result.passed:
+        return ok(f"an exit is not blocked by the asset record ({result.reason})", result.observed, result.limit)
+    return result
+
+
+def _asset_record_check(symbol: str, asset: Any, action: Any, instrument: Any, qty: Any) -> GateResult:
+    if isinstance(asset, AssetUnavailable):
+        return deny("NO_ASSET", f"{symbol}: {asset.reason}", None, "active")
+    if asset is None:
+        return deny("NO_ASSET", f"the broker has no asset {symbol}", None, "active")
+    if _field(asset, "symbol") != symbol:
+        return deny("NO_ASSET", f"record is for {_field(asset, 'symbol')!r}, not {symbol}", _field(asset, "symbol"), symbol)
+    asset_class = _field(asset, "asset_class")
+    if asset_class != "us_equity":
+        return deny("NOT_US_EQUITY", f"{symbol} asset_class={asset_class}", asset_class, "us_equity")
+    status = _field(asset, "status")
+    if status != "active":
+        return deny("ASSET_INACTIVE", f"{symbol} status={status}", status, "active")
+    if _field(asset, "tradable") is not True:
+        return deny("ASSET_NOT_TRADABLE", f"{symbol} tradable={_field(asset, 'tradable')}", _field(asset, "tradable"), True)
+    if action == "SELL" and instrument == "STOCK":
+        # A bearish stock entry is a short sale; Alpaca opens shorts only in easy-to-borrow names.
+        shortable, etb = _field(asset, "shortable"), _field(asset, "easy_to_borrow")
+        if shortable is not True or etb is not True:
+            return deny("NOT_SHORTABLE", f"{symbol} shortable={shortable} easy_to_borrow={etb}", shortable and etb, True)
+    units = to_decimal(qty)
+    if instrument == "STOCK" and units is not None and units != units.to_integral_value():
+        fractionable = _field(asset, "fractionable")
+        if fractionable is not True:
+            return deny("NOT_FRACTIONABLE", f"{symbol} qty={units} fractionable={fractionable}", units, "whole shares")
+    return ok(f"{symbol} active tradable {asset_class}", status, "active")
+
+
 # --- All gates ---------------------------------------------------------------------------------
 
 
@@ -466,12 +548,15 @@ def evaluate_all_gates(
     total_notional: Any = Decimal(0),
     proposed_order: ProposedOrder | None = None,
     calendar: SessionCalendar | None = None,
+    asset: Any = ASSET_NOT_GATHERED,
 ) -> tuple[bool, list[NamedGate]]:
     """Run every gate; return (all passed, every result in a fixed order).
 
     The exposure gate counts `proposed_order`; without one, a stock order is sized from the
     bar's close and the account's equity, as the dispatcher would size it. A size of zero is a
     denial (SIZE_ZERO). An EXIT reduces risk: the entry-only gates report "not applicable".
+    `asset` is the broker's record of the ticker (see `check_asset`); without one, entries are
+    denied (NO_ASSET).
     """
     params = as_params(config)
     now = aware_now(now)
@@ -499,6 +584,8 @@ def evaluate_all_gates(
         run("recommendation_age", check_recommendation_age, _field(recommendation, "created_at"), now, params,
             _field(recommendation, "bar_ts")),
         run("bar_freshness", check_bar_freshness, bar, now, params),
+        run("asset", check_asset, _field(recommendation, "ticker"), asset, action, instrument,
+            proposed_order.qty if proposed_order is not None else None),
         entry_only("feature_freshness", check_feature_freshness, features, now, params),
         run("trading_hours", check_market_open_for_exit if is_exit else check_trading_hours, params, now, calendar),
         entry_only("daily_loss", check_daily_loss_limit, account_state, params, now),
