@@ -301,10 +301,12 @@ def test_decision_error_on_a_row_another_worker_claimed_meanwhile_leaves_that_wo
     logger = logging.getLogger("dispatcher")
     logger.addHandler(hook)
     try:
-        a.process_next()
+        a_outcome = a.process_next()
     finally:
         logger.removeHandler(hook)
     assert [(o.recommendation_id, o.status) for o in b_outcomes] == [(rid, "SUBMITTING")]
+    assert (a_outcome.recommendation_id, a_outcome.status, a_outcome.code) == (
+        rid, "PENDING", "DECISION_ERROR_NOT_RECORDED")
 
     rec = recommendation(conn, rid)
     assert (rec["status"], rec["claimed_by"], rec["outcome_code"]) == ("SUBMITTING", "worker-b", "ORDER_SUBMITTING")
