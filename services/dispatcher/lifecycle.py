@@ -122,6 +122,10 @@ def execution_status_for(status: BrokerOrderStatus, filled_qty: Decimal, qty: De
     """Our execution state for a broker status and fill. The one place that maps Alpaca's words to ours."""
     if status is BrokerOrderStatus.FILLED or (status is BrokerOrderStatus.CALCULATED and filled_qty >= qty):
         return ExecutionStatus.FILLED
+    if (status is BrokerOrderStatus.REJECTED or status in _ENDED) and filled_qty >= qty:
+        # Everything traded before the order ended: it filled. As a cancel, an exit would
+        # reopen its position with nothing left in it.
+        return ExecutionStatus.FILLED
     if status is BrokerOrderStatus.REJECTED:
         # A rejection after a partial fill keeps what filled: it ended like a cancel.
         return ExecutionStatus.CANCELED if filled_qty > 0 else ExecutionStatus.REJECTED
