@@ -19,6 +19,13 @@ As a process (the state file survives a restart; faults and requests via /_fake/
     python -m tests.fake_alpaca --port 0 --state /tmp/book.json
     (prints "listening on http://127.0.0.1:PORT" once it accepts connections)
 
+The trading stream (alpaca-py's TradingStream, `trade_updates`) is served on the same port at
+/stream, as Alpaca serves it beside its REST API (wss://paper-api.alpaca.markets/stream): the
+authenticate and listen handshake, then a trade update whenever an order changes here (new on
+submit, fill and partial_fill, canceled, rejected), sent as binary frames of JSON like Alpaca's.
+`drop_streams()` cuts every connection as a network fault would; `refuse_streams()` answers the
+next upgrades with HTTP 429, as Alpaca answers a connection over the account's limit.
+
 Responses carry the field names alpaca-py parses (Order, TradeAccount, Clock, Calendar,
 Position, Asset, OptionContractsResponse, OptionsSnapshot, BarSet). GET /v2/assets/{symbol} answers
 for the assets a test registered with `add_asset` and 404s every other symbol, as Alpaca does. Market data responses carry exactly
@@ -44,6 +51,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from zoneinfo import ZoneInfo
 
 import pytest
+from websockets.exceptions import InvalidState
+from websockets.frames import Opcode
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
 
 UTC = timezone.utc
 ET = ZoneInfo("America/New_York")
@@ -117,6 +128,53 @@ class Fault:
         return "+".join(p for p in parts if p)
 
 
+class _StreamConnection:
+    """One websocket client of /stream: its socket and the sans-I/O protocol state.
+
+    The handler thread reads; any thread that changes an order writes. The lock keeps one
+    writer at a time on the protocol and the socket.
+    """
+
+    def __init__(self, sock: socket.socket, protocol: ServerProtocol):
+        self.sock = sock
+        self.protocol = protocol
+        self.lock = threading.Lock()
+        self.authenticated = False
+        self.streams: set[str] = set()
+
+    def flush(self) -> None:
+        for data in self.protocol.data_to_send():
+            if data:
+                self.sock.sendall(data)
+            else:
+                self.sock.shutdown(socket.SHUT_WR)
+
+    def send(self, message: dict) -> bool:
+        """Send one message as a binary frame of JSON; False when the connection is gone."""
+        try:
+            with self.lock:
+                self.protocol.send_binary(json.dumps(message).encode())
+                self.flush()
+            return True
+        except (OSError, InvalidState):  # the client is gone: it is dropped, not an error here
+            return False
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        try:
+            with self.lock:
+                self.protocol.send_close(code, reason)
+                self.flush()
+        except (OSError, InvalidState):  # already closed
+            pass
+
+    def drop(self) -> None:
+        """Cut the TCP connection without a close frame, as a network fault does."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class _Reply(Exception):
     def __init__(self, status: int, body: Any):
         self.status = status
@@ -184,6 +242,12 @@ class FakeAlpaca:
         self.assets: dict[str, dict] = {}  # by symbol
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._streams: list[_StreamConnection] = []
+        self._streams_changed = threading.Condition(self._lock)
+        self._refuse_streams: int | None = 0  # upgrades still to refuse; None: until accept_streams
+        self.stream_requests: list[dict] = []  # every message a stream client sent
+        self.stream_connects = 0  # upgrades accepted
+        self.stream_refusals = 0  # upgrades refused by refuse_streams()
         self._load()
 
     # Lifecycle --------------------------------------------------------------------------------
@@ -193,6 +257,11 @@ class FakeAlpaca:
         """The url_override for alpaca-py: scheme://host:port, no /v2, no trailing slash."""
         assert self._server is not None, "server not started"
         return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def stream_url(self) -> str:
+        """Where TradingStream connects (its url_override): ws://host:port/stream."""
+        return self.url.replace("http://", "ws://", 1) + "/stream"
 
     def start(self) -> FakeAlpaca:
         self._stop.clear()
@@ -206,6 +275,7 @@ class FakeAlpaca:
 
     def stop(self) -> None:
         self._stop.set()  # releases hanging handlers
+        self.drop_streams()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -262,6 +332,181 @@ class FakeAlpaca:
         return self.inject(
             Fault(path="/v2/orders", method="POST", times=times, status=422, body=dict(DUPLICATE_BODY))
         )
+
+    # The trading stream -----------------------------------------------------------------------
+
+    def drop_streams(self) -> int:
+        """Cut every stream connection (no close frame). Returns how many were cut."""
+        with self._lock:
+            streams = list(self._streams)
+        for conn in streams:
+            conn.drop()
+        return len(streams)
+
+    def refuse_streams(self, times: int | None = None) -> None:
+        """Answer the next `times` stream upgrades (every one, if None) with HTTP 429."""
+        with self._lock:
+            self._refuse_streams = times
+
+    def accept_streams(self) -> None:
+        with self._lock:
+            self._refuse_streams = 0
+
+    def listeners(self) -> int:
+        """Stream connections authenticated and listening to trade_updates."""
+        with self._lock:
+            return sum(1 for c in self._streams if "trade_updates" in c.streams)
+
+    def wait_listeners(self, n: int = 1, timeout: float = 2.0) -> bool:
+        """Wait until at least n clients listen to trade_updates."""
+        with self._streams_changed:
+            return self._streams_changed.wait_for(lambda: self.listeners() >= n, timeout)
+
+    def push_trade_update(self, event: str, order: dict, **fields: Any) -> int:
+        """Send {"stream": "trade_updates", "data": {...}} to every listener; returns how many.
+
+        `fields` are the event's own keys (execution_id, qty, price, position_qty); values are
+        sent as Alpaca sends them, numbers as strings.
+        """
+        data: dict[str, Any] = {"event": event, "timestamp": _iso(self.now()), "order": dict(order)}
+        data.update({k: (str(v) if isinstance(v, Decimal) else v) for k, v in fields.items()})
+        message = {"stream": "trade_updates", "data": data}
+        with self._lock:
+            listeners = [c for c in self._streams if "trade_updates" in c.streams]
+        return sum(1 for c in listeners if c.send(message))
+
+    def fill(self, client_order_id: str, price: Decimal | str, qty: Decimal | str | None = None) -> dict:
+        """Execute `qty` (the rest of the order if None) at `price`: partial_fill or fill."""
+        now = self.now()
+        with self._lock:
+            order = self.orders[client_order_id]
+            ordered = Decimal(order["qty"])
+            done = Decimal(order["filled_qty"] or "0")
+            q = ordered - done if qty is None else Decimal(str(qty))
+            p = Decimal(str(price))
+            if q <= 0 or done + q > ordered:
+                raise ValueError(f"cannot fill {q} of {client_order_id}: {done} of {ordered} filled")
+            before = Decimal(order["filled_avg_price"] or "0") * done
+            filled = done + q
+            order["filled_qty"] = str(filled.normalize())
+            order["filled_avg_price"] = str(((before + q * p) / filled).normalize())
+            order["status"] = "filled" if filled == ordered else "partially_filled"
+            order["updated_at"] = _iso(now)
+            if filled == ordered:
+                order["filled_at"] = _iso(now)
+            self._save()
+            event = "fill" if filled == ordered else "partial_fill"
+            self.push_trade_update(
+                event, order, execution_id=str(uuid.uuid4()), qty=str(q.normalize()), price=str(p),
+                position_qty=str(filled.normalize() if order["side"] == "buy" else -filled.normalize()),
+            )
+            return dict(order)
+
+    def cancel(self, client_order_id: str) -> dict:
+        """Cancel an open order (what remains unfilled): canceled."""
+        return self._close_order(client_order_id, "canceled", "canceled_at")
+
+    def reject(self, client_order_id: str) -> dict:
+        return self._close_order(client_order_id, "rejected", "failed_at")
+
+    def _close_order(self, client_order_id: str, status: str, stamp: str) -> dict:
+        now = self.now()
+        with self._lock:
+            order = self.orders[client_order_id]
+            if order["status"] not in OPEN_STATUSES:
+                raise ValueError(f"{client_order_id} is {order['status']}, not open")
+            order["status"] = status
+            order[stamp] = _iso(now)
+            order["updated_at"] = _iso(now)
+            self._save()
+            self.push_trade_update(status, order)
+            return dict(order)
+
+    def _serve_stream(self, handler: BaseHTTPRequestHandler) -> None:
+        """Run one websocket connection of /stream on the handler's thread until it ends."""
+        handler.close_connection = True
+        with self._lock:
+            refuse = self._refuse_streams is None or self._refuse_streams > 0
+            if refuse:
+                self.stream_refusals += 1
+                if self._refuse_streams is not None:
+                    self._refuse_streams -= 1
+        if urlsplit(handler.path).path != "/stream" or refuse:
+            status = 404 if not refuse else 429
+            body = json.dumps({"code": status * 100000, "message": "connection refused"}).encode()
+            handler.send_response(status)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+            return
+        protocol = ServerProtocol()
+        # http.server has read the upgrade request already; the protocol must parse it too to
+        # move on to frames, so it gets the request back as bytes.
+        head = f"GET {handler.path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in handler.headers.items())
+        protocol.receive_data((head + "\r\n").encode("latin-1"))
+        request = next(e for e in protocol.events_received() if isinstance(e, Request))
+        response = protocol.accept(request)
+        protocol.send_response(response)
+        conn = _StreamConnection(handler.connection, protocol)
+        conn.flush()
+        if response.status_code != 101:
+            return
+        with self._lock:
+            self._streams.append(conn)
+            self.stream_connects += 1
+        try:
+            while True:
+                # read1: whatever the request's buffered reader holds, then the socket.
+                data = handler.rfile.read1(65536)
+                with conn.lock:
+                    if data:
+                        protocol.receive_data(data)
+                    else:
+                        protocol.receive_eof()
+                    events = protocol.events_received()
+                    conn.flush()  # pongs and close replies
+                for frame in events:
+                    if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+                        self._stream_message(conn, frame.data)
+                if not data or protocol.close_expected():
+                    return
+        except OSError:
+            return
+        finally:
+            with self._streams_changed:
+                self._streams.remove(conn)
+                self._streams_changed.notify_all()
+
+    def _stream_message(self, conn: _StreamConnection, raw: bytes) -> None:
+        try:
+            message = json.loads(raw)
+            action, data = message.get("action"), message.get("data") or {}
+        except (ValueError, AttributeError):
+            conn.send({"stream": "error", "data": {"error_message": "invalid syntax"}})
+            return
+        with self._lock:
+            self.stream_requests.append(message)
+        if action == "authenticate":
+            ok = self.key is None or (data.get("key_id") == self.key and data.get("secret_key") == self.secret)
+            status = "authorized" if ok else "unauthorized"
+            conn.send({"stream": "authorization", "data": {"action": "authenticate", "status": status}})
+            if ok:
+                conn.authenticated = True
+            else:
+                conn.close(1008, "unauthorized")
+        elif action == "listen":
+            if not conn.authenticated:
+                conn.send({"stream": "authorization", "data": {"action": "listen", "status": "unauthorized"}})
+                conn.close(1008, "unauthorized")
+                return
+            wanted = {s for s in data.get("streams") or [] if s == "trade_updates"}
+            with self._streams_changed:
+                conn.streams = wanted
+                self._streams_changed.notify_all()
+            conn.send({"stream": "listening", "data": {"streams": sorted(wanted)}})
+        else:
+            conn.send({"stream": "error", "data": {"error_message": f"unknown action {action!r}"}})
 
     # Fixtures for data ------------------------------------------------------------------------
 
@@ -561,6 +806,16 @@ class FakeAlpaca:
             }
             self.orders[coid] = order
             self._save()
+            if fill is None:
+                self.push_trade_update("new", order)
+            else:
+                # The order was new for an instant before it filled: the "new" event shows that.
+                unfilled = {"status": "new", "filled_qty": "0", "filled_avg_price": None, "filled_at": None}
+                self.push_trade_update("new", {**order, **unfilled})
+                self.push_trade_update(
+                    "fill", order, execution_id=str(uuid.uuid4()), qty=order["qty"], price=str(fill),
+                    position_qty=order["qty"] if order["side"] == "buy" else f"-{order['qty']}",
+                )
         return order
 
     def _list_orders(self, q: dict[str, str]) -> list[dict]:
@@ -672,6 +927,8 @@ class FakeAlpaca:
         if method == "GET" and path == "/_fake/requests":
             with self._lock:
                 return 200, [asdict(r) for r in self.requests]
+        if method == "POST" and path == "/_fake/streams/drop":
+            return 200, {"dropped": self.drop_streams()}
         if method == "GET" and path == "/_fake/orders":
             with self._lock:
                 return 200, list(self.orders.values())
@@ -694,9 +951,12 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def _dispatch(self) -> None:
+        app: FakeAlpaca = self.server.app  # type: ignore[attr-defined]
+        if self.command == "GET" and self.headers.get("Upgrade", "").lower() == "websocket":
+            app._serve_stream(self)
+            return
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        app: FakeAlpaca = self.server.app  # type: ignore[attr-defined]
         status, payload = app._handle(self.command, self.path, self.headers, body)
         data = json.dumps(payload).encode()
         try:

@@ -93,6 +93,53 @@ class OrderResult:
         return self.status in {"rejected", "canceled", "expired"}
 
 
+# Alpaca's trade events (the `event` of a trade_updates message). A stream adapter drops any
+# other event name with a warning: the order's later events, or the polling fallback, still
+# bring its state. "accepted" and "restated" are in alpaca-py's TradeEvent as well.
+TRADE_EVENTS = frozenset(
+    {
+        "new", "fill", "partial_fill", "canceled", "expired", "done_for_day", "replaced",
+        "rejected", "pending_new", "stopped", "pending_cancel", "pending_replace", "calculated",
+        "suspended", "order_replace_rejected", "order_cancel_rejected", "accepted", "restated",
+    }
+)
+# Events that carry an execution: qty and price are that execution's, not the order's totals.
+EXECUTION_EVENTS = frozenset({"fill", "partial_fill"})
+
+
+@dataclass(frozen=True)
+class TradeUpdate:
+    """One change of an order at the broker, pushed as it happens.
+
+    `order` is the order as the broker has it after the change (status, cumulative filled_qty
+    and filled_avg_price). For fill and partial_fill, `qty` and `price` are this execution's
+    and `position_qty` the position in the symbol after it; other events carry none of them.
+    `at` is the broker's time of the event. Updates of one order arrive in order on one
+    connection, but a reconnect can lose some: the lifecycle must accept any later state and
+    polling fills the gaps.
+    """
+
+    event: str
+    order: OrderResult
+    at: datetime
+    qty: Decimal | None = None
+    price: Decimal | None = None
+    position_qty: Decimal | None = None
+    execution_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.at.tzinfo is None:
+            raise ValueError("TradeUpdate.at must be aware")
+
+    @property
+    def client_order_id(self) -> str:
+        return self.order.client_order_id
+
+    @property
+    def is_execution(self) -> bool:
+        return self.event in EXECUTION_EVENTS
+
+
 @dataclass(frozen=True)
 class AccountSnapshot:
     """equity - last_equity is the day's P&L (realized + unrealized), as Alpaca reports it."""

@@ -13,12 +13,21 @@ Alpaca reports it.
 Assets: the simulated universe is the `universe` given (the demo's tickers), else every ticker
 the simulated market has bars for; each is an active, tradable, shortable us_equity, and any
 other symbol has no asset record (None), as Alpaca answers 404.
+
+Trade updates: like Alpaca's stream, every order it takes produces "new" then "fill" (or
+"rejected") as broker.TradeUpdate, handed to the callbacks given to `subscribe` in this process
+after the order's transaction commits; other processes hear `NOTIFY sim_trade_updates` with the
+client_order_id as payload (sent by the same transaction, so only for committed orders) and
+read the order with `get_order_by_client_id`.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
 
@@ -34,10 +43,14 @@ from services.dispatcher.broker import (
     DuplicateClientOrderId,
     OrderRequest,
     OrderResult,
+    TradeUpdate,
 )
 from services.dispatcher.risk.sizing import contract_multiplier
 
+log = logging.getLogger(__name__)
+
 _BPS = Decimal("0.0001")
+TRADE_UPDATES_CHANNEL = "sim_trade_updates"
 
 _STOCK_QUOTE = """
 SELECT close FROM lane_telemetry WHERE ticker = %(symbol)s AND ts <= %(now)s ORDER BY ts DESC LIMIT 1
@@ -110,6 +123,8 @@ class SimBroker:
         self.calendar = calendar or nyse_calendar()
         self._account_created = False
         self.universe = frozenset(universe) if universe is not None else None
+        self._subscribers: list[Callable[[TradeUpdate], None]] = []
+        self._subscribers_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"SimBroker(account_id={self.account_id!r})"
@@ -161,6 +176,7 @@ class SimBroker:
             ).fetchone()
             if row is None:
                 raise DuplicateClientOrderId(f"client_order_id must be unique: {order.client_order_id}")
+            conn.execute("SELECT pg_notify(%s, %s)", (TRADE_UPDATES_CHANNEL, order.client_order_id))
             if status == "filled":
                 cash_flow = Decimal(order.qty) * price * multiplier
                 conn.execute(
@@ -169,9 +185,55 @@ class SimBroker:
                 )
         self._account_created = True  # committed: later calls may skip the insert
         result = _order_result(row)
+        self._publish_submit(result, order, now)
         if result.is_rejected:
             raise BrokerRejected(result.reject_reason or "rejected")
         return result
+
+    # --- trade updates ----------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[TradeUpdate], None]) -> Callable[[], None]:
+        """Call `callback` with each trade update of this broker's orders; returns unsubscribe.
+
+        Callbacks run on the submitting thread after the order is committed, in subscription
+        order; one that raises is logged and the others still run.
+        """
+        with self._subscribers_lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._subscribers_lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _publish_submit(self, result: OrderResult, order: OrderRequest, now: datetime) -> None:
+        """The events Alpaca's stream sends for an order filled or rejected on arrival."""
+        if result.status == "rejected":
+            self._publish(TradeUpdate("rejected", result, now))
+            return
+        unfilled = replace(result, status="new", filled_qty=Decimal(0), filled_avg_price=None, filled_at=None)
+        self._publish(TradeUpdate("new", unfilled, now))
+        if result.status == "filled":
+            self._publish(
+                TradeUpdate(
+                    "fill", result, now, qty=result.filled_qty, price=result.filled_avg_price,
+                    execution_id=str(uuid.uuid4()),
+                )
+            )
+
+    def _publish(self, update: TradeUpdate) -> None:
+        with self._subscribers_lock:
+            subscribers = list(self._subscribers)
+        for callback in subscribers:
+            try:
+                callback(update)
+            except Exception:  # noqa: BLE001 - one failing consumer must not stop the others
+                log.exception(
+                    "trade update callback failed",
+                    extra={"event": update.event, "client_order_id": update.client_order_id},
+                )
 
     def get_order_by_client_id(self, client_order_id: str) -> OrderResult | None:
         with self.pool.connection() as conn:
