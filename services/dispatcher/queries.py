@@ -98,11 +98,12 @@ WITH rec AS (
     INSERT INTO dispatch_executions (
         account_id, recommendation_id, leg, client_order_id, ticker, instrument, symbol, side,
         position_intent, qty, multiplier, est_price, notional, status, submitted_at, updated_at,
-        strike, expiration, option_right, premium, quote, greeks, option_gates)
+        strike, expiration, option_right, premium, quote, greeks, option_gates, order_type, limit_price, attempt)
     SELECT %(account_id)s, rec.id, %(leg)s, %(client_order_id)s, %(ticker)s, %(instrument)s, %(symbol)s,
            %(side)s, %(position_intent)s, %(qty)s, %(multiplier)s, %(est_price)s, %(notional)s,
            'SUBMITTING', %(now)s, %(now)s,
-           %(strike)s, %(expiration)s, %(option_right)s, %(premium)s, %(quote)s, %(greeks)s, %(option_gates)s
+           %(strike)s, %(expiration)s, %(option_right)s, %(premium)s, %(quote)s, %(greeks)s, %(option_gates)s,
+           %(order_type)s, %(limit_price)s, %(attempt)s
     FROM rec
     RETURNING id
 )
