@@ -311,13 +311,6 @@ def calendar_session(day: date, open_naive: datetime, close_naive: datetime) -> 
     return Session(day=day, open=to_utc(open_naive), close=to_utc(close_naive))
 
 
-# Statuses in which an order still works at the broker, so a cancel means something.
-_CANCELABLE = frozenset({
-    "new", "accepted", "pending_new", "partially_filled", "accepted_for_bidding", "held",
-    "pending_replace", "calculated",
-})
-
-
 def _wire_price(price: Decimal, instrument: str) -> float:
     """The limit as the SDK sends it (a JSON number): cents for options and for stocks from $1."""
     places = Decimal("0.01") if instrument == "OPTION" or price >= 1 else Decimal("0.0001")
@@ -439,8 +432,6 @@ class AlpacaBroker:
         found = self.get_order_by_client_id(client_order_id)
         if found is None:
             return None
-        if found.status not in _CANCELABLE:
-            return found
         try:
             self._client.cancel_order_by_id(found.broker_order_id)
         except APIError as e:
