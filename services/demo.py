@@ -191,6 +191,9 @@ def run_demo(day: date = DEMO_DAY, seed: int = 7, in_force: ParamsInForce | None
                     run_watchlist_cycle(conn, DEMO_ACCOUNT, in_force, now, liquidity_inputs=LIQUIDITY)
                 signal_counts.update(run_signal_cycle(conn, DEMO_ACCOUNT, in_force, now).counts)
                 options.mark_held(conn, now)
+                # Resting limit orders the moved market has reached fill, and are recorded as any fill is.
+                for order in broker.match_resting(now):
+                    dispatcher.record_broker_answer(order.client_order_id, order)
                 if minute == HALT_MINUTE:
                     with conn.transaction():
                         kill_switch.set_state(conn, DEMO_ACCOUNT, "HALTED", "operator halt (demo)", "operator:demo", now)

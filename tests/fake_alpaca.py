@@ -200,6 +200,7 @@ class FakeAlpaca:
         self.requests: list[RecordedRequest] = []
         self.faults: list[Fault] = []
         self.fill_prices: dict[str, Decimal] = {}
+        self.quotes: dict[str, tuple[Decimal, Decimal]] = {}  # stock quotes for limit orders
         self.account: dict[str, Any] = {
             "id": str(uuid.uuid4()),
             "account_number": "PA0000FAKE",
@@ -632,6 +633,33 @@ class FakeAlpaca:
             }
         )
 
+    def set_quote(self, symbol: str, bid: float | str, ask: float | str) -> None:
+        """The quote a limit order on `symbol` is marketable against (options: add_option's bid/ask)."""
+        with self._lock:
+            self.quotes[symbol] = (Decimal(str(bid)), Decimal(str(ask)))
+
+    def quote(self, symbol: str) -> tuple[Decimal, Decimal] | None:
+        with self._lock:
+            if symbol in self.quotes:
+                return self.quotes[symbol]
+            q = (self.snapshots.get(symbol) or {}).get("latestQuote")
+        if q is None:
+            return None
+        return Decimal(str(q["bp"])), Decimal(str(q["ap"]))
+
+    def fill_resting(self, client_order_id: str, price: float | str | None = None) -> dict:
+        """The market came to a resting order: fill it at `price` (default its limit)."""
+        with self._lock:
+            order = self.orders[client_order_id]
+            if order["status"] not in OPEN_STATUSES:
+                raise ValueError(f"order {client_order_id} is {order['status']}, not resting")
+            fill = Decimal(str(price if price is not None else order["limit_price"]))
+            now = _iso(self.now())
+            order.update(status="filled", filled_qty=order["qty"], filled_avg_price=str(fill),
+                         filled_at=now, updated_at=now)
+            self._save()
+            return dict(order)
+
     # Queries for assertions -------------------------------------------------------------------
 
     def requests_to(self, path: str, method: str | None = None) -> list[RecordedRequest]:
@@ -693,6 +721,8 @@ class FakeAlpaca:
         try:
             if method == "POST" and path == "/v2/orders":
                 return 200, self._submit(body or {})
+            if method == "DELETE" and path.startswith("/v2/orders/"):
+                return self._cancel(path.rsplit("/", 1)[1])
             if method == "GET":
                 if path == "/v2/account":
                     return 200, dict(self.account)
@@ -769,6 +799,8 @@ class FakeAlpaca:
             symbol = body["symbol"]
             qty = Decimal(str(body.get("qty") or 0))
             fill = self.fill_prices.get(symbol)
+            if body["type"] == "limit":
+                fill = self._limit_fill(symbol, body["side"], body.get("limit_price"), fill)
             order = {
                 "id": str(uuid.uuid4()),
                 "client_order_id": coid,
@@ -795,7 +827,7 @@ class FakeAlpaca:
                 "side": body["side"],
                 "position_intent": body.get("position_intent"),
                 "time_in_force": body["time_in_force"],
-                "limit_price": body.get("limit_price"),
+                "limit_price": None if body.get("limit_price") is None else str(body["limit_price"]),
                 "stop_price": body.get("stop_price"),
                 "status": "filled" if fill is not None else self.default_order_status,
                 "extended_hours": bool(body.get("extended_hours", False)),
@@ -817,6 +849,38 @@ class FakeAlpaca:
                     position_qty=order["qty"] if order["side"] == "buy" else f"-{order['qty']}",
                 )
         return order
+
+    def _limit_fill(self, symbol: str, side: str, limit: Any, market: Decimal | None) -> Decimal | None:
+        """A limit order fills at once only when marketable: at the touch, never worse than its limit."""
+        if limit is None:
+            raise _Reply(422, {"code": 40010001, "message": "limit_price is required for limit orders"})
+        limit = Decimal(str(limit))
+        quote = self.quote(symbol)
+        touch = None
+        if quote is not None:
+            bid, ask = quote
+            touch = ask if side == "buy" else bid
+        elif market is not None:
+            touch = market
+        if touch is None or touch <= 0:
+            return None
+        if side == "buy" and touch <= limit or side == "sell" and touch >= limit:
+            return touch
+        return None
+
+    def _cancel(self, order_id: str) -> tuple[int, Any]:
+        """DELETE /v2/orders/{id}: 204 once canceled, 422 when the order is done (filled, canceled)."""
+        with self._lock:
+            found = [o for o in self.orders.values() if o["id"] == order_id]
+            if not found:
+                raise _Reply(404, {"code": 40410000, "message": "order not found"})
+            order = found[0]
+            if order["status"] not in OPEN_STATUSES:
+                raise _Reply(422, {"code": 42210000, "message": f"order is not cancelable: {order['status']}"})
+            now = _iso(self.now())
+            order.update(status="canceled", canceled_at=now, updated_at=now)
+            self._save()
+        return 204, None
 
     def _list_orders(self, q: dict[str, str]) -> list[dict]:
         status = q.get("status", "open")
@@ -920,6 +984,15 @@ class FakeAlpaca:
         if method == "POST" and path == "/_fake/faults":
             self.inject(Fault(**payload))
             return 200, {"ok": True}
+        if method == "POST" and path == "/_fake/fill_resting":
+            try:
+                return 200, self.fill_resting(payload["client_order_id"], payload.get("price"))
+            except (KeyError, ValueError) as e:
+                return 422, {"message": str(e)}
+        if method == "POST" and path == "/_fake/quotes":
+            for symbol, (bid, ask) in payload.items():
+                self.set_quote(symbol, bid, ask)
+            return 200, {"ok": True}
         if method == "POST" and path == "/_fake/fill_prices":
             with self._lock:
                 self.fill_prices.update({k: Decimal(str(v)) for k, v in payload.items()})
@@ -958,7 +1031,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         status, payload = app._handle(self.command, self.path, self.headers, body)
-        data = json.dumps(payload).encode()
+        data = b"" if status == 204 else json.dumps(payload).encode()
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")

@@ -174,12 +174,24 @@ class WatchlistParams(_Section):
 
 
 class ExecutionParams(_Section):
-    """Order execution: the simulated broker's slippage and the dispatcher's cadence."""
+    """Order execution: order types and re-pricing, the simulated broker's slippage, the dispatcher's cadence.
+
+    Options go out as limit orders at mid + option_limit_aggressiveness x half-spread (1 is the
+    far touch); unfilled after reprice_after_seconds they are re-priced reprice_step more
+    aggressively, at most max_reprices times. Stocks go at market, or as limits
+    stock_limit_offset_bps through the last price.
+    """
 
     slippage_bps: float = Field(ge=0, le=500)
     account_refresh_seconds: int = Field(ge=1, le=3600)
     poll_interval_seconds: float = Field(gt=0, le=60)
     params_reload_seconds: int = Field(ge=1, le=3600)
+    option_limit_aggressiveness: float = Field(ge=0, le=1)
+    reprice_after_seconds: int = Field(ge=1, le=3600)
+    max_reprices: int = Field(ge=0, le=20)
+    reprice_step: float = Field(ge=0, le=1)
+    stock_order_type: Literal["market", "limit"]
+    stock_limit_offset_bps: float = Field(ge=0, le=500)
 
 
 class TradingParams(_Section):

@@ -54,9 +54,16 @@ class OrderStateUnknown(BrokerUnavailable):
     """
 
 
+ORDER_TYPES = ("market", "limit")
+
+
 @dataclass(frozen=True)
 class OrderRequest:
-    """A market order. `symbol` is the ticker, or the OCC symbol for an option."""
+    """A market or limit order, day only, never in extended hours (options cannot trade there).
+
+    `symbol` is the ticker, or the OCC symbol for an option. A limit order carries its price,
+    a market order none.
+    """
 
     client_order_id: str
     symbol: str
@@ -66,6 +73,16 @@ class OrderRequest:
     qty: int
     position_intent: str | None = None  # buy_to_open, sell_to_close, ... (options)
     time_in_force: str = "day"
+    order_type: str = "market"
+    limit_price: Decimal | None = None
+
+    def __post_init__(self) -> None:
+        if self.order_type not in ORDER_TYPES:
+            raise ValueError(f"order_type must be one of {ORDER_TYPES}, got {self.order_type!r}")
+        if self.order_type == "limit" and (self.limit_price is None or self.limit_price <= 0):
+            raise ValueError(f"a limit order needs a positive limit_price, got {self.limit_price}")
+        if self.order_type == "market" and self.limit_price is not None:
+            raise ValueError("a market order carries no limit_price")
 
 
 @dataclass(frozen=True)
@@ -202,14 +219,30 @@ class Broker(Protocol):
         """Orders submitted since an instant, for reconciliation."""
         ...
 
+    def cancel_order(self, client_order_id: str) -> OrderResult | None:
+        """Cancel a resting order; the order as the broker then has it, None when it has none.
 
-def client_order_id(account_id: str, recommendation_id: int, leg: int = 0) -> str:
-    """Deterministic id of an order: the same (account, recommendation, leg) always gives the same id.
+        An order already filled (or otherwise done) is not an error: its state is returned and
+        the caller records it, e.g. a fill that raced the cancel.
+        """
+        ...
 
+
+def client_order_id(account_id: str, recommendation_id: int, leg: int = 0, attempt: int = 0) -> str:
+    """Deterministic id of an order: the same (account, recommendation, leg, attempt) always gives the same id.
+
+    Each re-priced attempt is a new order with its own id, so a crash between the cancel and the
+    replacement neither loses it (the id is known before it is sent) nor doubles it (the broker
+    refuses the id twice). Attempt 0 keeps the id the pipeline has always used.
     Alpaca allows 128 characters; a digest keeps the account name out of the broker's records.
     """
-    digest = hashlib.sha256(f"{account_id}|{recommendation_id}|{leg}".encode()).hexdigest()[:20]
-    return f"ops-{recommendation_id}-{leg}-{digest}"
+    if attempt < 0:
+        raise ValueError(f"attempt must be >= 0, got {attempt}")
+    if attempt == 0:
+        digest = hashlib.sha256(f"{account_id}|{recommendation_id}|{leg}".encode()).hexdigest()[:20]
+        return f"ops-{recommendation_id}-{leg}-{digest}"
+    digest = hashlib.sha256(f"{account_id}|{recommendation_id}|{leg}|{attempt}".encode()).hexdigest()[:20]
+    return f"ops-{recommendation_id}-{leg}-r{attempt}-{digest}"
 
 
 def submit_exactly_once(broker: Broker, order: OrderRequest) -> OrderResult:

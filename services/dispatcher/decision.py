@@ -27,6 +27,7 @@ from services.dispatcher.risk.gates import (
     first_denial,
 )
 from services.dispatcher.alpaca.options import choose_contract
+from services.dispatcher.order_pricing import LimitPrice, Quote, limit_price, offset_limit_price
 from services.common.numbers import to_decimal
 from services.dispatcher.risk.sizing import contract_multiplier, size_order
 
@@ -71,6 +72,8 @@ class OrderPlan:
     opens_position: bool
     position_side: str  # long / short
     option: dict[str, Any] | None = None  # strike, expiration, right, quote, greeks, gates of an option
+    order_type: str = "market"  # market / limit
+    limit_price: Decimal | None = None
 
     @property
     def multiplier(self) -> int:
@@ -133,16 +136,35 @@ def _stock_entry(ctx: Context, rec: dict[str, Any], params: TradingParams, now: 
         return _denied(gates, info)
     assert proposed is not None  # the exposure gate denies when sizing gave nothing
     bullish = rec["action"] == "BUY"
+    side = "buy" if bullish else "sell"
+    priced = _stock_limit(side, proposed.price, params)
+    if priced is not None and priced.price is None:
+        return _denied(gates + [NamedGate("limit_price", GateResult(False, priced.reason, None, None))], info)
     plan = OrderPlan(
         instrument="STOCK", symbol=ctx.ticker, underlying=ctx.ticker,
-        side="buy" if bullish else "sell", qty=proposed.qty, est_price=proposed.price,
+        side=side, qty=proposed.qty, est_price=proposed.price,
         position_intent=None, opens_position=True, position_side="long" if bullish else "short",
+        **_order_type(priced),
     )
     return Decision("ORDER_PLANNED", f"{plan.side} {plan.qty} {plan.symbol} @~{plan.est_price}", gates, plan, info)
 
 
+def _stock_limit(side: str, reference: Decimal | None, params: TradingParams) -> LimitPrice | None:
+    """A stock's limit when the params ask for limit orders; None for a market order."""
+    execution = params.execution
+    if execution.stock_order_type != "limit":
+        return None
+    return offset_limit_price(side, reference, execution.stock_limit_offset_bps)
+
+
+def _order_type(priced: LimitPrice | None) -> dict[str, Any]:
+    if priced is None:
+        return {"order_type": "market", "limit_price": None}
+    return {"order_type": "limit", "limit_price": priced.price}
+
+
 def _exit(ctx: Context, rec: dict[str, Any], params: TradingParams, now: datetime,
-          calendar: SessionCalendar | None) -> Decision:
+          calendar: SessionCalendar | None, quote: Quote | None = None) -> Decision:
     passed, gates = _evaluate(ctx, rec, params, now, calendar, None)
     if not passed:
         return _denied(gates)
@@ -155,13 +177,32 @@ def _exit(ctx: Context, rec: dict[str, Any], params: TradingParams, now: datetim
         gates = gates + [NamedGate("exit_position", check_no_open_position(False, "EXIT"))]
         return _denied(gates)
     long = pos.get("side") == "long"
+    side = "sell" if long else "buy"
+    info: dict[str, Any] = {}
+    if pos["instrument"] == "OPTION":
+        priced = _exit_option_limit(side, quote, params)
+        if priced.price is None:
+            # An exit reduces risk: it is not held back for want of a quote to price a limit.
+            info["order_type"] = f"market: {priced.reason}"
+            priced = None
+    else:
+        priced = _stock_limit(side, price, params)
+        if priced is not None and priced.price is None:
+            info["order_type"] = f"market: {priced.reason}"
+            priced = None
     plan = OrderPlan(
         instrument=pos["instrument"], symbol=pos["symbol"], underlying=ctx.ticker,
-        side="sell" if long else "buy", qty=int(qty), est_price=price,
+        side=side, qty=int(qty), est_price=price,
         position_intent=("sell_to_close" if long else "buy_to_close") if pos["instrument"] == "OPTION" else None,
-        opens_position=False, position_side=pos.get("side", "long"),
+        opens_position=False, position_side=pos.get("side", "long"), **_order_type(priced),
     )
-    return Decision("ORDER_PLANNED", f"exit {plan.qty} {plan.symbol}", gates, plan)
+    return Decision("ORDER_PLANNED", f"exit {plan.qty} {plan.symbol}", gates, plan, info)
+
+
+def _exit_option_limit(side: str, quote: Quote | None, params: TradingParams) -> LimitPrice:
+    if quote is None:
+        return LimitPrice(None, "NO_QUOTE", "NO_QUOTE: no quote gathered for the exit")
+    return limit_price(side, quote.bid, quote.ask, params.execution.option_limit_aggressiveness)
 
 
 @dataclass(frozen=True)
@@ -188,11 +229,16 @@ def decide(
     now: datetime,
     calendar: SessionCalendar | None = None,
     option_inputs: OptionInputs | None = None,
+    exit_quote: Quote | None = None,
 ) -> Decision:
-    """Gates, sizing and, for an option entry, contract choice with the stock fallback."""
+    """Gates, sizing and, for an option entry, contract choice with the stock fallback.
+
+    An option exit is a limit priced from `exit_quote` (the held contract's quote); without one
+    it goes at market rather than not at all.
+    """
     rec = ctx.recommendation
     if rec.get("action") == "EXIT":
-        return _exit(ctx, rec, params, now, calendar)
+        return _exit(ctx, rec, params, now, calendar, exit_quote)
     if rec.get("instrument") != "OPTION":
         return _stock_entry(ctx, rec, params, now, calendar, {})
     return _option_entry(ctx, rec, params, now, calendar, option_inputs)
@@ -269,10 +315,18 @@ def _option_entry(ctx: Context, rec: dict[str, Any], params: TradingParams, now:
         passed, gates = _evaluate(ctx, rec, params, now, calendar, proposed)
         if not passed:
             return _denied(gates, info)
+        quote = (outcome.details.get("order") or {}).get("quote") or {}
+        priced = limit_price("buy", to_decimal(quote.get("bid")), to_decimal(quote.get("ask")),
+                             params.execution.option_limit_aggressiveness)
+        if priced.price is None:
+            return _denied(gates + [NamedGate("option_limit_price", GateResult(False, priced.reason, None, None))], info)
+        info["limit"] = priced.reason
+        # Sized at the ask, so a limit at or below it never buys more than the budget.
         plan = OrderPlan(
             instrument="OPTION", symbol=outcome.symbol, underlying=ctx.ticker, side="buy",
             qty=proposed.qty, est_price=outcome.ask, position_intent="buy_to_open",
             opens_position=True, position_side="long", option=outcome.details.get("order"),
+            order_type="limit", limit_price=priced.price,
         )
         return Decision("ORDER_PLANNED", f"buy {plan.qty} {plan.symbol} @~{plan.est_price}", gates, plan, info)
 

@@ -350,6 +350,7 @@ class Dispatcher:
             "symbol": plan.symbol, "side": plan.side, "position_intent": plan.position_intent, "qty": plan.qty,
             "multiplier": plan.multiplier, "est_price": plan.est_price, "notional": plan.notional,
             "position_side": plan.position_side, "opens_position": plan.opens_position,
+            "order_type": plan.order_type, "limit_price": plan.limit_price, "attempt": 0,
             **self._option_columns(plan),
             **self._params_columns(in_force),
         })
@@ -383,6 +384,7 @@ class Dispatcher:
         order = OrderRequest(
             client_order_id=cid, symbol=plan.symbol, underlying=plan.underlying, instrument=plan.instrument,
             side=plan.side, qty=plan.qty, position_intent=plan.position_intent,
+            order_type=plan.order_type, limit_price=plan.limit_price,
         )
         try:
             result = submit_exactly_once(self.broker, order)

@@ -143,12 +143,14 @@ WITH reserved AS (
     INSERT INTO dispatch_executions (
         account_id, recommendation_id, leg, client_order_id, ticker, instrument, symbol, side,
         position_intent, qty, multiplier, est_price, notional, status, submitted_at, updated_at,
-        strike, expiration, option_right, premium, quote, greeks, option_gates, role, position_id)
+        strike, expiration, option_right, premium, quote, greeks, option_gates, role, position_id,
+        order_type, limit_price, attempt)
     SELECT %(account_id)s, rec.id, %(leg)s, %(client_order_id)s, %(ticker)s, %(instrument)s, %(symbol)s,
            %(side)s, %(position_intent)s, %(qty)s, %(multiplier)s, %(est_price)s, %(notional)s,
            'SUBMITTING', %(now)s, %(now)s,
            %(strike)s, %(expiration)s, %(option_right)s, %(premium)s, %(quote)s, %(greeks)s, %(option_gates)s,
-           CASE WHEN %(opens_position)s THEN 'ENTRY' ELSE 'EXIT' END, coalesce(%(position_id)s, reserved.id)
+           CASE WHEN %(opens_position)s THEN 'ENTRY' ELSE 'EXIT' END, coalesce(%(position_id)s, reserved.id),
+           %(order_type)s, %(limit_price)s, %(attempt)s
     FROM rec, reserved
     RETURNING id, position_id
 ), pos AS (

@@ -5,7 +5,10 @@ one broker and a reused client_order_id is refused across processes, as Alpaca r
 
 Quotes: a stock's quote is built around the close of its latest 1-minute bar (bid/ask at
 `half_spread_bps` either side); an option's comes from `sim_option_marks`, written by the
-simulated market. A buy fills at the ask plus `slippage_bps`, a sell at the bid minus it.
+simulated market. A market buy fills at the ask plus `slippage_bps`, a sell at the bid minus
+it. A limit order fills at once only when marketable against the quote (a buy's limit at or
+above the ask), at that price capped by its limit; otherwise it rests as `accepted` until
+`match_resting` finds the quote has come to it, or it is canceled.
 Positions are marked to mid. equity = cash + marked positions; last_equity is rolled to the
 equity at the first look of each new ET session, so equity - last_equity is the day's P&L, as
 Alpaca reports it.
@@ -132,14 +135,37 @@ class SimBroker:
     # --- orders -------------------------------------------------------------------------
 
     def _quote(self, conn, order: OrderRequest, now: datetime) -> tuple[Decimal, Decimal] | None:
-        if order.instrument == "OPTION":
-            row = conn.execute(_OPTION_QUOTE, {"symbol": order.symbol, "now": now}).fetchone()
+        return self._quote_of(conn, order.instrument, order.symbol, now)
+
+    def _quote_of(self, conn, instrument: str, symbol: str, now: datetime) -> tuple[Decimal, Decimal] | None:
+        if instrument == "OPTION":
+            row = conn.execute(_OPTION_QUOTE, {"symbol": symbol, "now": now}).fetchone()
             return (row["bid"], row["ask"]) if row else None
-        row = conn.execute(_STOCK_QUOTE, {"symbol": order.symbol, "now": now}).fetchone()
+        row = conn.execute(_STOCK_QUOTE, {"symbol": symbol, "now": now}).fetchone()
         if not row:
             return None
         close = row["close"]
         return close * (1 - self.half_spread), close * (1 + self.half_spread)
+
+    def _fill_price(self, side: str, quote: tuple[Decimal, Decimal], limit: Decimal | None) -> Decimal | None:
+        """The fill a quote gives: the touch plus slippage, and for a limit never worse than the limit.
+
+        None for a limit the quote does not reach (a buy limit below the ask): it rests.
+        """
+        bid, ask = quote
+        if limit is not None and (ask > limit if side == "buy" else bid < limit):
+            return None
+        price = (ask * (1 + self.slippage) if side == "buy" else bid * (1 - self.slippage)).quantize(Decimal("0.0001"))
+        if limit is not None:
+            price = min(price, limit) if side == "buy" else max(price, limit)
+        return price
+
+    def _book_fill(self, conn, side: str, qty: Decimal, price: Decimal, multiplier: int, now: datetime) -> None:
+        cash_flow = Decimal(qty) * price * multiplier
+        conn.execute(
+            "UPDATE sim_account SET cash = cash + %(flow)s, updated_at = %(now)s WHERE account_id = %(a)s",
+            {"flow": -cash_flow if side == "buy" else cash_flow, "now": now, "a": self.account_id},
+        )
 
     def submit_order(self, order: OrderRequest) -> OrderResult:
         now = self.clock.now()
@@ -153,15 +179,16 @@ class SimBroker:
             if quote is None or quote[0] <= 0 or quote[1] <= 0:
                 status, reject = "rejected", f"no market for {order.symbol}"
             else:
-                bid, ask = quote
-                price = (ask * (1 + self.slippage) if order.side == "buy" else bid * (1 - self.slippage)).quantize(Decimal("0.0001"))
+                price = self._fill_price(order.side, quote, order.limit_price)
+                if price is None:
+                    status = "accepted"
             row = conn.execute(
                 f"""INSERT INTO sim_orders (id, account_id, client_order_id, symbol, underlying, asset_class, side,
                         position_intent, qty, multiplier, status, filled_qty, filled_avg_price, reject_reason,
-                        submitted_at, filled_at)
+                        submitted_at, filled_at, order_type, limit_price)
                     VALUES (%(id)s, %(account_id)s, %(cid)s, %(symbol)s, %(underlying)s, %(asset_class)s, %(side)s,
                         %(intent)s, %(qty)s, %(multiplier)s, %(status)s, %(filled_qty)s, %(price)s, %(reject)s,
-                        %(now)s, %(filled_at)s)
+                        %(now)s, %(filled_at)s, %(order_type)s, %(limit_price)s)
                     ON CONFLICT (account_id, client_order_id) DO NOTHING
                     RETURNING {_ORDER_COLUMNS}""",
                 {
@@ -172,17 +199,14 @@ class SimBroker:
                     "multiplier": multiplier, "status": status,
                     "filled_qty": order.qty if status == "filled" else 0, "price": price,
                     "reject": reject, "now": now, "filled_at": now if status == "filled" else None,
+                    "order_type": order.order_type, "limit_price": order.limit_price,
                 },
             ).fetchone()
             if row is None:
                 raise DuplicateClientOrderId(f"client_order_id must be unique: {order.client_order_id}")
             conn.execute("SELECT pg_notify(%s, %s)", (TRADE_UPDATES_CHANNEL, order.client_order_id))
             if status == "filled":
-                cash_flow = Decimal(order.qty) * price * multiplier
-                conn.execute(
-                    "UPDATE sim_account SET cash = cash + %(flow)s, updated_at = %(now)s WHERE account_id = %(a)s",
-                    {"flow": -cash_flow if order.side == "buy" else cash_flow, "now": now, "a": self.account_id},
-                )
+                self._book_fill(conn, order.side, Decimal(order.qty), price, multiplier, now)
         self._account_created = True  # committed: later calls may skip the insert
         result = _order_result(row)
         self._publish_submit(result, order, now)
@@ -234,6 +258,53 @@ class SimBroker:
                     "trade update callback failed",
                     extra={"event": update.event, "client_order_id": update.client_order_id},
                 )
+
+    def cancel_order(self, client_order_id: str) -> OrderResult | None:
+        """Cancel a resting order; an order already done is returned as it is (a fill is not undone)."""
+        now = self.clock.now()
+        with self.pool.connection() as conn, conn.transaction():
+            row = conn.execute(
+                f"""UPDATE sim_orders SET status = 'canceled'
+                    WHERE account_id = %s AND client_order_id = %s AND status IN ('new', 'accepted')
+                    RETURNING {_ORDER_COLUMNS}""",
+                (self.account_id, client_order_id),
+            ).fetchone()
+        if row is not None:
+            log.info("sim order canceled", extra={"client_order_id": client_order_id, "at": now.isoformat()})
+            return _order_result(row)
+        return self.get_order_by_client_id(client_order_id)
+
+    def match_resting(self, now: datetime | None = None) -> list[OrderResult]:
+        """Fill the resting limit orders the quote at `now` has reached; the orders filled.
+
+        The simulated market's stand-in for the exchange's matching: the demo calls it once a
+        simulated minute, after the new bars and option marks are written.
+        """
+        now = now or self.clock.now()
+        filled = []
+        with self.pool.connection() as conn, conn.transaction():
+            resting = conn.execute(
+                """SELECT id, symbol, side, qty, multiplier, limit_price, asset_class FROM sim_orders
+                   WHERE account_id = %s AND status IN ('new', 'accepted') AND submitted_at <= %s
+                   ORDER BY submitted_at FOR UPDATE SKIP LOCKED""",
+                (self.account_id, now),
+            ).fetchall()
+            for r in resting:
+                instrument = "OPTION" if r["asset_class"] == "us_option" else "STOCK"
+                quote = self._quote_of(conn, instrument, r["symbol"], now)
+                if quote is None or quote[0] <= 0 or quote[1] <= 0:
+                    continue
+                price = self._fill_price(r["side"], quote, r["limit_price"])
+                if price is None:
+                    continue
+                row = conn.execute(
+                    f"""UPDATE sim_orders SET status = 'filled', filled_qty = qty, filled_avg_price = %s, filled_at = %s
+                        WHERE id = %s AND status IN ('new', 'accepted') RETURNING {_ORDER_COLUMNS}""",
+                    (price, now, r["id"]),
+                ).fetchone()
+                self._book_fill(conn, r["side"], r["qty"], price, r["multiplier"], now)
+                filled.append(_order_result(row))
+        return filled
 
     def get_order_by_client_id(self, client_order_id: str) -> OrderResult | None:
         with self.pool.connection() as conn:

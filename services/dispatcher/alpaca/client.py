@@ -57,6 +57,7 @@ from alpaca.trading.requests import (
     GetCalendarRequest,
     GetOptionContractsRequest,
     GetOrdersRequest,
+    LimitOrderRequest,
     MarketOrderRequest,
 )
 from pydantic import ValidationError
@@ -325,6 +326,16 @@ def calendar_session(day: date, open_naive: datetime, close_naive: datetime) -> 
     return Session(day=day, open=to_utc(open_naive), close=to_utc(close_naive))
 
 
+def _wire_price(price: Decimal, instrument: str) -> float:
+    """The limit as the SDK sends it (a JSON number): cents for options and for stocks from $1."""
+    places = Decimal("0.01") if instrument == "OPTION" or price >= 1 else Decimal("0.0001")
+    exact = price.quantize(places)
+    if exact != price:
+        # Rounding here would move the limit the decision chose; the pricing module puts it on a tick.
+        raise BrokerRejected(f"limit_price {price} is not on a {places} tick")
+    return float(exact)
+
+
 def _position_intent(order: OrderRequest) -> PositionIntent | None:
     """The option order's intent; the pipeline opens long options and closes them by selling."""
     if order.position_intent:
@@ -386,14 +397,15 @@ class AlpacaBroker:
     # Orders ---------------------------------------------------------------------------------
 
     def submit_order(self, order: OrderRequest) -> OrderResult:
-        """Submit one market order, exactly one HTTP request, never retried here.
+        """Submit one market or limit order, exactly one HTTP request, never retried here.
 
         A timeout, 5xx or 429 raises BrokerUnavailable: the order may have been accepted, so
         the caller (`submit_exactly_once`) looks it up by client_order_id rather than resend.
+        Whole contracts or shares only; extended hours never (options cannot trade there).
         """
         if order.qty <= 0:
             raise BrokerRejected(f"qty must be positive, got {order.qty}")
-        request = MarketOrderRequest(
+        fields = dict(
             symbol=order.symbol,
             qty=order.qty,
             side=OrderSide(order.side),
@@ -401,6 +413,13 @@ class AlpacaBroker:
             client_order_id=order.client_order_id,
             position_intent=_position_intent(order),
         )
+        if order.order_type == "limit":
+            assert order.limit_price is not None  # OrderRequest refuses a limit without a price
+            request: MarketOrderRequest | LimitOrderRequest = LimitOrderRequest(
+                **fields, limit_price=_wire_price(order.limit_price, order.instrument)
+            )
+        else:
+            request = MarketOrderRequest(**fields)
         try:
             submitted = self._client.submit_order(request)
         except _FAILURES as e:
@@ -416,6 +435,28 @@ class AlpacaBroker:
             },
         )
         return result
+
+    def cancel_order(self, client_order_id: str) -> OrderResult | None:
+        """Cancel by client_order_id: look up the broker's id, DELETE /v2/orders/{id}, read it back.
+
+        None when the broker has no such order. A 422 (already filled, already canceled: "not
+        cancelable") is the order's state, not an error: what the broker has is returned, so a
+        fill that raced the cancel is recorded as a fill. The DELETE is not retried here; a
+        failed one raises BrokerUnavailable and the caller asks again.
+        """
+        found = self.get_order_by_client_id(client_order_id)
+        if found is None:
+            return None
+        try:
+            self._client.cancel_order_by_id(found.broker_order_id)
+        except APIError as e:
+            if _status_of(e) not in (404, 422):
+                raise translate_error(e, f"cancel {client_order_id}") from e
+            log.info("order not cancelable", extra={"client_order_id": client_order_id,
+                                                    "error": _api_error_message(e)})
+        except _FAILURES as e:
+            raise translate_error(e, f"cancel {client_order_id}") from e
+        return self.get_order_by_client_id(client_order_id)
 
     def get_order_by_client_id(self, client_order_id: str) -> OrderResult | None:
         """The broker's order for a client_order_id; None on 404 (nothing was placed)."""
