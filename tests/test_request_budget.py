@@ -256,3 +256,23 @@ def test_deadline_set_while_a_submit_hangs_ends_it_after_the_request_in_flight(f
 
     assert elapsed < 0.8 + 0.5
     assert len(fake_alpaca.requests) == 1
+
+
+def test_dispatcher_alpaca_broker_spends_the_accounts_shared_budget(db_url, monkeypatch):
+    from psycopg_pool import ConnectionPool
+
+    from services.common.params import ParamsInForce, as_params
+    from services.dispatcher.main import build_broker
+
+    for key, value in {"OPS_BROKER": "alpaca", "ALPACA_API_KEY": "PKWIRINGTEST000000000",
+                       "ALPACA_SECRET_KEY": "wiring-secret"}.items():
+        monkeypatch.setenv(key, value)
+    params = as_params({})
+    with ConnectionPool(db_url, open=False) as pool:
+        broker = build_broker(pool, ACCOUNT, FixedClock(START), ParamsInForce(params, "test", "1", params.content_hash()))
+
+    assert isinstance(broker.budget, PostgresRequestBudget)
+    assert broker.budget.account_id == ACCOUNT
+    assert (broker.budget.capacity, broker.budget.read_reserve) == (20, 10)
+    assert broker.budget.acquire(RequestKind.ORDER) == 0.0
+    broker.budget.close()

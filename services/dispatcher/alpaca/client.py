@@ -83,6 +83,7 @@ from services.dispatcher.broker import (
 )
 from services.dispatcher.request_budget import (
     LocalRequestBudget,
+    PostgresRequestBudget,
     RequestBudget,
     RequestBudgetUnavailable,
     RequestKind,
@@ -192,6 +193,18 @@ def _harden(
     client._retry = 0
     client._retry_wait = 0
     client._retry_codes = []
+
+
+def postgres_trading_budget(settings: AlpacaSettings, conninfo: str, account_id: str) -> PostgresRequestBudget:
+    """The account's budget shared through Postgres by every process trading it (dispatchers)."""
+    return PostgresRequestBudget(
+        conninfo,
+        account_id,
+        requests_per_minute=settings.trading_requests_per_minute,
+        capacity=settings.trading_burst,
+        read_reserve=settings.read_reserve_tokens,
+        application_name=f"ops-request-budget:{account_id}",
+    )
 
 
 def local_trading_budget(settings: AlpacaSettings, monotonic: Callable[[], float] = time.monotonic) -> LocalRequestBudget:
