@@ -197,7 +197,7 @@ def test_postgres_budget_under_concurrent_takers_grants_exactly_the_bucket(db_ur
 
 def test_postgres_budget_when_database_unreachable_then_nothing_is_sent(fake_alpaca):
     budget = PostgresRequestBudget("postgresql://nobody@127.0.0.1:1/none?connect_timeout=1", ACCOUNT)
-    adapter = AlpacaBroker(settings(fake_alpaca, submit_retry_seconds=0.1), budget=budget, sleep=lambda s: None)
+    adapter = AlpacaBroker(settings(fake_alpaca, submit_retry_seconds=0.6), budget=budget, sleep=lambda s: None)
 
     with pytest.raises(BrokerUnavailable, match="request budget"):
         adapter.submit_order(order("ops-1-0-db"))

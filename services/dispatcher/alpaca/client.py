@@ -145,17 +145,22 @@ class _GuardedSession(requests.Session):
 
     def request(self, method, url, *args, **kwargs):  # type: ignore[override]
         kind = RequestKind.READ if str(method).upper() in ("GET", "HEAD") else RequestKind.ORDER
+        self._time_left()  # out of time: not even a token is spent
         if self._budget is not None:
             self._take_token(kind)
         timeout = kwargs.get("timeout") or self._timeout
-        deadline = self._deadline()
-        if deadline is not None:
-            remaining = deadline - self._monotonic()
-            if remaining < MIN_REQUEST_SECONDS:
-                raise _NotSent(f"deadline: {max(remaining, 0):.2f}s left, request not sent")
-            timeout = min(timeout, remaining)
-        kwargs["timeout"] = timeout
+        left = self._time_left()
+        kwargs["timeout"] = timeout if left is None else min(timeout, left)
         return super().request(method, url, *args, **kwargs)
+
+    def _time_left(self) -> float | None:
+        deadline = self._deadline()
+        if deadline is None:
+            return None
+        remaining = deadline - self._monotonic()
+        if remaining < MIN_REQUEST_SECONDS:
+            raise _NotSent(f"deadline: {max(remaining, 0):.2f}s left, request not sent")
+        return remaining
 
     def _take_token(self, kind: RequestKind) -> None:
         while True:
