@@ -3,7 +3,9 @@
 It keeps an order book in memory (optionally persisted to a JSON file, so a crash/restart test
 can run it as a separate process), records every request it receives for assertions, and
 injects faults into the next n requests of a path: an HTTP status before or AFTER the order was
-accepted, a hang longer than the client's timeout, a 422 duplicate client_order_id.
+accepted, a hang longer than the client's timeout, a 422 duplicate client_order_id, a 429 with
+Retry-After, a connection reset. With `rate_limit_per_minute` set it answers 429 past that many
+requests in any 60 s per API key, as Alpaca does per account (time from `now`, injectable).
 
 In-process (pytest):
 
@@ -38,6 +40,7 @@ import argparse
 import json
 import os
 import socket
+import struct
 import sys
 import threading
 import uuid
@@ -91,6 +94,9 @@ class RecordedRequest:
     query: dict[str, str]
     json: Any
     fault: str | None = None
+    at: datetime | None = None  # the server's `now` when it arrived
+    key: str | None = None  # the APCA-API-KEY-ID it carried
+    status: int | None = None  # what it was answered (None: no answer, the connection was cut)
 
 
 @dataclass
@@ -101,6 +107,8 @@ class Fault:
     timing out behind an exchange that already took the order.
     hang_seconds: hold the response that long (longer than the client's timeout).
     status/body: the response to send instead of the real one (None with a hang: 504).
+    headers: extra response headers (Retry-After).
+    reset: cut the connection without an answer (after booking it if after_accept).
     """
 
     path: str
@@ -110,6 +118,8 @@ class Fault:
     body: Any = None
     after_accept: bool = False
     hang_seconds: float | None = None
+    headers: dict[str, str] | None = None
+    reset: bool = False
 
     def matches(self, method: str, path: str) -> bool:
         if self.times <= 0 or (self.method and self.method.upper() != method):
@@ -123,6 +133,8 @@ class Fault:
         parts = [str(self.status) if self.status else ""]
         if self.hang_seconds:
             parts.append(f"hang{self.hang_seconds}")
+        if self.reset:
+            parts.append("reset")
         if self.after_accept:
             parts.append("after_accept")
         return "+".join(p for p in parts if p)
@@ -175,6 +187,10 @@ class _StreamConnection:
             pass
 
 
+class _Reset(Exception):
+    """Close the connection without answering."""
+
+
 class _Reply(Exception):
     def __init__(self, status: int, body: Any):
         self.status = status
@@ -192,6 +208,7 @@ class FakeAlpaca:
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     contracts_page_size: int = 100
     default_order_status: str = "accepted"
+    rate_limit_per_minute: int | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.RLock()
@@ -314,12 +331,19 @@ class FakeAlpaca:
         method: str | None = None,
         message: str | None = None,
         after_accept: bool = False,
+        retry_after: str | None = None,
     ) -> Fault:
         """The next `times` matching requests get `status` (after booking them if after_accept)."""
         body = {"code": status * 100000 + 10000, "message": message or f"fake {status}"}
+        headers = {"Retry-After": retry_after} if retry_after is not None else None
         return self.inject(
-            Fault(path=path, times=times, method=method, status=status, body=body, after_accept=after_accept)
+            Fault(path=path, times=times, method=method, status=status, body=body, after_accept=after_accept,
+                  headers=headers)
         )
+
+    def reset_next(self, path: str, *, times: int = 1, method: str | None = None, after_accept: bool = False) -> Fault:
+        """The next `times` matching requests get no answer: the connection is cut."""
+        return self.inject(Fault(path=path, times=times, method=method, reset=True, after_accept=after_accept))
 
     def hang_next(
         self, path: str, seconds: float, *, times: int = 1, method: str | None = None, after_accept: bool = False
@@ -686,36 +710,65 @@ class FakeAlpaca:
 
     # Request handling -------------------------------------------------------------------------
 
-    def _handle(self, method: str, raw_path: str, headers: Any, body: bytes) -> tuple[int, Any]:
+    def _handle(self, method: str, raw_path: str, headers: Any, body: bytes) -> tuple[int, Any, dict[str, str]]:
         parts = urlsplit(raw_path)
         path = parts.path
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         payload = json.loads(body) if body else None
         if path.startswith("/_fake/"):
-            return self._control(method, path, payload)
+            return (*self._control(method, path, payload), {})
+        key = headers.get("APCA-API-KEY-ID")
         with self._lock:
+            now = self.now()
             fault = next((f for f in self.faults if f.matches(method, path)), None)
             if fault is not None:
                 fault.times -= 1
-            self.requests.append(
-                RecordedRequest(method, path, query, payload, fault.label if fault else None)
-            )
+            record = RecordedRequest(method, path, query, payload, fault.label if fault else None, at=now, key=key)
+            limited = self._over_rate_limit(key, now)
+            self.requests.append(record)
+        try:
+            status, answer, extra = self._answer(method, path, query, payload, headers, fault, limited)
+        except _Reset:
+            record.status = None
+            raise
+        record.status = status
+        return status, answer, extra
+
+    def _over_rate_limit(self, key: str | None, now: datetime) -> int | None:
+        """Seconds until a slot frees when `key` already made the limit's worth in the last 60 s."""
+        if self.rate_limit_per_minute is None:
+            return None
+        window = [
+            r.at for r in self.requests
+            if r.key == key and r.at is not None and r.status != 429 and now - r.at < timedelta(seconds=60)
+        ]
+        if len(window) < self.rate_limit_per_minute:
+            return None
+        return max(1, int((min(window) + timedelta(seconds=60) - now).total_seconds()) + 1)
+
+    def _answer(
+        self, method: str, path: str, query: dict, payload: Any, headers: Any, fault: Fault | None, limited: int | None
+    ) -> tuple[int, Any, dict[str, str]]:
         if self.key is not None and (
             headers.get("APCA-API-KEY-ID") != self.key or headers.get("APCA-API-SECRET-KEY") != self.secret
         ):
-            return 401, {"code": 40110000, "message": "request is not authorized"}
+            return 401, {"code": 40110000, "message": "request is not authorized"}, {}
+        if limited is not None:
+            return 429, {"code": 42910000, "message": "rate limit exceeded"}, {"Retry-After": str(limited)}
         if fault is None:
-            return self._route(method, path, query, payload)
+            return (*self._route(method, path, query, payload), {})
         real: tuple[int, Any] | None = None
         if fault.after_accept:
             real = self._route(method, path, query, payload)
         if fault.hang_seconds:
             self._stop.wait(fault.hang_seconds)
+        if fault.reset:
+            raise _Reset()
         if fault.status is not None:
-            return fault.status, fault.body
+            return fault.status, fault.body, dict(fault.headers or {})
         if real is not None:
-            return real
-        return 504, {"code": 50400000, "message": "gateway timeout"}
+            return (*real, {})
+        return 504, {"code": 50400000, "message": "gateway timeout"}, {}
 
     def _route(self, method: str, path: str, q: dict[str, str], body: Any) -> tuple[int, Any]:
         try:
@@ -1030,12 +1083,20 @@ class _Handler(BaseHTTPRequestHandler):
             return
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        status, payload = app._handle(self.command, self.path, self.headers, body)
+        try:
+            status, payload, headers = app._handle(self.command, self.path, self.headers, body)
+        except _Reset:
+            # SO_LINGER 0: close with a TCP RST, as a proxy dropping the connection would.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            return
         data = b"" if status == 204 else json.dumps(payload).encode()
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):

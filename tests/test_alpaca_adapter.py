@@ -22,7 +22,6 @@ from services.common.clock import FixedClock
 from services.dispatcher.alpaca.client import (
     AlpacaBroker,
     AlpacaMarketData,
-    TokenBucket,
 )
 from services.dispatcher.alpaca.models import parse_occ_symbol
 from services.dispatcher.alpaca.settings import AlpacaSettings
@@ -31,8 +30,10 @@ from services.dispatcher.broker import (
     BrokerUnavailable,
     DuplicateClientOrderId,
     OrderRequest,
+    OrderStateUnknown,
     submit_exactly_once,
 )
+from services.dispatcher.request_budget import LocalRequestBudget, RequestKind
 from tests.fake_alpaca import FAKE_KEY, FAKE_SECRET, FakeAlpaca, fake_alpaca  # noqa: F401
 
 UTC = timezone.utc
@@ -41,13 +42,21 @@ NOW = datetime(2026, 11, 27, 15, 0, tzinfo=UTC)
 
 
 class SleepRecorder:
-    """Records backoff sleeps instead of sleeping (keeps the tests fast and the delays visible)."""
+    """Records sleeps instead of sleeping, and is the monotonic clock they advance (`now`).
+
+    Keeps the tests fast and the delays visible; an HTTP request takes no time on this clock.
+    """
 
     def __init__(self):
         self.calls: list[float] = []
+        self.t = 0.0
 
     def __call__(self, seconds: float) -> None:
         self.calls.append(seconds)
+        self.t += seconds
+
+    def now(self) -> float:
+        return self.t
 
 
 def settings(fake: FakeAlpaca, **overrides) -> AlpacaSettings:
@@ -64,8 +73,11 @@ def settings(fake: FakeAlpaca, **overrides) -> AlpacaSettings:
     return AlpacaSettings(**values)
 
 
-def broker(fake: FakeAlpaca, sleep=None, **overrides) -> AlpacaBroker:
-    return AlpacaBroker(settings(fake, **overrides), clock=FixedClock(NOW), sleep=sleep or SleepRecorder())
+def broker(fake: FakeAlpaca, sleep=None, monotonic=None, **overrides) -> AlpacaBroker:
+    sleep = sleep or SleepRecorder()
+    return AlpacaBroker(
+        settings(fake, **overrides), clock=FixedClock(NOW), sleep=sleep, monotonic=monotonic or sleep.now
+    )
 
 
 def option_order(coid: str = "ops-1-0-abc", qty: int = 2) -> OrderRequest:
@@ -134,22 +146,26 @@ def test_submit_exactly_once_when_504_after_accept_then_one_order_found_by_clien
     assert len(fake_alpaca.orders) == 1
     assert result.broker_order_id == fake_alpaca.orders["ops-7-0-x"]["id"]
     assert result.client_order_id == "ops-7-0-x"
-    # One POST (no SDK retry of a 504), then the lookup by client_order_id.
-    assert [(r.method, r.path) for r in fake_alpaca.requests] == [
-        ("POST", "/v2/orders"),
-        ("GET", "/v2/orders:by_client_order_id"),
+    # The 504 came after the order was booked: the resend under the same id is refused as a
+    # duplicate, and the lookup by client_order_id finds the one order.
+    assert [(r.method, r.path, r.status) for r in fake_alpaca.requests] == [
+        ("POST", "/v2/orders", 504),
+        ("POST", "/v2/orders", 422),
+        ("GET", "/v2/orders:by_client_order_id", 200),
     ]
-    assert fake_alpaca.requests[1].query == {"client_order_id": "ops-7-0-x"}
+    assert [r.json["client_order_id"] for r in fake_alpaca.requests_to("/v2/orders", "POST")] == ["ops-7-0-x"] * 2
+    assert fake_alpaca.requests[2].query == {"client_order_id": "ops-7-0-x"}
     assert elapsed < 2.0  # the SDK's own retry would sleep 3 x 3 s
 
 
-def test_submit_order_when_504_then_unavailable_after_one_request(fake_alpaca):
+def test_submit_order_when_504_after_accept_then_resend_is_refused_as_duplicate(fake_alpaca):
     fake_alpaca.fail_next("/v2/orders", 504, method="POST", after_accept=True)
 
-    with pytest.raises(BrokerUnavailable, match="504"):
+    with pytest.raises(DuplicateClientOrderId):
         broker(fake_alpaca).submit_order(option_order())
 
-    assert len(fake_alpaca.requests_to("/v2/orders", "POST")) == 1
+    assert [r.status for r in fake_alpaca.requests_to("/v2/orders", "POST")] == [504, 422]
+    assert len(fake_alpaca.orders) == 1
 
 
 def test_submit_exactly_once_when_client_order_id_reused_then_returns_existing_order(fake_alpaca):
@@ -205,23 +221,116 @@ def test_get_account_when_5xx_persists_then_unavailable_after_bounded_backoff(fa
     assert sleeps.calls == [0.2, 0.4]
 
 
-def test_submit_when_429_then_unavailable_and_lookup_finds_no_order(fake_alpaca):
-    fake_alpaca.fail_next("/v2/orders", 429, method="POST", message="rate limit exceeded")
-    adapter = broker(fake_alpaca)
+def test_submit_when_429_with_retry_after_then_waits_that_long_and_resends_same_id(fake_alpaca):
+    fake_alpaca.fail_next("/v2/orders", 429, method="POST", message="rate limit exceeded", retry_after="2")
+    sleeps = SleepRecorder()
 
-    with pytest.raises(BrokerUnavailable, match="429"):
-        submit_exactly_once(adapter, option_order("ops-11-0-f"))
+    result = submit_exactly_once(broker(fake_alpaca, sleep=sleeps), option_order("ops-11-0-f"))
 
-    assert fake_alpaca.orders == {}
-    assert [(r.method, r.path) for r in fake_alpaca.requests] == [
-        ("POST", "/v2/orders"),
-        ("GET", "/v2/orders:by_client_order_id"),
+    posts = fake_alpaca.requests_to("/v2/orders", "POST")
+    assert [(r.status, r.json["client_order_id"]) for r in posts] == [(429, "ops-11-0-f"), (200, "ops-11-0-f")]
+    assert sleeps.calls == [2.0]
+    assert list(fake_alpaca.orders) == ["ops-11-0-f"]
+    assert result.broker_order_id == fake_alpaca.orders["ops-11-0-f"]["id"]
+    assert fake_alpaca.requests_to("/v2/orders:by_client_order_id") == []
+
+
+def test_submit_when_retry_after_is_long_then_capped(fake_alpaca):
+    fake_alpaca.fail_next("/v2/orders", 429, method="POST", retry_after="120")
+    sleeps = SleepRecorder()
+
+    broker(fake_alpaca, sleep=sleeps, retry_after_max_seconds=3).submit_order(option_order("ops-11-1-f"))
+
+    assert sleeps.calls == [3.0]
+    assert [r.status for r in fake_alpaca.requests_to("/v2/orders", "POST")] == [429, 200]
+
+
+def test_submit_when_500_twice_then_third_send_places_one_order(fake_alpaca):
+    fake_alpaca.fail_next("/v2/orders", 500, method="POST", times=2)
+    sleeps = SleepRecorder()
+
+    result = submit_exactly_once(broker(fake_alpaca, sleep=sleeps), option_order("ops-13-0-k"))
+
+    posts = fake_alpaca.requests_to("/v2/orders", "POST")
+    assert [(r.status, r.json["client_order_id"]) for r in posts] == [
+        (500, "ops-13-0-k"), (500, "ops-13-0-k"), (200, "ops-13-0-k"),
     ]
+    assert sleeps.calls == [0.2, 0.4]
+    assert list(fake_alpaca.orders) == ["ops-13-0-k"]
+    assert result.broker_order_id == fake_alpaca.orders["ops-13-0-k"]["id"]
 
 
-def test_submit_when_server_hangs_then_times_out_within_timeout(fake_alpaca):
+def test_submit_when_connection_reset_then_resends_same_id(fake_alpaca):
+    fake_alpaca.reset_next("/v2/orders", method="POST")
+
+    result = submit_exactly_once(broker(fake_alpaca), option_order("ops-14-0-r"))
+
+    posts = fake_alpaca.requests_to("/v2/orders", "POST")
+    assert [(r.fault, r.status, r.json["client_order_id"]) for r in posts] == [
+        ("reset", None, "ops-14-0-r"), (None, 200, "ops-14-0-r"),
+    ]
+    assert list(fake_alpaca.orders) == ["ops-14-0-r"]
+    assert result.broker_order_id == fake_alpaca.orders["ops-14-0-r"]["id"]
+
+
+def test_submit_when_reset_after_accept_then_duplicate_is_looked_up_and_one_order_stands(fake_alpaca):
+    fake_alpaca.reset_next("/v2/orders", method="POST", after_accept=True)
+
+    result = submit_exactly_once(broker(fake_alpaca), option_order("ops-15-0-r"))
+
+    assert [(r.method, r.status) for r in fake_alpaca.requests] == [
+        ("POST", None), ("POST", 422), ("GET", 200),
+    ]
+    assert list(fake_alpaca.orders) == ["ops-15-0-r"]
+    assert result.broker_order_id == fake_alpaca.orders["ops-15-0-r"]["id"]
+
+
+def test_submit_when_refused_after_a_send_that_got_through_then_the_booked_order_is_returned(fake_alpaca):
+    # The first send was booked but its answer lost; the resend is refused for buying power
+    # (spent by that very order), which must not be recorded as a rejection.
+    fake_alpaca.fail_next("/v2/orders", 504, method="POST", after_accept=True)
+    fake_alpaca.fail_next("/v2/orders", 403, method="POST", message="insufficient buying power")
+
+    result = broker(fake_alpaca).submit_order(option_order("ops-16-0-b"))
+
+    assert [(r.method, r.status) for r in fake_alpaca.requests] == [
+        ("POST", 504), ("POST", 403), ("GET", 200),
+    ]
+    assert result.broker_order_id == fake_alpaca.orders["ops-16-0-b"]["id"]
+
+
+def test_submit_when_unavailable_past_the_retry_window_then_lookup_finds_nothing_and_state_unknown(fake_alpaca):
+    fake_alpaca.fail_next("/v2/orders", 503, method="POST", times=100)
+    sleeps = SleepRecorder()
+
+    with pytest.raises(OrderStateUnknown, match="503"):
+        submit_exactly_once(broker(fake_alpaca, sleep=sleeps, submit_retry_seconds=1.5), option_order("ops-17-0-u"))
+
+    posts = fake_alpaca.requests_to("/v2/orders", "POST")
+    assert [r.status for r in posts] == [503, 503, 503]
+    # A third wait (0.8 s from 0.6 s) would leave less than a request's minimum before 1.5 s.
+    assert sleeps.calls == [0.2, 0.4]
+    assert len(fake_alpaca.requests_to("/v2/orders:by_client_order_id")) == 1
+    assert fake_alpaca.orders == {}
+
+
+def test_submit_when_server_hangs_once_then_times_out_and_resends_same_id(fake_alpaca):
     fake_alpaca.hang_next("/v2/orders", 10, method="POST")
-    adapter = broker(fake_alpaca, timeout_seconds=0.5)
+    adapter = broker(fake_alpaca, monotonic=time.monotonic, timeout_seconds=0.5)
+
+    started = time.perf_counter()
+    result = adapter.submit_order(option_order("ops-18-0-t"))
+    elapsed = time.perf_counter() - started
+
+    assert 0.4 <= elapsed < 1.5
+    posts = fake_alpaca.requests_to("/v2/orders", "POST")
+    assert [(r.fault, r.json["client_order_id"]) for r in posts] == [("hang10", "ops-18-0-t"), (None, "ops-18-0-t")]
+    assert result.broker_order_id == fake_alpaca.orders["ops-18-0-t"]["id"]
+
+
+def test_submit_when_server_hangs_past_the_retry_window_then_unavailable_timed_out(fake_alpaca):
+    fake_alpaca.hang_next("/v2/orders", 10, method="POST", times=5)
+    adapter = broker(fake_alpaca, monotonic=time.monotonic, timeout_seconds=0.5, submit_retry_seconds=0.6)
 
     started = time.perf_counter()
     with pytest.raises(BrokerUnavailable, match="timed out") as info:
@@ -488,43 +597,92 @@ class FakeMonotonic:
         self.t += seconds
 
 
-def test_token_bucket_spaces_requests_after_the_burst():
-    mono = FakeMonotonic()
-    bucket = TokenBucket(120, burst=2, monotonic=mono, sleep=mono.sleep)
+def take(budget, kind: RequestKind, mono: FakeMonotonic) -> float:
+    """Ask until a token is taken, sleeping as told; the total wait."""
+    waited = 0.0
+    while (wait := budget.acquire(kind)) > 0:
+        mono.sleep(wait)
+        waited += wait
+    return waited
 
-    waits = [bucket.acquire() for _ in range(5)]
+
+def test_local_budget_spaces_requests_after_the_burst():
+    mono = FakeMonotonic()
+    budget = LocalRequestBudget(120, capacity=2, monotonic=mono)
+
+    waits = [take(budget, RequestKind.ORDER, mono) for _ in range(5)]
 
     assert waits[:2] == [0.0, 0.0]
     assert waits[2:] == pytest.approx([0.5, 0.5, 0.5])
-    mono.t += 10  # idle: refills, but only up to the burst
-    assert [bucket.acquire() for _ in range(3)] == pytest.approx([0.0, 0.0, 0.5])
+    mono.t += 10  # idle: refills, but only up to the capacity
+    assert [take(budget, RequestKind.ORDER, mono) for _ in range(3)] == pytest.approx([0.0, 0.0, 0.5])
 
 
-def test_token_bucket_default_keeps_any_minute_under_alpaca_limit():
+def test_local_budget_when_reads_reach_the_reserve_then_only_orders_pass():
+    mono = FakeMonotonic()
+    budget = LocalRequestBudget(60, capacity=5, read_reserve=3, monotonic=mono)
+
+    assert [budget.acquire(RequestKind.READ) for _ in range(2)] == [0.0, 0.0]
+    assert budget.acquire(RequestKind.READ) == pytest.approx(1.0)  # 3 left: the reserve
+    assert [budget.acquire(RequestKind.ORDER) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert budget.acquire(RequestKind.ORDER) == pytest.approx(1.0)
+    mono.t += 1.0
+    assert budget.acquire(RequestKind.READ) == pytest.approx(3.0)  # the refill goes to orders first
+    assert budget.acquire(RequestKind.ORDER) == 0.0
+
+
+def test_local_budget_default_keeps_any_minute_under_alpaca_limit():
     mono = FakeMonotonic()
     s = AlpacaSettings(api_key="k", secret_key="s")
-    bucket = TokenBucket(s.trading_requests_per_minute, s.trading_burst, monotonic=mono, sleep=mono.sleep)
+    budget = LocalRequestBudget(
+        s.trading_requests_per_minute, s.trading_burst, s.read_reserve_tokens, monotonic=mono
+    )
 
     stamps = []
-    for _ in range(400):
-        bucket.acquire()
+    for i in range(400):
+        take(budget, RequestKind.READ if i % 3 else RequestKind.ORDER, mono)
         stamps.append(mono.t)
 
     worst = max(sum(1 for t in stamps if start <= t < start + 60) for start in stamps)
     assert worst <= 200
 
 
-def test_every_trading_request_passes_the_rate_limiter(fake_alpaca):
-    mono = FakeMonotonic()
-    bucket = TokenBucket(60, burst=1, monotonic=mono, sleep=mono.sleep)
+@pytest.mark.parametrize(
+    ("rate", "burst", "reserve"), [(190, 20, 10), (200, 1, 0), (180, 20, 20)]
+)
+def test_settings_when_budget_exceeds_alpaca_limit_or_reserve_fills_bucket_then_refused(rate, burst, reserve):
+    with pytest.raises(ValueError):
+        AlpacaSettings(
+            api_key="k", secret_key="s", trading_requests_per_minute=rate, trading_burst=burst,
+            read_reserve_tokens=reserve,
+        )
+
+
+class RecordingBudget:
+    """Hands out the given waits, then tokens; records the kind of each request."""
+
+    def __init__(self, waits=()):
+        self.kinds: list[RequestKind] = []
+        self._waits = list(waits)
+
+    def acquire(self, kind: RequestKind) -> float:
+        self.kinds.append(kind)
+        return self._waits.pop(0) if self._waits else 0.0
+
+
+def test_every_trading_request_spends_the_budget_reads_as_reads_submits_as_orders(fake_alpaca):
+    budget = RecordingBudget(waits=[1.5])
+    sleeps = SleepRecorder()
     fake_alpaca.fail_next("/v2/account", 429)
-    adapter = AlpacaBroker(settings(fake_alpaca), limiter=bucket, sleep=SleepRecorder())
+    adapter = AlpacaBroker(settings(fake_alpaca), budget=budget, sleep=sleeps, monotonic=sleeps.now)
 
-    adapter.get_account()  # 2 HTTP requests: the 429 and its retry
+    adapter.get_account()  # 2 HTTP requests: the 429 and its retry; the first waited 1.5 s for a token
     adapter.get_clock()
+    adapter.submit_order(option_order())
 
-    assert len(fake_alpaca.requests) == 3
-    assert mono.sleeps == pytest.approx([1.0, 1.0])  # the first request used the burst
+    assert len(fake_alpaca.requests) == 4
+    assert budget.kinds == [RequestKind.READ] * 4 + [RequestKind.ORDER]
+    assert sleeps.calls == [1.5, 0.2]
 
 
 # Secrets ----------------------------------------------------------------------------------------

@@ -200,7 +200,10 @@ class Broker(Protocol):
     paper: bool
 
     def submit_order(self, order: OrderRequest) -> OrderResult:
-        """Submit once. Raises BrokerRejected, DuplicateClientOrderId or BrokerUnavailable."""
+        """Place the order (an adapter may resend it, always under its client_order_id).
+
+        Raises BrokerRejected, DuplicateClientOrderId or BrokerUnavailable.
+        """
         ...
 
     def get_order_by_client_id(self, client_order_id: str) -> OrderResult | None:

@@ -659,7 +659,7 @@ def build_broker(pool: ConnectionPool, account_id: str, clock: Clock, in_force: 
     kind = os.environ.get("OPS_BROKER", "sim")
     if kind == "alpaca":
         from services.common.settings import load_settings, trading_mode
-        from services.dispatcher.alpaca.client import AlpacaBroker
+        from services.dispatcher.alpaca.client import AlpacaBroker, postgres_trading_budget
         from services.dispatcher.alpaca.settings import AlpacaSettings
 
         mode, reason = trading_mode(load_settings(), in_force.params)
@@ -670,7 +670,9 @@ def build_broker(pool: ConnectionPool, account_id: str, clock: Clock, in_force: 
         if mode == "live" and settings.paper:
             mode, reason = "paper", "PAPER: ALPACA_PAPER is true"
         log.warning("trading mode", extra={"mode": mode, "reason": reason})
-        return AlpacaBroker(settings, clock=clock)
+        # Alpaca's 200 requests a minute are the account's: every dispatcher spends one budget.
+        budget = postgres_trading_budget(settings, pool.conninfo, account_id) if pool is not None else None
+        return AlpacaBroker(settings, clock=clock, budget=budget)
     if kind != "sim":
         raise SystemExit(f"OPS_BROKER must be 'sim' or 'alpaca', got {kind!r}")
     log.info("trading mode", extra={"mode": "paper", "reason": "simulated paper broker"})

@@ -10,13 +10,18 @@ Three things the SDK does by default that a trading system cannot live with, and
 - No HTTP timeout: a hung server hangs the caller forever. Every client gets a session that
   passes `timeout=` on every request.
 - It retries HTTP 429 and 504 three times, 3 s apart, for every method, POST /v2/orders
-  included. A 504 may come after Alpaca accepted the order, so a blind resubmit is a second
-  order unless the client_order_id stops it, and the 9 s of sleeping happen inside the
-  dispatcher's claim. We turn the SDK's retry off and retry ourselves: reads with exponential
-  backoff, an order submit never (it raises BrokerUnavailable and `submit_exactly_once` looks
-  the order up by client_order_id).
-- Nothing spaces requests: the trading API allows 200 requests/minute per account. A token
-  bucket spaces every trading HTTP request (retries and pages included).
+  included, with the 9 s of sleeping inside the dispatcher's claim. We turn the SDK's retry off
+  and retry ourselves: reads with exponential backoff; an order submit resent with the same
+  client_order_id for a few seconds (a 429, 5xx, timeout or reset before the order was taken
+  would otherwise hold its position slot until recovery gives up on it). The fixed id makes
+  the resend safe: an order that did get through answers 422 duplicate and is looked up.
+  Both honour the server's Retry-After (capped).
+- Nothing spaces requests: the trading API allows 200 requests/minute per account, however many
+  processes share it. Every trading HTTP request (retries and pages included) spends a token of
+  the account's request budget (request_budget.py), reads leaving a reserve to orders.
+
+A deadline (`AlpacaBroker.set_deadline`) bounds all of it, so a dispatcher told to stop ends
+the order in hand within the container's stop timeout.
 
 Account and positions are refreshed on a schedule by the dispatcher, not once per
 recommendation: with several dispatcher tasks per account, per-recommendation reads would spend
@@ -32,6 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -78,6 +84,13 @@ from services.dispatcher.broker import (
     OrderRequest,
     OrderResult,
 )
+from services.dispatcher.request_budget import (
+    LocalRequestBudget,
+    PostgresRequestBudget,
+    RequestBudget,
+    RequestBudgetUnavailable,
+    RequestKind,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,69 +103,91 @@ MAX_PAGES = 1000  # a broker that never stops paging is an outage, not an infini
 
 
 # --------------------------------------------------------------------------------------------
-# Rate limiting and the HTTP session
+# The HTTP session: request budget, timeout, deadline
 
 
-class TokenBucket:
-    """Spaces requests to at most `rate_per_minute` on average with bursts of `burst`.
+MIN_REQUEST_SECONDS = 0.5  # a request with less time than this before the deadline is not sent
 
-    With 190/min and a burst of 10 no 60-second window sees more than 200 requests, Alpaca's
-    per-account limit. Thread-safe; a caller reserves a slot under the lock and sleeps outside
-    it, so waiting callers queue in order.
+
+class _NotSent(requests.RequestException):
+    """Raised before a request leaves: the deadline is (nearly) past, or the budget is unreadable.
+
+    A requests exception, so that it is translated like any other failure to reach the broker
+    (BrokerUnavailable); unlike the others, the broker certainly did not see the request.
+    """
+
+
+def _no_deadline() -> float | None:
+    return None
+
+
+class _GuardedSession(requests.Session):
+    """A requests session that spends the request budget and bounds the time of every request.
+
+    alpaca-py calls `self._session.request(method, url, headers=..., params|json=...)` and never
+    passes a timeout; this is the one place that sees every HTTP call of a client. A GET spends
+    a read's token, anything else an order's. The timeout is the settings' or what is left
+    before the deadline, whichever is shorter.
     """
 
     def __init__(
         self,
-        rate_per_minute: float,
-        burst: int,
+        timeout: float,
+        budget: RequestBudget | None,
         *,
+        deadline: Callable[[], float | None] = _no_deadline,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ):
-        if rate_per_minute <= 0 or burst < 1:
-            raise ValueError("rate_per_minute must be > 0 and burst >= 1")
-        self.rate_per_second = rate_per_minute / 60.0
-        self.burst = burst
-        self._monotonic = monotonic
-        self._sleep = sleep
-        self._tokens = float(burst)
-        self._last = monotonic()
-        self._lock = threading.Lock()
-
-    def acquire(self) -> float:
-        """Take one token, sleeping until it is available. Returns the seconds waited."""
-        with self._lock:
-            now = self._monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate_per_second)
-            self._last = now
-            self._tokens -= 1.0
-            wait = 0.0 if self._tokens >= 0 else -self._tokens / self.rate_per_second
-        if wait > 0:
-            self._sleep(wait)
-        return wait
-
-
-class _GuardedSession(requests.Session):
-    """A requests session that applies a timeout (and a rate limiter) to every request.
-
-    alpaca-py calls `self._session.request(method, url, headers=..., params|json=...)` and never
-    passes a timeout; this is the one place that sees every HTTP call of a client.
-    """
-
-    def __init__(self, timeout: float, limiter: TokenBucket | None):
         super().__init__()
         self._timeout = timeout
-        self._limiter = limiter
+        self._budget = budget
+        self._deadline = deadline
+        self._monotonic = monotonic
+        self._sleep = sleep
 
     def request(self, method, url, *args, **kwargs):  # type: ignore[override]
-        if kwargs.get("timeout") is None:
-            kwargs["timeout"] = self._timeout
-        if self._limiter is not None:
-            self._limiter.acquire()
+        kind = RequestKind.READ if str(method).upper() in ("GET", "HEAD") else RequestKind.ORDER
+        self._time_left()  # out of time: not even a token is spent
+        if self._budget is not None:
+            self._take_token(kind)
+        timeout = kwargs.get("timeout") or self._timeout
+        left = self._time_left()
+        kwargs["timeout"] = timeout if left is None else min(timeout, left)
         return super().request(method, url, *args, **kwargs)
 
+    def _time_left(self) -> float | None:
+        deadline = self._deadline()
+        if deadline is None:
+            return None
+        remaining = deadline - self._monotonic()
+        if remaining < MIN_REQUEST_SECONDS:
+            raise _NotSent(f"deadline: {max(remaining, 0):.2f}s left, request not sent")
+        return remaining
 
-def _harden(client: Any, timeout: float, limiter: TokenBucket | None) -> None:
+    def _take_token(self, kind: RequestKind) -> None:
+        while True:
+            try:
+                wait = self._budget.acquire(kind)
+            except RequestBudgetUnavailable as e:
+                raise _NotSent(str(e)) from e
+            if wait <= 0:
+                return
+            deadline = self._deadline()
+            if deadline is not None and self._monotonic() + wait > deadline:
+                raise _NotSent(f"deadline: the request budget frees a token in {wait:.2f}s, too late")
+            self._sleep(wait)
+
+
+def _harden(
+    client: Any,
+    timeout: float,
+    budget: RequestBudget | None,
+    *,
+    deadline: Callable[[], float | None] = _no_deadline,
+    monotonic: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
     """Give an SDK client our session and switch its own 429/504 retry off.
 
     RESTClient._request loops `while retry >= 0` and raises RetryException (then sleeps
@@ -161,11 +196,33 @@ def _harden(client: Any, timeout: float, limiter: TokenBucket | None) -> None:
     retry_attempts, hence the attributes.
     """
     old = client._session
-    client._session = _GuardedSession(timeout, limiter)
+    client._session = _GuardedSession(timeout, budget, deadline=deadline, monotonic=monotonic, sleep=sleep)
     old.close()
     client._retry = 0
     client._retry_wait = 0
     client._retry_codes = []
+
+
+def postgres_trading_budget(settings: AlpacaSettings, conninfo: str, account_id: str) -> PostgresRequestBudget:
+    """The account's budget shared through Postgres by every process trading it (dispatchers)."""
+    return PostgresRequestBudget(
+        conninfo,
+        account_id,
+        requests_per_minute=settings.trading_requests_per_minute,
+        capacity=settings.trading_burst,
+        read_reserve=settings.read_reserve_tokens,
+        application_name=f"ops-request-budget:{account_id}",
+    )
+
+
+def local_trading_budget(settings: AlpacaSettings, monotonic: Callable[[], float] = time.monotonic) -> LocalRequestBudget:
+    """This process's own budget from the settings (one process per account: demo, tools)."""
+    return LocalRequestBudget(
+        settings.trading_requests_per_minute,
+        settings.trading_burst,
+        settings.read_reserve_tokens,
+        monotonic=monotonic,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,14 +285,69 @@ def _is_not_found(error: APIError) -> bool:
     return _status_of(error) == 404
 
 
-class _Retrying:
-    """Read retries with exponential backoff: only BrokerUnavailable is retried, never a 4xx."""
+def _retry_after(error: Exception, cap: float) -> float | None:
+    """The server's Retry-After in seconds (capped), when it sent one we can read."""
+    response = getattr(error, "response", None) if isinstance(error, APIError) else None
+    value = response.headers.get("Retry-After") if response is not None else None
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
+        except (TypeError, ValueError):
+            return None
+    return min(cap, max(0.0, seconds))
 
-    def __init__(self, attempts: int, backoff: float, backoff_max: float, sleep: Callable[[float], None]):
+
+def _refused_unseen(error: Exception) -> bool:
+    """The broker certainly did not act on the request: a 429, a connect timeout, not sent at all.
+
+    Anything else (5xx, a read timeout, a reset connection) may have come after the order was
+    accepted.
+    """
+    if isinstance(error, APIError):
+        return _status_of(error) == 429
+    return isinstance(error, (_NotSent, requests.ConnectTimeout))
+
+
+class _Retrying:
+    """Retries with exponential backoff (or the server's Retry-After), within the deadline.
+
+    Only BrokerUnavailable is retried, never a 4xx; a retry that would start after the deadline
+    is not made.
+    """
+
+    def __init__(
+        self,
+        attempts: int,
+        backoff: float,
+        backoff_max: float,
+        sleep: Callable[[float], None],
+        *,
+        retry_after_max: float = 5.0,
+        deadline: Callable[[], float | None] = _no_deadline,
+        monotonic: Callable[[], float] = time.monotonic,
+    ):
         self.attempts = attempts
         self.backoff = backoff
         self.backoff_max = backoff_max
+        self.retry_after_max = retry_after_max
         self.sleep = sleep
+        self.deadline = deadline
+        self.monotonic = monotonic
+
+    def delay(self, error: Exception, attempt: int) -> float:
+        after = _retry_after(error, self.retry_after_max)
+        if after is not None:
+            return after
+        return min(self.backoff_max, self.backoff * (2 ** (attempt - 1)))
+
+    def in_time(self, delay: float) -> bool:
+        """Whether a retry after `delay` still starts before the deadline (always, without one)."""
+        deadline = self.deadline()
+        return deadline is None or self.monotonic() + delay + MIN_REQUEST_SECONDS <= deadline
 
     def read(self, what: str, call: Callable[[], T]) -> T:
         attempt = 1
@@ -246,7 +358,9 @@ class _Retrying:
                 err = translate_error(e, what)
                 if not isinstance(err, BrokerUnavailable) or attempt >= self.attempts:
                     raise err from e
-                delay = min(self.backoff_max, self.backoff * (2 ** (attempt - 1)))
+                delay = self.delay(e, attempt)
+                if not self.in_time(delay):
+                    raise err from e
                 log.warning(
                     "broker read failed, retrying",
                     extra={"call": what, "attempt": attempt, "delay_s": delay, "error": str(err)},
@@ -350,15 +464,26 @@ def _position_intent(order: OrderRequest) -> PositionIntent | None:
 
 
 class AlpacaBroker:
-    """The `Broker` of broker.py on Alpaca's trading API (paper by default)."""
+    """The `Broker` of broker.py on Alpaca's trading API (paper by default).
+
+    `budget` is the account's request budget: a `request_budget.PostgresRequestBudget` when
+    several processes trade the account, this process's own bucket otherwise.
+
+    `set_deadline(at)` bounds everything the adapter does from then on (submits, their
+    retries, lookups, reads) to a monotonic instant: a request is not started after it, a
+    timeout never reaches past it (the one request already in flight keeps its own). On
+    SIGTERM, the order in hand then ends within the stop timeout: placed, refused, or
+    OrderStateUnknown for recovery to resolve.
+    """
 
     def __init__(
         self,
         settings: AlpacaSettings,
         *,
         clock: Clock | None = None,
-        limiter: TokenBucket | None = None,
+        budget: RequestBudget | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
     ):
         key = settings.api_key.get_secret_value()
         secret = settings.secret_key.get_secret_value()
@@ -367,19 +492,31 @@ class AlpacaBroker:
         self.paper = settings.paper
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
-        self.limiter = limiter or TokenBucket(
-            settings.trading_requests_per_minute, settings.trading_burst, sleep=sleep
-        )
+        self.budget: RequestBudget = budget or local_trading_budget(settings, monotonic)
+        self._sleep = sleep
+        self._monotonic = monotonic
+        self._deadline: float | None = None
+        self._submit_window = threading.local()
         self._retrying = _Retrying(
             settings.read_attempts,
             settings.retry_backoff_seconds,
             settings.retry_backoff_max_seconds,
             sleep,
+            retry_after_max=settings.retry_after_max_seconds,
+            deadline=self._current_deadline,
+            monotonic=monotonic,
         )
         self._client = TradingClient(
             key, secret, paper=settings.paper, url_override=settings.trading_url
         )
-        _harden(self._client, settings.timeout_seconds, self.limiter)
+        _harden(
+            self._client,
+            settings.timeout_seconds,
+            self.budget,
+            deadline=self._current_deadline,
+            monotonic=monotonic,
+            sleep=sleep,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -391,17 +528,32 @@ class AlpacaBroker:
 
     @property
     def trading_client(self) -> TradingClient:
-        """The hardened SDK client (timeout, no SDK retry, rate-limited), for other adapters."""
+        """The hardened SDK client (timeout, no SDK retry, budgeted, deadline), for other adapters."""
         return self._client
+
+    def set_deadline(self, at: float | None) -> None:
+        """Finish or give up by `at` (on `time.monotonic()`'s clock); None lifts the bound."""
+        self._deadline = at
+
+    def _current_deadline(self) -> float | None:
+        bounds = [d for d in (self._deadline, getattr(self._submit_window, "until", None)) if d is not None]
+        return min(bounds) if bounds else None
 
     # Orders ---------------------------------------------------------------------------------
 
     def submit_order(self, order: OrderRequest) -> OrderResult:
-        """Submit one market or limit order, exactly one HTTP request, never retried here.
+        """Submit one market or limit order, resending it with the same client_order_id for a short while.
 
-        A timeout, 5xx or 429 raises BrokerUnavailable: the order may have been accepted, so
-        the caller (`submit_exactly_once`) looks it up by client_order_id rather than resend.
-        Whole contracts or shares only; extended hours never (options cannot trade there).
+        A 429, a 5xx, a timeout or a reset connection is retried (after the server's
+        Retry-After, capped, or a backoff) until `settings.submit_retry_seconds` have passed:
+        the deterministic client_order_id makes a resend safe, as an order that did get through
+        answers 422 "client_order_id must be unique" (DuplicateClientOrderId, which the caller
+        looks up). When the time is up, BrokerUnavailable: the order may have been accepted, so
+        `submit_exactly_once` looks it up by client_order_id.
+
+        A refusal (4xx) after an attempt that may have got through is not believed at once:
+        the order that got through may be why (its buying power is spent), so the broker's
+        book decides.
         """
         if order.qty <= 0:
             raise BrokerRejected(f"qty must be positive, got {order.qty}")
@@ -420,21 +572,42 @@ class AlpacaBroker:
             )
         else:
             request = MarketOrderRequest(**fields)
+        self._submit_window.until = self._monotonic() + self.settings.submit_retry_seconds
         try:
-            submitted = self._client.submit_order(request)
-        except _FAILURES as e:
-            raise translate_error(e, f"submit {order.client_order_id}") from e
-        result = order_result(submitted)
-        log.info(
-            "order submitted",
-            extra={
-                "client_order_id": result.client_order_id,
-                "broker_order_id": result.broker_order_id,
-                "symbol": result.symbol,
-                "status": result.status,
-            },
-        )
-        return result
+            return self._submit_until_answered(order.client_order_id, request)
+        finally:
+            self._submit_window.until = None
+
+    def _submit_until_answered(self, client_order_id: str,
+                               request: MarketOrderRequest | LimitOrderRequest) -> OrderResult:
+        what = f"submit {client_order_id}"
+        maybe_placed: BrokerError | None = None
+        attempt = 1
+        while True:
+            try:
+                return order_result(self._client.submit_order(request))
+            except _FAILURES as e:
+                err = translate_error(e, what)
+                if isinstance(err, BrokerRejected):
+                    if maybe_placed is not None:
+                        found = self.get_order_by_client_id(client_order_id)
+                        if found is not None:
+                            return found
+                    raise err from e
+                if not isinstance(err, BrokerUnavailable):
+                    raise err from e
+                if not _refused_unseen(e):
+                    maybe_placed = err
+                delay = self._retrying.delay(e, attempt)
+                if not self._retrying.in_time(delay):
+                    raise err from e
+                log.warning(
+                    "order submit failed, resending with the same client_order_id",
+                    extra={"client_order_id": client_order_id, "attempt": attempt, "delay_s": delay,
+                           "error": str(err)},
+                )
+                self._sleep(delay)
+                attempt += 1
 
     def cancel_order(self, client_order_id: str) -> OrderResult | None:
         """Cancel by client_order_id: look up the broker's id, DELETE /v2/orders/{id}, read it back.
@@ -642,8 +815,8 @@ class AlpacaMarketData:
         settings: AlpacaSettings,
         *,
         trading_client: TradingClient | None = None,
-        trading_limiter: TokenBucket | None = None,
-        data_limiter: TokenBucket | None = None,
+        trading_budget: RequestBudget | None = None,
+        data_budget: RequestBudget | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ):
         """Pass `AlpacaBroker.trading_client` so contract lookups share the account's rate budget."""
@@ -657,6 +830,7 @@ class AlpacaMarketData:
             settings.retry_backoff_seconds,
             settings.retry_backoff_max_seconds,
             sleep,
+            retry_after_max=settings.retry_after_max_seconds,
         )
         if trading_client is None:
             trading_client = TradingClient(
@@ -665,12 +839,13 @@ class AlpacaMarketData:
             _harden(
                 trading_client,
                 settings.timeout_seconds,
-                trading_limiter
-                or TokenBucket(settings.trading_requests_per_minute, settings.trading_burst, sleep=sleep),
+                trading_budget or local_trading_budget(settings),
+                sleep=sleep,
             )
         self._trading = trading_client
-        data_limiter = data_limiter or TokenBucket(
-            settings.trading_requests_per_minute, settings.trading_burst, sleep=sleep
+        # The data API's limit is its own; all its requests are reads, none needs a reserve.
+        data_budget = data_budget or LocalRequestBudget(
+            settings.trading_requests_per_minute, settings.trading_burst
         )
         # raw_data: the chain's daily bar (volume) is dropped by OptionsSnapshot; we parse
         # each snapshot with the SDK model ourselves and read the bar from the raw dict.
@@ -679,7 +854,7 @@ class AlpacaMarketData:
         )
         self._stocks = StockHistoricalDataClient(key, secret, url_override=settings.data_url)
         for client in (self._options, self._stocks):
-            _harden(client, settings.timeout_seconds, data_limiter)
+            _harden(client, settings.timeout_seconds, data_budget, sleep=sleep)
 
     def __repr__(self) -> str:
         return f"AlpacaMarketData(data_url={_url(self._options)}, paper={self.settings.paper})"

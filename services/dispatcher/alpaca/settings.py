@@ -7,8 +7,10 @@ repr, a log line nor a traceback of these settings can show them.
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.dispatcher.request_budget import check_limits
 
 
 def _normalise_url_override(value: str | None) -> str | None:
@@ -30,7 +32,9 @@ class AlpacaSettings(BaseSettings):
 
     timeout_seconds bounds every HTTP call (the SDK has no timeout of its own: a hung server
     would hang the dispatcher). Reads are retried up to `read_attempts` times with exponential
-    backoff; an order submit never is (see `AlpacaBroker.submit_order`).
+    backoff; an order submit is resent with the same client_order_id until `submit_retry_seconds`
+    have passed (see `AlpacaBroker.submit_order`). A Retry-After is honoured up to
+    `retry_after_max_seconds`.
     """
 
     model_config = SettingsConfigDict(
@@ -46,13 +50,21 @@ class AlpacaSettings(BaseSettings):
     read_attempts: int = Field(default=3, ge=1, le=10)
     retry_backoff_seconds: float = Field(default=0.5, ge=0, le=30)
     retry_backoff_max_seconds: float = Field(default=8.0, ge=0, le=120)
-    # 200 requests/minute per account is Alpaca's trading API limit; a burst of 10 on top of
-    # 190/min keeps any 60 s window at or under 200.
-    trading_requests_per_minute: float = Field(default=190, gt=0, le=200)
-    trading_burst: int = Field(default=10, ge=1, le=200)
+    # 200 requests/minute per account is Alpaca's trading API limit; a burst of 20 on top of
+    # 180/min keeps any 60 s window at or under 200. Reads leave the last 10 tokens to orders.
+    trading_requests_per_minute: float = Field(default=180, gt=0, le=200)
+    trading_burst: int = Field(default=20, ge=1, le=200)
+    read_reserve_tokens: int = Field(default=10, ge=0, le=199)
+    submit_retry_seconds: float = Field(default=10.0, gt=0, le=60)
+    retry_after_max_seconds: float = Field(default=5.0, ge=0, le=60)
     option_contracts_page_size: int = Field(default=1000, ge=1, le=10_000)
     options_feed: str | None = Field(default=None, description="opra / indicative; None = SDK default")
     stock_feed: str | None = Field(default="iex", description="iex / sip; iex works on free plans")
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> AlpacaSettings:
+        check_limits(self.trading_requests_per_minute, self.trading_burst, self.read_reserve_tokens)
+        return self
 
     @field_validator("trading_url", "data_url")
     @classmethod
