@@ -19,3 +19,16 @@ ALTER TABLE sim_orders
     ADD COLUMN order_type  text    NOT NULL DEFAULT 'market',
     ADD COLUMN limit_price numeric;
 CREATE INDEX sim_orders_resting ON sim_orders (account_id) WHERE status IN ('new', 'accepted');
+
+-- Re-pricing: every attempt of one (recommendation, leg) is its own execution row.
+ALTER TABLE dispatch_executions DROP CONSTRAINT execution_per_leg;
+ALTER TABLE dispatch_executions ADD CONSTRAINT execution_per_attempt UNIQUE (account_id, recommendation_id, leg, attempt);
+
+-- Why this process asked the broker to cancel an order, recorded before the cancel is sent, so a
+-- crash between the cancel and what follows it is finished by whoever sees the cancel next:
+-- REPRICE: the order is replaced by the next attempt at `replace_price`; GIVE_UP: it ends.
+ALTER TABLE dispatch_executions
+    ADD COLUMN cancel_reason text,
+    ADD COLUMN replace_price numeric,
+    ADD CONSTRAINT execution_cancel_reason CHECK (cancel_reason IS NULL OR cancel_reason IN ('REPRICE', 'GIVE_UP')),
+    ADD CONSTRAINT execution_replace_price CHECK ((cancel_reason = 'REPRICE') = (replace_price IS NOT NULL));

@@ -82,6 +82,13 @@ class RecommendationStatus(StrEnum):
     FAILED = "FAILED"
 
 
+class CancelReason(StrEnum):
+    """Why this system asked the broker to cancel an order (recorded before the cancel is sent)."""
+
+    REPRICE = "REPRICE"  # replaced by the next attempt at a new limit price
+    GIVE_UP = "GIVE_UP"  # unfilled after the last attempt: the order ends
+
+
 class OrderRole(StrEnum):
     ENTRY = "ENTRY"  # opens the position it reserved
     EXIT = "EXIT"  # closes the position it took
@@ -150,6 +157,7 @@ class OrderState:
     role: OrderRole
     qty: Decimal
     filled_qty: Decimal = Decimal(0)
+    cancel_reason: CancelReason | None = None
 
 
 @dataclass(frozen=True)
@@ -230,8 +238,15 @@ def transition(order: OrderState, event: Event) -> Transition | Illegal:
         return Illegal("ILLEGAL_TRANSITION", f"{order.status} -> {new} ({_describe(event)})")
     if filled < order.filled_qty:
         return Illegal("FILL_WENT_BACK", f"filled_qty {order.filled_qty} -> {filled} ({_describe(event)})")
+    if new is ExecutionStatus.CANCELED and filled == 0 and order.cancel_reason is CancelReason.REPRICE:
+        # Canceled to be replaced: the position stays reserved (or taken) for the next attempt,
+        # and the recommendation waits for it.
+        return Transition(new, filled, PositionAction.NONE, RecommendationStatus.SUBMITTING, "ORDER_REPRICING")
     rec, code = _recommendation(new, filled)
+    if new is ExecutionStatus.CANCELED and filled == 0 and order.cancel_reason is CancelReason.GIVE_UP:
+        code = "ORDER_GIVEN_UP"  # unfilled after its last price
     return Transition(new, filled, _position_action(order.role, new, filled), rec, code)
+
 
 
 def _position_action(role: OrderRole, new: ExecutionStatus, filled: Decimal) -> PositionAction:

@@ -35,11 +35,12 @@ from psycopg_pool import ConnectionPool
 from services.common.clock import Clock, SystemClock
 from services.common.market_calendar import CalendarUnavailable, SessionCalendar, et_date, et_day_bounds, nyse_calendar
 from services.common.params import ParamsInForce
-from services.dispatcher import kill_switch, orders_repo, queries
+from services.dispatcher import kill_switch, orders_repo, queries, request_budget
 from services.dispatcher.assets import MISSING as MISSING_ASSET
 from services.dispatcher.assets import AssetCache
 from services.dispatcher.broker import (
     Broker,
+    TradeUpdate,
     BrokerError,
     BrokerRejected,
     BrokerUnavailable,
@@ -58,7 +59,8 @@ from services.dispatcher.decision import (
     live_trading_check,
     recheck_capacity,
 )
-from services.dispatcher.lifecycle import LIVE_POSITION, TERMINAL_RECOMMENDATION, Event, EventKind, Illegal
+from services.dispatcher.lifecycle import LIVE_POSITION, CancelReason, TERMINAL_RECOMMENDATION, Event, EventKind, Illegal
+from services.dispatcher.order_pricing import Quote, Replace, Wait, next_attempt, option_tick, stock_tick
 from services.dispatcher.orders_repo import BrokerFacts, jsonb
 from services.dispatcher.risk.gates import AssetUnavailable, check_daily_loss_limit
 from services.dispatcher.sim_broker import SimBroker
@@ -74,6 +76,8 @@ FILL_REFRESH_SECONDS = 1.0
 MAX_FETCHES = 20
 # An order the broker does not show this long after it was sent was not placed.
 IN_FLIGHT_GRACE = timedelta(minutes=2)
+# SIGTERM: the recommendation in hand gets this long; then its order is left SUBMITTING for recovery.
+SHUTDOWN_BUDGET_SECONDS = 15.0
 # In-flight orders, working orders and the broker's order list are compared with ours this often.
 RECONCILE_EVERY = timedelta(seconds=30)
 # Clocks of two dispatchers differ a little: activity this close before a snapshot counts as after it.
@@ -132,6 +136,7 @@ class Dispatcher:
         calendar: SessionCalendar | None = None,
         worker_id: str | None = None,
         option_data: Any = None,
+        quotes: Callable[[str, str, datetime], Quote | None] | None = None,
         assets: AssetCache | None = None,
     ):
         self.pool = pool
@@ -142,6 +147,7 @@ class Dispatcher:
         self._calendar = calendar
         self.worker_id = worker_id or new_worker_id()
         self.option_data = option_data
+        self.quotes = quotes if quotes is not None else getattr(broker, "quote", None)
         self.assets = assets or AssetCache(lambda symbol: self.broker.get_asset(symbol), self.clock)
         self._last_refresh: datetime | None = None
         self._last_reconcile: datetime | None = None
@@ -431,6 +437,23 @@ class Dispatcher:
             return row["status"] if row else "UNKNOWN"
         return applied.transition.recommendation.value
 
+    def on_trade_update(self, update: TradeUpdate) -> None:
+        """A pushed trade update (Alpaca's stream, the simulated broker), applied through the same
+        path as a submit's answer or a poll; polling still catches what a gap in the stream missed."""
+        try:
+            self.record_broker_answer(update.client_order_id, update.order)
+        except LookupError:
+            # Not one of ours: the broker-orders reconciliation judges it.
+            log.warning("trade update for an order this database does not know",
+                        extra={"client_order_id": update.client_order_id, "event": update.event})
+        except Exception:
+            log.exception("trade update not applied", extra={"client_order_id": update.client_order_id,
+                                                             "event": update.event})
+
+    def request_reconcile(self) -> None:
+        """Ask the loop to poll the broker at its next pass (the stream was away: updates may be lost)."""
+        self._last_reconcile = None
+
     # --- account state, recovery ----------------------------------------------------------
 
     def refresh_account(self, force: bool = False, min_interval: float | None = None) -> None:
@@ -509,7 +532,8 @@ class Dispatcher:
         resubmitted. One order's error is logged against it and the others go on.
         """
         with self.pool.connection() as conn:
-            rows = conn.execute(queries.IN_FLIGHT, {"account_id": self.account_id, "worker": self.worker_id}).fetchall()
+            rows = self._mine_to_ask(conn, conn.execute(
+                queries.IN_FLIGHT, {"account_id": self.account_id, "worker": self.worker_id}).fetchall())
         resolved = 0
         for row in rows:
             try:
@@ -520,7 +544,7 @@ class Dispatcher:
                 log.exception("in-flight order not resolved", extra={
                     "recommendation_id": row["recommendation_id"], "client_order_id": row["client_order_id"]})
         with self.pool.connection() as conn:
-            unfilled = conn.execute(queries.UNFILLED, {"account_id": self.account_id}).fetchall()
+            unfilled = self._mine_to_ask(conn, conn.execute(queries.UNFILLED, {"account_id": self.account_id}).fetchall())
         for row in unfilled:
             try:
                 found = self.broker.get_order_by_client_id(row["client_order_id"])
@@ -533,6 +557,13 @@ class Dispatcher:
             except Exception:
                 log.exception("working order not polled", extra={"client_order_id": row["client_order_id"]})
         return resolved
+
+    def _mine_to_ask(self, conn, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The orders this process asks the broker about now: one process per order per interval,
+        so several dispatchers do not spend the account's request budget on the same lookup."""
+        mine = request_budget.claim_lookups(conn, self.account_id, [r["client_order_id"] for r in rows],
+                                            self.clock.now())
+        return [r for r in rows if r["client_order_id"] in mine]
 
     def _resolve_in_flight(self, row: dict[str, Any]) -> int:
         try:
@@ -649,6 +680,95 @@ class Dispatcher:
         if self._last_reconcile is None or now - self._last_reconcile >= RECONCILE_EVERY:
             self._last_reconcile = now
             self.recover_in_flight()
+        self.reprice_working()
+
+    # --- limit orders: cancel, re-price, give up ------------------------------------------
+
+    def reprice_working(self) -> int:
+        """Limit orders unfilled past `reprice_after_seconds`: canceled and sent again at a more
+        aggressive price, up to `max_reprices` attempts, then canceled for good.
+
+        The reason of each cancel is committed before the cancel is sent, and each new attempt's
+        intent before it is sent, so a crash at any step is finished by the next pass (of this
+        process or another): no attempt is lost, none is sent twice. Returns the orders acted on.
+        """
+        now = self.clock.now()
+        execution = self.params.current().params.execution
+        with self.pool.connection() as conn:
+            working = orders_repo.working_limit_orders(conn, self.account_id)
+        acted = sum(self._guarded(self._reprice, row, now, execution) for row in working)
+        with self.pool.connection() as conn:
+            waiting = orders_repo.awaiting_replacement(conn, self.account_id)
+        return acted + sum(self._guarded(self._send_next_attempt, row, now) for row in waiting)
+
+    def _guarded(self, step: Callable[..., int], row: dict[str, Any], *args: Any) -> int:
+        """One order's step; its failure is logged against it and the others go on."""
+        try:
+            return step(row, *args)
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            raise
+        except BrokerError as e:
+            log.warning("order step failed at the broker", extra={"client_order_id": row.get("client_order_id"),
+                                                                   "recommendation_id": row["recommendation_id"],
+                                                                   "error": str(e)})
+        except Exception:
+            log.exception("order step failed", extra={"recommendation_id": row["recommendation_id"]})
+        return 0
+
+    def _reprice(self, row: dict[str, Any], now: datetime, execution) -> int:
+        cid = row["client_order_id"]
+        if row["cancel_reason"] is None:
+            tick = option_tick if row["instrument"] == "OPTION" else stock_tick
+            quote = self._quote(row["symbol"], row["instrument"], now)
+            step = next_attempt(row["attempt"], row["submitted_at"], now, quote, execution, side=row["side"], tick=tick)
+            if isinstance(step, Wait):
+                return 0
+            reason = CancelReason.REPRICE if isinstance(step, Replace) else CancelReason.GIVE_UP
+            price = step.price if isinstance(step, Replace) else None
+            with self.pool.connection() as conn:
+                if not orders_repo.request_cancel(conn, self.account_id, cid, reason, price, now):
+                    return 0  # another dispatcher took it, or it filled meanwhile
+            log.info("limit order canceled to re-price" if price else "limit order given up", extra={
+                "client_order_id": cid, "recommendation_id": row["recommendation_id"], "attempt": row["attempt"],
+                "new_limit_price": price, "reason": getattr(step, "reason", None)})
+        elif now - row["updated_at"] < timedelta(seconds=execution.reprice_after_seconds):
+            return 0  # its cancel went out moments ago: the answer (stream or poll) will come
+        after = self.broker.cancel_order(cid)
+        if after is not None:
+            self.record_broker_answer(cid, after)  # canceled (replaced or ended) or, if it raced, filled
+        return 1
+
+    def _send_next_attempt(self, row: dict[str, Any], now: datetime) -> int:
+        cid = client_order_id(self.account_id, row["recommendation_id"], row["leg"], row["attempt"] + 1)
+        with self.pool.connection() as conn, conn.transaction():
+            intent = orders_repo.record_next_attempt(conn, row["id"], cid, now)
+        if intent is None:
+            return 0  # another dispatcher recorded (and sends) it
+        order = OrderRequest(
+            client_order_id=cid, symbol=intent["symbol"], underlying=intent["ticker"],
+            instrument=intent["instrument"], side=intent["side"], qty=int(intent["qty"]),
+            position_intent=intent["position_intent"], order_type="limit", limit_price=intent["limit_price"],
+        )
+        try:
+            result = submit_exactly_once(self.broker, order)
+        except BrokerRejected as e:
+            self.record_broker_answer(cid, None, rejected=str(e))
+            return 1
+        except BrokerUnavailable as e:
+            log.warning("order state unknown", extra={"recommendation_id": row["recommendation_id"],
+                                                      "client_order_id": cid, "error": str(e)})
+            return 1
+        self.record_broker_answer(cid, result)
+        return 1
+
+    def _quote(self, symbol: str, instrument: str, now: datetime) -> Quote | None:
+        if self.quotes is None:
+            return None
+        try:
+            return self.quotes(symbol, instrument, now)
+        except BrokerError as e:
+            log.warning("quote unavailable", extra={"symbol": symbol, "error": str(e)})
+            return None
 
 
 # --- process wiring ------------------------------------------------------------------------
@@ -717,12 +837,22 @@ def run_dispatcher(once: bool = False) -> int:
     provider = params_provider()
     clock = SystemClock()
     broker = build_broker(pool, account_id, clock, provider.current())
+    option_data, quotes = build_market(broker)
     dispatcher = Dispatcher(pool, broker, provider, account_id, clock=clock, worker_id=worker_id,
-                            option_data=build_option_data(broker))
+                            option_data=option_data, quotes=quotes)
     log_startup(dispatcher)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def on_stop(*_: Any) -> None:
+        stop.set()
+        # The recommendation in hand gets this long to finish; past it, its order is left
+        # SUBMITTING for recovery. Within ECS's 30 s stop timeout with the request in flight.
+        if hasattr(broker, "set_deadline"):
+            broker.set_deadline(time.monotonic() + SHUTDOWN_BUDGET_SECONDS)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    stop_updates = (lambda: None) if once else start_trade_updates(dispatcher, broker)
     try:
         if once:
             dispatcher.recover_in_flight()
@@ -732,23 +862,49 @@ def run_dispatcher(once: bool = False) -> int:
         else:
             dispatcher.run_forever(url, stop)
     finally:
+        stop_updates()
         pool.close()
     return 0
 
 
-def build_option_data(broker: Broker):
-    """Option chains from Alpaca's data API with the Alpaca broker; the simulated chain with the simulated broker."""
+def start_trade_updates(dispatcher: Dispatcher, broker: Broker) -> Callable[[], None]:
+    """Feed the broker's pushed trade updates to the dispatcher; returns the function that stops them.
+
+    Alpaca: the trade_updates websocket, reconnecting with backoff; after each (re)connection the
+    loop polls what the gap may have missed. Simulated broker: its in-process events.
+    """
+    if isinstance(broker, SimBroker):
+        return broker.subscribe(dispatcher.on_trade_update)
+    from services.dispatcher.alpaca.stream import TradeUpdateStream
+
+    stream = TradeUpdateStream(broker.settings, dispatcher.on_trade_update, on_connect=dispatcher.request_reconcile)
+    stream.start()
+    return stream.stop
+
+
+def build_market(broker: Broker):
+    """Option chains and quotes: Alpaca's data API with the Alpaca broker, the simulated market with the simulated one."""
     from services.dispatcher.option_data import OptionData
 
     if isinstance(broker, SimBroker):
         from services.sim_market import SimOptionMarket
 
-        return OptionData(SimOptionMarket(broker.pool).chain)
+        return OptionData(SimOptionMarket(broker.pool).chain), broker.quote
     from services.dispatcher.alpaca.client import AlpacaMarketData
 
     market = AlpacaMarketData(broker.settings, trading_client=broker.trading_client)
-    return OptionData(lambda ticker, spot, now, window: market.option_chain(
+
+    def quote(symbol: str, instrument: str, now: datetime) -> Quote | None:
+        # Stocks go at market by default; a stock limit order with no quote source is given up
+        # at its re-pricing time rather than re-priced blind.
+        if instrument != "OPTION":
+            return None
+        found = market.option_quotes([symbol]).get(symbol)
+        return Quote(found.bid, found.ask) if found is not None else None
+
+    option_data = OptionData(lambda ticker, spot, now, window: market.option_chain(
         ticker, expiration_gte=window[0] if window else None, expiration_lte=window[1] if window else None))
+    return option_data, quote
 
 
 def register(subparsers) -> None:

@@ -23,6 +23,7 @@ from psycopg.types.json import Jsonb
 
 from services.common.logs import json_default
 from services.dispatcher.lifecycle import (
+    CancelReason,
     Event,
     ExecutionStatus,
     Illegal,
@@ -180,7 +181,7 @@ def record_intent(conn: psycopg.Connection, **fields: Any) -> int:
 # that two workers applying events to the same order (the stream and a poll) take turns.
 LOAD_ORDER = """
 SELECT e.id, e.status, e.role, e.qty, coalesce(e.filled_qty, 0) AS filled_qty, e.version, e.recommendation_id,
-       e.position_id, e.ticker, e.symbol, e.multiplier,
+       e.position_id, e.ticker, e.symbol, e.multiplier, e.cancel_reason,
        p.status AS position_status, p.qty AS position_qty, p.version AS position_version,
        r.status AS recommendation_status
 FROM dispatch_executions e
@@ -274,7 +275,8 @@ def apply_event(conn: psycopg.Connection, account_id: str, client_order_id: str,
     row = conn.execute(LOAD_ORDER, {"account_id": account_id, "client_order_id": client_order_id}).fetchone()
     if row is None:
         raise LookupError(f"no execution row for client_order_id {client_order_id}")
-    order = OrderState(ExecutionStatus(row["status"]), OrderRole(row["role"]), row["qty"], row["filled_qty"])
+    order = OrderState(ExecutionStatus(row["status"]), OrderRole(row["role"]), row["qty"], row["filled_qty"],
+                       CancelReason(row["cancel_reason"]) if row["cancel_reason"] else None)
     result = transition(order, event)
     if isinstance(result, Illegal):
         log.warning("order event refused", extra={
@@ -325,6 +327,94 @@ def _fill_detail(event: Event, facts: BrokerFacts) -> str:
     if event.broker_status is None:
         return event.kind.value
     return f"{event.broker_status} {event.filled_qty} @ {facts.filled_avg_price}"
+
+
+# --- re-pricing -------------------------------------------------------------------------------
+
+# -- working_limit_orders --
+# Limit orders working at the broker with nothing filled yet: candidates for a new price. Those
+# whose cancel was asked for already come too, to ask again when no answer came.
+WORKING_LIMIT_ORDERS = """
+SELECT e.id, e.client_order_id, e.recommendation_id, e.leg, e.attempt, e.side, e.symbol, e.instrument,
+       e.submitted_at, e.updated_at, e.cancel_reason
+FROM dispatch_executions e
+WHERE e.account_id = %(account_id)s AND e.status = 'ACCEPTED' AND e.order_type = 'limit'
+ORDER BY e.id
+"""
+
+# -- request_cancel --
+# Why the cancel is about to be sent, recorded first: whoever sees the broker's "canceled" next
+# (this process, another one, the stream, a poll after a crash) knows what follows it.
+REQUEST_CANCEL = """
+UPDATE dispatch_executions
+SET cancel_reason = %(reason)s, replace_price = %(replace_price)s, updated_at = %(now)s, version = version + 1
+WHERE account_id = %(account_id)s AND client_order_id = %(client_order_id)s
+  AND status = 'ACCEPTED' AND cancel_reason IS NULL
+"""
+
+# -- awaiting_replacement --
+# Attempts canceled for a new price whose next attempt is not recorded yet (the process that
+# canceled may have died in between): the recommendation still waits for it.
+AWAITING_REPLACEMENT = """
+SELECT e.id, e.recommendation_id, e.leg, e.attempt
+FROM dispatch_executions e
+JOIN dispatch_recommendations r ON r.id = e.recommendation_id AND r.status = 'SUBMITTING'
+WHERE e.account_id = %(account_id)s AND e.status = 'CANCELED' AND e.cancel_reason = 'REPRICE'
+  AND coalesce(e.filled_qty, 0) = 0
+  AND NOT EXISTS (SELECT 1 FROM dispatch_executions n
+                  WHERE n.account_id = e.account_id AND n.recommendation_id = e.recommendation_id
+                    AND n.leg = e.leg AND n.attempt > e.attempt)
+ORDER BY e.id
+"""
+
+# -- record_next_attempt --
+# The next attempt's intent, a copy of the canceled one at its new price and id, committed
+# before it is sent. Two processes racing here insert one row: the unique (recommendation, leg,
+# attempt) lets only one through, and only that one sends it.
+RECORD_NEXT_ATTEMPT = """
+INSERT INTO dispatch_executions (
+    account_id, recommendation_id, leg, client_order_id, ticker, instrument, symbol, side, position_intent,
+    qty, multiplier, est_price, notional, status, submitted_at, updated_at, strike, expiration, option_right,
+    premium, quote, greeks, option_gates, role, position_id, order_type, limit_price, attempt)
+SELECT account_id, recommendation_id, leg, %(client_order_id)s, ticker, instrument, symbol, side, position_intent,
+       qty, multiplier, est_price, notional, 'SUBMITTING', %(now)s, %(now)s, strike, expiration, option_right,
+       premium, quote, greeks, option_gates, role, position_id, 'limit', replace_price, attempt + 1
+FROM dispatch_executions
+WHERE id = %(execution_id)s AND status = 'CANCELED' AND cancel_reason = 'REPRICE'
+ON CONFLICT (account_id, recommendation_id, leg, attempt) DO NOTHING
+RETURNING id, recommendation_id, client_order_id, symbol, ticker, instrument, side, qty, position_intent,
+          limit_price, attempt
+"""
+
+
+def working_limit_orders(conn: psycopg.Connection, account_id: str) -> list[dict]:
+    return conn.execute(WORKING_LIMIT_ORDERS, {"account_id": account_id}).fetchall()
+
+
+def request_cancel(conn: psycopg.Connection, account_id: str, client_order_id: str, reason: CancelReason,
+                   replace_price: Decimal | None, now: datetime) -> bool:
+    """Record why a cancel is about to be sent; False when another worker already did, or the order moved."""
+    return conn.execute(REQUEST_CANCEL, {
+        "account_id": account_id, "client_order_id": client_order_id, "reason": reason.value,
+        "replace_price": replace_price if reason is CancelReason.REPRICE else None, "now": now,
+    }).rowcount == 1
+
+
+def awaiting_replacement(conn: psycopg.Connection, account_id: str) -> list[dict]:
+    return conn.execute(AWAITING_REPLACEMENT, {"account_id": account_id}).fetchall()
+
+
+def record_next_attempt(conn: psycopg.Connection, execution_id: int, client_order_id: str,
+                        now: datetime) -> dict | None:
+    """The next attempt's execution row (SUBMITTING), or None when another worker recorded it."""
+    row = conn.execute(RECORD_NEXT_ATTEMPT, {"execution_id": execution_id, "client_order_id": client_order_id,
+                                             "now": now}).fetchone()
+    if row is not None:
+        conn.execute(FINISH_RECOMMENDATION, {"id": row["recommendation_id"], "status": "SUBMITTING",
+                                             "code": "ORDER_REPRICED",
+                                             "detail": f"attempt {row['attempt']} at {row['limit_price']}",
+                                             "now": now})
+    return row
 
 
 # --- reconciliation -------------------------------------------------------------------------

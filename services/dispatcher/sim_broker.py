@@ -38,6 +38,7 @@ from psycopg_pool import ConnectionPool
 
 from services.common.clock import Clock
 from services.common.market_calendar import SessionCalendar, nyse_calendar
+from services.dispatcher.order_pricing import Quote
 from services.dispatcher.broker import (
     AccountSnapshot,
     AssetRecord,
@@ -136,6 +137,12 @@ class SimBroker:
 
     def _quote(self, conn, order: OrderRequest, now: datetime) -> tuple[Decimal, Decimal] | None:
         return self._quote_of(conn, order.instrument, order.symbol, now)
+
+    def quote(self, symbol: str, instrument: str, now: datetime | None = None) -> Quote | None:
+        """The simulated market's bid and ask for a symbol at `now`, as re-pricing needs them."""
+        with self.pool.connection() as conn:
+            touch = self._quote_of(conn, instrument, symbol, now or self.clock.now())
+        return Quote(touch[0], touch[1]) if touch else None
 
     def _quote_of(self, conn, instrument: str, symbol: str, now: datetime) -> tuple[Decimal, Decimal] | None:
         if instrument == "OPTION":
