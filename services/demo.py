@@ -259,7 +259,7 @@ def _row(conn, outcome: Outcome, now: datetime, note: str) -> dict[str, Any]:
 
 
 def _summary(conn, dispatcher: Dispatcher, trip: dict[str, Any]) -> dict[str, Any]:
-    from services.common.admin_cli import status_report
+    from services.adapters.postgres.status import status_report
 
     report = status_report(conn, DEMO_ACCOUNT, dispatcher.clock.now())
     orders = conn.execute(
@@ -323,11 +323,3 @@ def cmd_demo(args) -> int:
     result = run_demo(day=date.fromisoformat(args.date), seed=args.seed, in_force=in_force)
     print_report(result)
     return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="run a simulated trading session on the embedded Postgres")
-    p.add_argument("--date", default=DEMO_DAY.isoformat(), help="the NYSE session to simulate (YYYY-MM-DD)")
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--verbose", action="store_true", help="also print the JSON decision log")
-    p.set_defaults(handler=cmd_demo)

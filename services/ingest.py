@@ -184,7 +184,7 @@ def _connect_migrated():
     return url, connect(url, application_name="ingest")
 
 
-def _load_csv_command(args: argparse.Namespace) -> int:
+def load_csv_command(args: argparse.Namespace) -> int:
     _, conn = _connect_migrated()
     with conn:
         try:
@@ -204,7 +204,7 @@ def _market_data_from_settings():
     return AlpacaMarketData(AlpacaSettings())
 
 
-def _telemetry_command(args: argparse.Namespace) -> int:
+def telemetry_command(args: argparse.Namespace) -> int:
     from services.common.clock import SystemClock
     from services.common.db import database_url
     from services.common.migrate import migrate_when_ready
@@ -223,17 +223,3 @@ def _telemetry_command(args: argparse.Namespace) -> int:
     # A failed fetch is retried at the next tick from the last stored bar: nothing is lost.
     return run_periodic("telemetry", url, cycle, interval=args.interval, once=args.once, stop=stop_on_sigterm(),
                         retry_on=(BadBar, BrokerUnavailable))
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("load-csv", help="load a CSV of 1-minute bars into lane_telemetry")
-    p.add_argument("file")
-    p.add_argument("--ticker", required=True)
-    p.add_argument("--tz", default="America/New_York", help="zone of the file's naive Date column")
-    p.set_defaults(handler=_load_csv_command)
-
-    t = subparsers.add_parser("telemetry", help="fetch 1-minute bars from Alpaca into lane_telemetry")
-    t.add_argument("--once", action="store_true", help="run one fetch and exit")
-    t.add_argument("--tickers", help="comma-separated tickers (default: every selected watchlist ticker)")
-    t.add_argument("--interval", type=float, default=15.0, help="seconds between fetches")
-    t.set_defaults(handler=_telemetry_command)

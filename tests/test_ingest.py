@@ -105,7 +105,7 @@ def test_run_telemetry_when_naive_timestamp_then_refused(conn):
 def test_cli_registers_load_csv_and_telemetry():
     import argparse
 
-    from services.ingest import register
+    from services.cli.loops import register_ingest as register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))

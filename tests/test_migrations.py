@@ -256,10 +256,10 @@ def _cli() -> list[str]:
 
 
 def _admin_cli_present() -> bool:
-    return (REPO / "services" / "common" / "admin_cli.py").exists()
+    return (REPO / "services" / "cli" / "admin.py").exists()
 
 
-@pytest.mark.skipif(not _admin_cli_present(), reason="services/common/admin_cli.py (the migrate command) is not in this build")
+@pytest.mark.skipif(not _admin_cli_present(), reason="services/cli/admin.py (the migrate command) is not in this build")
 def test_cli_migrate_exits_non_zero_on_a_failing_migration(empty_db_url):
     # A table already named like one in 001 makes 001's CREATE TABLE fail.
     execute(empty_db_url, "CREATE TABLE lane_telemetry (squatter int)")
@@ -270,7 +270,7 @@ def test_cli_migrate_exits_non_zero_on_a_failing_migration(empty_db_url):
     assert not table_exists(empty_db_url, "dispatch_recommendations")
 
 
-@pytest.mark.skipif(not _admin_cli_present(), reason="services/common/admin_cli.py (the migrate command) is not in this build")
+@pytest.mark.skipif(not _admin_cli_present(), reason="services/cli/admin.py (the migrate command) is not in this build")
 def test_cli_migrate_exits_zero_and_builds_the_schema(empty_db_url):
     env = {**os.environ, "DATABASE_URL": empty_db_url}
     proc = subprocess.run([*_cli(), "migrate"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)

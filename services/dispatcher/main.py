@@ -905,10 +905,3 @@ def build_market(broker: Broker):
     option_data = OptionData(lambda ticker, spot, now, window: market.option_chain(
         ticker, expiration_gte=window[0] if window else None, expiration_lte=window[1] if window else None))
     return option_data, quote
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("dispatcher", help="decide and execute pending recommendations")
-    p.add_argument("--once", action="store_true", help="decide what is pending, then exit")
-    p.set_defaults(handler=lambda args: run_dispatcher(once=args.once))
-

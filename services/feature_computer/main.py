@@ -74,7 +74,7 @@ def run_loop(conninfo: str, *, interval: float = DEFAULT_INTERVAL_SECONDS, once:
     return run_periodic("feature-computer", conninfo, cycle, interval=interval, once=once, stop=stop)
 
 
-def _handle(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
     from services.common.db import database_url
     from services.common.migrate import migrate_when_ready
 
@@ -83,11 +83,3 @@ def _handle(args: argparse.Namespace) -> int:
     from services.common.service import stop_on_sigterm
 
     return run_loop(url, interval=args.interval, once=args.once, stop=stop_on_sigterm())
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("feature-computer", help="compute lane_features from lane_telemetry")
-    p.add_argument("--once", action="store_true", help="run one cycle and exit")
-    p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_SECONDS,
-                   help="seconds between cycles (default %(default)s)")
-    p.set_defaults(handler=_handle)

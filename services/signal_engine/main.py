@@ -278,7 +278,7 @@ def run_loop(conninfo: str, account_id: str, provider, *, interval: float = 5.0,
                         interval=interval, once=once, stop=stop, retry_on=(ParamsError,))
 
 
-def _handle(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
     from services.common.service import bootstrap, stop_on_sigterm
 
     _, account_id, url, provider = bootstrap(args.account)
@@ -287,11 +287,3 @@ def _handle(args: argparse.Namespace) -> int:
                                               "params_version": in_force.version,
                                               "signal_params": json.loads(in_force.params.signal.model_dump_json())})
     return run_loop(url, account_id, provider, interval=args.interval, once=args.once, stop=stop_on_sigterm())
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("signal-engine", help="turn features and sentiment into recommendations")
-    p.add_argument("--once", action="store_true", help="run one cycle and exit")
-    p.add_argument("--account", help="account id (default: ACCOUNT_ID)")
-    p.add_argument("--interval", type=float, default=5.0, help="seconds between cycles")
-    p.set_defaults(handler=_handle)

@@ -134,7 +134,7 @@ def run_watchlist_cycle(conn: psycopg.Connection, account_id: str,
     return scores
 
 
-def _handle(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
     from services.common.clock import SystemClock
     from services.common.params import ParamsError
     from services.common.service import bootstrap, run_periodic, stop_on_sigterm
@@ -145,11 +145,3 @@ def _handle(args: argparse.Namespace) -> int:
         "watchlist-engine", url,
         lambda conn: run_watchlist_cycle(conn, account_id, provider.current(), clock.now()),
         interval=args.interval, once=args.once, stop=stop_on_sigterm(), retry_on=(ParamsError,))
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("watchlist-engine", help="score tickers and select the account's watchlist")
-    p.add_argument("--once", action="store_true", help="run one cycle and exit")
-    p.add_argument("--account", help="account id (default: ACCOUNT_ID)")
-    p.add_argument("--interval", type=float, default=300.0, help="seconds between cycles")
-    p.set_defaults(handler=_handle)

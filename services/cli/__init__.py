@@ -6,21 +6,21 @@ import argparse
 import importlib
 import logging
 import os
-import sys
 
 from services.common.logs import configure_logging
 from services.common.migrate import MigrationError
 
-# Subcommand groups, each registered by its own module: (module, function).
+# Subcommand groups, each registered by its own module: (module, function). Imported when the
+# parser is built, so `import services.cli` stays cheap.
 _REGISTRARS = [
-    ("services.common.admin_cli", "register"),       # migrate, halt, resume, status
-    ("services.dispatcher.main", "register"),        # dispatcher
-    ("services.demo", "register"),                   # demo
-    ("services.common.params_cli", "register"),      # params show/validate/diff/push/history
-    ("services.signal_engine.main", "register"),     # signal-engine
-    ("services.feature_computer.main", "register"),  # feature-computer
-    ("services.watchlist_engine.main", "register"),  # watchlist-engine
-    ("services.ingest", "register"),                 # load-csv, telemetry
+    ("services.cli.admin", "register"),                      # migrate, halt, resume, status
+    ("services.cli.loops", "register_dispatcher"),           # dispatcher
+    ("services.cli.loops", "register_demo"),                 # demo
+    ("services.cli.params", "register"),                     # params show/validate/diff/push/history
+    ("services.cli.loops", "register_signal_engine"),        # signal-engine
+    ("services.cli.loops", "register_feature_computer"),     # feature-computer
+    ("services.cli.loops", "register_watchlist_engine"),     # watchlist-engine
+    ("services.cli.loops", "register_ingest"),               # load-csv, telemetry
 ]
 
 
@@ -45,6 +45,3 @@ def main(argv: list[str] | None = None) -> int:
             "command": args.command, "reason": type(e).__name__, "error": str(e)})
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The services' subcommands: each starts one loop (or the demo) with its arguments."""
+
+from __future__ import annotations
+
+from services import demo, ingest
+from services.dispatcher import main as dispatcher
+from services.feature_computer import main as feature_computer
+from services.signal_engine import main as signal_engine
+from services.watchlist_engine import main as watchlist_engine
+
+
+def register_dispatcher(subparsers) -> None:
+    p = subparsers.add_parser("dispatcher", help="decide and execute pending recommendations")
+    p.add_argument("--once", action="store_true", help="decide what is pending, then exit")
+    p.set_defaults(handler=lambda args: dispatcher.run_dispatcher(once=args.once))
+
+
+def register_demo(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="run a simulated trading session on the embedded Postgres")
+    p.add_argument("--date", default=demo.DEMO_DAY.isoformat(), help="the NYSE session to simulate (YYYY-MM-DD)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--verbose", action="store_true", help="also print the JSON decision log")
+    p.set_defaults(handler=demo.cmd_demo)
+
+
+def register_signal_engine(subparsers) -> None:
+    p = subparsers.add_parser("signal-engine", help="turn features and sentiment into recommendations")
+    p.add_argument("--once", action="store_true", help="run one cycle and exit")
+    p.add_argument("--account", help="account id (default: ACCOUNT_ID)")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between cycles")
+    p.set_defaults(handler=signal_engine.run_command)
+
+
+def register_feature_computer(subparsers) -> None:
+    p = subparsers.add_parser("feature-computer", help="compute lane_features from lane_telemetry")
+    p.add_argument("--once", action="store_true", help="run one cycle and exit")
+    p.add_argument("--interval", type=float, default=feature_computer.DEFAULT_INTERVAL_SECONDS,
+                   help="seconds between cycles (default %(default)s)")
+    p.set_defaults(handler=feature_computer.run_command)
+
+
+def register_watchlist_engine(subparsers) -> None:
+    p = subparsers.add_parser("watchlist-engine", help="score tickers and select the account's watchlist")
+    p.add_argument("--once", action="store_true", help="run one cycle and exit")
+    p.add_argument("--account", help="account id (default: ACCOUNT_ID)")
+    p.add_argument("--interval", type=float, default=300.0, help="seconds between cycles")
+    p.set_defaults(handler=watchlist_engine.run_command)
+
+
+def register_ingest(subparsers) -> None:
+    p = subparsers.add_parser("load-csv", help="load a CSV of 1-minute bars into lane_telemetry")
+    p.add_argument("file")
+    p.add_argument("--ticker", required=True)
+    p.add_argument("--tz", default="America/New_York", help="zone of the file's naive Date column")
+    p.set_defaults(handler=ingest.load_csv_command)
+
+    t = subparsers.add_parser("telemetry", help="fetch 1-minute bars from Alpaca into lane_telemetry")
+    t.add_argument("--once", action="store_true", help="run one fetch and exit")
+    t.add_argument("--tickers", help="comma-separated tickers (default: every selected watchlist ticker)")
+    t.add_argument("--interval", type=float, default=15.0, help="seconds between fetches")
+    t.set_defaults(handler=ingest.telemetry_command)
