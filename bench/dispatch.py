@@ -61,7 +61,7 @@ def worker(url: str, offset_s: float, start, stop, mode: str, index: int) -> Non
     from services.common.clock import OffsetClock
     from services.common.db import make_pool
     from services.dispatcher.main import Dispatcher, StaticParams
-    from services.dispatcher.sim_broker import SimBroker
+    from services.adapters.sim.broker import SimBroker
 
     worker_id = f"bench-{mode}-{index}"
     clock = OffsetClock(timedelta(seconds=offset_s))

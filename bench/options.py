@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from services.common.market_calendar import ET, nyse_calendar
 from services.common.params import default_params
 from services.dispatcher.alpaca.options import choose_contract, validate_option_contract
-from services.dispatcher.sim_options import SimChainSpec, simulate_chain
+from services.adapters.sim.options import SimChainSpec, simulate_chain
 
 CHAIN_SIZE = 2000
 TARGET_MS = 5.0

@@ -25,13 +25,13 @@ from typing import Any, TextIO
 from services.common.clock import FixedClock
 from services.common.market_calendar import ET, nyse_calendar
 from services.common.params import ParamsInForce, load_params_file
-from services.dispatcher import kill_switch
+from services.adapters.postgres import kill_switch
 from services.dispatcher.main import Dispatcher, Outcome, StaticParams
-from services.dispatcher.sim_broker import SimBroker
-from services.dispatcher.option_data import OptionData
+from services.adapters.sim.broker import SimBroker
+from services.adapters.option_data import OptionData
 from services.feature_computer.main import compute_features
 from services.signal_engine.main import run_signal_cycle
-from services.sim_market import Move, SimMarket, SimOptionMarket, TickerSpec, write_bars
+from services.adapters.sim.market import Move, SimMarket, SimOptionMarket, TickerSpec, write_bars
 from services.watchlist_engine.main import run_watchlist_cycle
 
 log = logging.getLogger("demo")

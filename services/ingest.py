@@ -198,8 +198,8 @@ def load_csv_command(args: argparse.Namespace) -> int:
 
 def _market_data_from_settings():
     """The alpaca-py market data adapter, configured from ALPACA_* environment variables."""
-    from services.dispatcher.alpaca.client import AlpacaMarketData  # the alpaca adapter's home
-    from services.dispatcher.alpaca.settings import AlpacaSettings
+    from services.adapters.alpaca.client import AlpacaMarketData  # the alpaca adapter's home
+    from services.adapters.alpaca.settings import AlpacaSettings
 
     return AlpacaMarketData(AlpacaSettings())
 
@@ -208,8 +208,8 @@ def telemetry_command(args: argparse.Namespace) -> int:
     from services.common.clock import SystemClock
     from services.common.db import database_url
     from services.common.migrate import migrate_when_ready
-    from services.common.service import run_periodic, stop_on_sigterm
-    from services.dispatcher.broker import BrokerUnavailable
+    from services.runtime import run_periodic, stop_on_sigterm
+    from services.domain.broker import BrokerUnavailable
 
     url = database_url()
     migrate_when_ready(url)

@@ -24,7 +24,7 @@ from services.common.clock import FixedClock
 from services.common.db import make_pool
 from services.common.params import ParamsInForce, as_params, load_params_file
 from services.dispatcher.main import Dispatcher, StaticParams
-from services.dispatcher.sim_broker import SimBroker
+from services.adapters.sim.broker import SimBroker
 
 
 class _DieAfterSubmit:

@@ -19,13 +19,13 @@ import pytest
 import requests
 
 from services.common.clock import FixedClock
-from services.dispatcher.alpaca.client import (
+from services.adapters.alpaca.client import (
     AlpacaBroker,
     AlpacaMarketData,
 )
-from services.dispatcher.alpaca.models import parse_occ_symbol
-from services.dispatcher.alpaca.settings import AlpacaSettings
-from services.dispatcher.broker import (
+from services.domain.market_data import parse_occ_symbol
+from services.adapters.alpaca.settings import AlpacaSettings
+from services.domain.broker import (
     BrokerRejected,
     BrokerUnavailable,
     DuplicateClientOrderId,
@@ -33,7 +33,7 @@ from services.dispatcher.broker import (
     OrderStateUnknown,
     submit_exactly_once,
 )
-from services.dispatcher.request_budget import LocalRequestBudget, RequestKind
+from services.adapters.postgres.request_budget import LocalRequestBudget, RequestKind
 from tests.fake_alpaca import FAKE_KEY, FAKE_SECRET, FakeAlpaca, fake_alpaca  # noqa: F401
 
 UTC = timezone.utc

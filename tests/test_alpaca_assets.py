@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.dispatcher.broker import AssetRecord, BrokerUnavailable
+from services.domain.broker import AssetRecord, BrokerUnavailable
 from tests.fake_alpaca import FakeAlpaca, fake_alpaca  # noqa: F401
 from tests.test_alpaca_adapter import SleepRecorder, broker
 

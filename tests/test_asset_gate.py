@@ -13,8 +13,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from services.common.clock import FixedClock
-from services.dispatcher.assets import AssetCache
-from services.dispatcher.broker import AssetRecord, BrokerRejected, BrokerUnavailable
+from services.adapters.assets import AssetCache
+from services.domain.broker import AssetRecord, BrokerRejected, BrokerUnavailable
 from services.dispatcher.risk.gates import (
     ASSET_NOT_GATHERED,
     SYMBOL_PATTERN,

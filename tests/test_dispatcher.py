@@ -30,15 +30,15 @@ from services.common.clock import FixedClock
 from services.common.db import connect, make_pool
 from services.common.market_calendar import CalendarUnavailable, SessionCalendar
 from services.common.params import ParamsInForce, as_params, load_params_file
-from services.dispatcher.broker import (
+from services.domain.broker import (
     BrokerRejected,
     BrokerUnavailable,
     OrderRequest,
     client_order_id,
 )
-from services.dispatcher.decision import OptionInputs
+from services.domain.decision import OptionInputs
 from services.dispatcher.main import IN_FLIGHT_GRACE, Dispatcher, StaticParams
-from services.dispatcher.sim_broker import SimBroker
+from services.adapters.sim.broker import SimBroker
 from tests.factories import (
     ACCOUNT,
     add_bar,
@@ -514,7 +514,7 @@ def test_daily_loss_in_account_state_when_a_buy_is_decided_then_denied_and_switc
 
 
 def test_kill_switch_history_records_the_state_it_changed_from(harness, conn, db_url):
-    from services.dispatcher import kill_switch
+    from services.adapters.postgres import kill_switch
 
     kill_switch.set_state(conn, ACCOUNT, "HALTED", "incident", "ops-oncall", NOW)
     kill_switch.set_state(conn, ACCOUNT, "ACTIVE", "resolved", "ops-oncall", NOW + timedelta(minutes=5))

@@ -17,10 +17,10 @@ import pytest
 from services.common.clock import FixedClock
 from services.common.db import make_pool
 from services.common.params import ParamsInForce, as_params
-from services.dispatcher.alpaca.client import AlpacaBroker
-from services.dispatcher.broker import client_order_id
+from services.adapters.alpaca.client import AlpacaBroker
+from services.domain.broker import client_order_id
 from services.dispatcher.main import Dispatcher, StaticParams
-from services.dispatcher.sim_broker import SimBroker
+from services.adapters.sim.broker import SimBroker
 from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
 from tests.fake_alpaca import FakeAlpaca, fake_alpaca  # noqa: F401
 from tests.test_alpaca_adapter import SleepRecorder, settings

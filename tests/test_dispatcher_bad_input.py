@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from services.common.clock import FixedClock
 from services.common.db import connect, make_pool
 from services.common.params import ParamsInForce, as_params
-from services.dispatcher.broker import client_order_id
+from services.domain.broker import client_order_id
 from services.dispatcher.main import Dispatcher, StaticParams
 from services.dispatcher.risk.gates import ACTIONS, INSTRUMENTS
-from services.dispatcher.sim_broker import SimBroker
+from services.adapters.sim.broker import SimBroker
 from tests.factories import ACCOUNT, add_bar, add_features, add_market, add_recommendation, et, recommendation
 
 NOW = et("2026-11-30", "10:00")

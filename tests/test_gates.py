@@ -19,7 +19,7 @@ from freezegun import freeze_time
 
 from services.common.market_calendar import ET, Session, SessionCalendar
 from services.common.params import TradingParams, as_params, default_params
-from services.dispatcher.broker import AccountSnapshot, AssetRecord
+from services.domain.broker import AccountSnapshot, AssetRecord
 from services.dispatcher.risk.gates import (
     GateResult,
     check_market_open_for_exit,

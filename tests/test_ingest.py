@@ -116,7 +116,7 @@ def test_cli_registers_load_csv_and_telemetry():
 
 def test_run_telemetry_through_the_real_sdk_against_a_local_alpaca_server(conn, fake_alpaca):
     """alpaca-py's stock data client -> our adapter -> run_telemetry -> lane_telemetry."""
-    from services.dispatcher.alpaca.client import AlpacaMarketData
+    from services.adapters.alpaca.client import AlpacaMarketData
     from tests.test_alpaca_adapter import settings
 
     t0 = datetime(2026, 11, 27, 14, 30, tzinfo=timezone.utc)  # 09:30 ET

@@ -9,17 +9,11 @@ import pytest
 
 from services.common.market_calendar import ET
 from services.common.params import default_params
-from services.dispatcher.alpaca.models import OptionQuote
+from services.domain.market_data import OptionQuote
 from services.dispatcher.alpaca.options import validate_option_contract
-from services.dispatcher.iv_history import (
-    HISTORY_WINDOW,
-    atm_iv_from_chain,
-    current_iv_percentile,
-    iv_percentile,
-    load_iv_history,
-    record_atm_iv,
-)
-from services.dispatcher.sim_options import simulate_chain
+from services.adapters.postgres.iv_history import current_iv_percentile, load_iv_history, record_atm_iv
+from services.domain.iv_percentile import HISTORY_WINDOW, atm_iv_from_chain, iv_percentile
+from services.adapters.sim.options import simulate_chain
 
 NOW = datetime(2026, 11, 18, 11, 0, tzinfo=ET)
 

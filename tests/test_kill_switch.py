@@ -4,8 +4,8 @@ from datetime import date, datetime, timezone
 
 import pytest
 
-from services.dispatcher import kill_switch
-from services.dispatcher.kill_switch import DAILY_LOSS_ACTOR, KillSwitch, effective_state
+from services.adapters.postgres import kill_switch
+from services.adapters.postgres.kill_switch import DAILY_LOSS_ACTOR, KillSwitch, effective_state
 
 WED, FRI = date(2026, 11, 25), date(2026, 11, 27)  # Thanksgiving between them
 NOW = datetime(2026, 11, 27, 15, 0, tzinfo=timezone.utc)
@@ -54,7 +54,7 @@ def test_reconciliation_records_an_order_the_database_does_not_know_and_stops_en
     from services.common.db import make_pool
     from services.common.params import load_params_file
     from services.dispatcher.main import Dispatcher, StaticParams
-    from services.dispatcher.sim_broker import SimBroker
+    from services.adapters.sim.broker import SimBroker
 
     clock = FixedClock(NOW)
     conn.execute(
@@ -82,7 +82,7 @@ def test_a_daily_loss_trips_the_switch_even_when_another_gate_denied_first(db_ur
     from services.common.db import make_pool
     from services.common.params import load_params_file
     from services.dispatcher.main import Dispatcher, StaticParams
-    from services.dispatcher.sim_broker import SimBroker
+    from services.adapters.sim.broker import SimBroker
     from tests.factories import add_market, add_recommendation, et, set_account_state
 
     now = et("2026-11-30", "10:00")

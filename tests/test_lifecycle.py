@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.dispatcher.lifecycle import (
+from services.domain.lifecycle import (
     TERMINAL_EXECUTION,
     TERMINAL_RECOMMENDATION,
     BrokerOrderStatus,

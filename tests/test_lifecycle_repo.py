@@ -20,10 +20,10 @@ from psycopg.rows import dict_row
 from services.common.clock import FixedClock
 from services.common.db import make_pool
 from services.common.params import load_params_file
-from services.dispatcher import kill_switch
-from services.dispatcher.broker import BrokerUnavailable, OrderRequest, client_order_id
+from services.adapters.postgres import kill_switch
+from services.domain.broker import BrokerUnavailable, OrderRequest, client_order_id
 from services.dispatcher.main import Dispatcher, StaticParams
-from services.dispatcher.sim_broker import SimBroker
+from services.adapters.sim.broker import SimBroker
 from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
 
 NOW = et("2026-11-30", "10:00")
@@ -109,8 +109,8 @@ def _wait_until_blocked(conn, pid: int) -> None:
 
 
 def test_apply_event_on_two_connections_second_waits_and_applies_on_the_committed_state(accepted_entry, db_url, conn):
-    from services.dispatcher.lifecycle import Event
-    from services.dispatcher.orders_repo import BrokerFacts, apply_event
+    from services.domain.lifecycle import Event
+    from services.adapters.postgres.orders_repo import BrokerFacts, apply_event
 
     rid, cid = accepted_entry
     first = psycopg.connect(db_url, row_factory=dict_row)
@@ -147,8 +147,8 @@ def test_apply_event_on_two_connections_second_waits_and_applies_on_the_committe
 
 
 def test_apply_event_after_a_newer_commit_refuses_the_stale_answer(accepted_entry, db_url, conn):
-    from services.dispatcher.lifecycle import Event, Illegal
-    from services.dispatcher.orders_repo import BrokerFacts, apply_event
+    from services.domain.lifecycle import Event, Illegal
+    from services.adapters.postgres.orders_repo import BrokerFacts, apply_event
 
     rid, cid = accepted_entry
     with psycopg.connect(db_url, row_factory=dict_row) as first:
@@ -193,8 +193,8 @@ class BumpsVersionAfterLoad:
 
 
 def test_apply_event_raises_conflict_when_the_execution_changed_after_it_was_loaded(accepted_entry, db_url, conn):
-    from services.dispatcher import orders_repo
-    from services.dispatcher.lifecycle import Event
+    from services.adapters.postgres import orders_repo
+    from services.domain.lifecycle import Event
 
     rid, cid = accepted_entry
     with psycopg.connect(db_url, row_factory=dict_row) as c:
@@ -207,7 +207,7 @@ def test_apply_event_raises_conflict_when_the_execution_changed_after_it_was_loa
 
 
 def test_update_execution_with_a_stale_version_changes_nothing(accepted_entry, conn):
-    from services.dispatcher import orders_repo
+    from services.adapters.postgres import orders_repo
 
     rid, _ = accepted_entry
     ex = execution(conn, rid)
@@ -316,7 +316,7 @@ def test_decision_error_on_a_row_another_worker_claimed_meanwhile_leaves_that_wo
 
 
 def test_fail_pending_fails_only_a_pending_row_no_one_holds(world, conn, db_url):
-    from services.dispatcher import orders_repo
+    from services.adapters.postgres import orders_repo
 
     dispatcher, _ = world
     b = dispatcher(TimesOut, worker="worker-b")
@@ -416,8 +416,8 @@ def test_undecodable_recommendation_is_failed_and_the_queue_behind_it_is_decided
 # --- the option chain is fetched with no claim held ---------------------------------------------
 
 def test_option_chain_is_fetched_outside_the_claim_and_only_for_the_strategys_window(world, conn, db_url):
-    from services.dispatcher.option_data import OptionData
-    from services.sim_market import SimOptionMarket
+    from services.adapters.option_data import OptionData
+    from services.adapters.sim.market import SimOptionMarket
 
     dispatcher, _ = world
     calls = []

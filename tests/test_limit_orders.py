@@ -12,11 +12,11 @@ import pytest
 from services.common.clock import FixedClock
 from services.common.db import make_pool
 from services.common.params import ParamsInForce, as_params
-from services.dispatcher.broker import BrokerRejected, BrokerUnavailable, OrderRequest, client_order_id
-from services.dispatcher.decision import Context, decide
+from services.domain.broker import BrokerRejected, BrokerUnavailable, OrderRequest, client_order_id
+from services.domain.decision import Context, decide
 from services.dispatcher.main import Dispatcher, StaticParams
-from services.dispatcher.order_pricing import Quote
-from services.dispatcher.sim_broker import SimBroker
+from services.domain.order_pricing import Quote
+from services.adapters.sim.broker import SimBroker
 from tests.factories import ACCOUNT, add_bar, add_market, add_recommendation, et
 from tests.fake_alpaca import fake_alpaca  # noqa: F401
 from tests.test_alpaca_adapter import OCC, broker

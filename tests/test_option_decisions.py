@@ -9,10 +9,10 @@ from decimal import Decimal
 import pytest
 
 from services.common.params import as_params
-from services.dispatcher.broker import AssetRecord
-from services.dispatcher.decision import Context, OptionInputs, decide
-from services.dispatcher.iv_history import IVPercentile
-from services.dispatcher.sim_options import SimChainSpec, simulate_chain
+from services.domain.broker import AssetRecord
+from services.domain.decision import Context, OptionInputs, decide
+from services.domain.iv_percentile import IVPercentile
+from services.adapters.sim.options import SimChainSpec, simulate_chain
 from tests.factories import et
 
 NOW = et("2026-11-30", "11:00")

@@ -17,7 +17,7 @@ import pytest
 
 from services.common.market_calendar import ET, option_expiry_instant
 from services.common.params import as_params, default_params
-from services.dispatcher.alpaca.models import OptionQuote
+from services.domain.market_data import OptionQuote
 from services.dispatcher.alpaca.options import (
     OPTION_GATE_NAMES,
     choose_contract,
@@ -26,8 +26,8 @@ from services.dispatcher.alpaca.options import (
     size_option_order,
     validate_option_contract,
 )
-from services.dispatcher.iv_history import iv_percentile
-from services.dispatcher.sim_options import (
+from services.domain.iv_percentile import iv_percentile
+from services.adapters.sim.options import (
     SimChainSpec,
     black_scholes,
     simulate_chain,
@@ -485,8 +485,8 @@ def test_choose_and_validate_on_a_2000_contract_chain_is_fast(calendar):
 
 def test_options_module_imports_no_sdk_or_driver():
     code_ = (
-        "import sys, services.dispatcher.alpaca.options, services.dispatcher.iv_history, "
-        "services.dispatcher.sim_options\n"
+        "import sys, services.dispatcher.alpaca.options, services.adapters.postgres.iv_history, "
+        "services.adapters.sim.options\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('alpaca', 'psycopg', 'psycopg_pool', 'boto3'))\n"
         "print(','.join(bad))"
     )

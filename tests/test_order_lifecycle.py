@@ -16,10 +16,10 @@ import pytest
 from services.common.clock import FixedClock
 from services.common.db import make_pool
 from services.common.params import ParamsInForce, as_params, load_params_file
-from services.dispatcher import kill_switch
-from services.dispatcher.broker import BrokerUnavailable, OrderRequest, client_order_id
+from services.adapters.postgres import kill_switch
+from services.domain.broker import BrokerUnavailable, OrderRequest, client_order_id
 from services.dispatcher.main import Dispatcher, StaticParams
-from services.dispatcher.sim_broker import SimBroker
+from services.adapters.sim.broker import SimBroker
 from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
 
 NOW = et("2026-11-30", "10:00")

@@ -9,8 +9,8 @@ from decimal import Decimal
 import pytest
 
 from services.common.params import DEFAULT_PARAMS_PATH, ParamsError, default_params, validate_params
-from services.dispatcher.broker import OrderRequest, client_order_id
-from services.dispatcher.order_pricing import (
+from services.domain.broker import OrderRequest, client_order_id
+from services.domain.order_pricing import (
     GiveUp,
     Quote,
     Replace,

@@ -13,9 +13,9 @@ from moto import mock_aws
 from services.common.clock import FixedClock
 from services.common.db import connect, make_pool
 from services.common.params import DEFAULT_PARAMS_PATH
-from services.common.params_source import SsmParamsProvider
+from services.adapters.params_source import SsmParamsProvider
 from services.dispatcher.main import Dispatcher
-from services.dispatcher.sim_broker import SimBroker
+from services.adapters.sim.broker import SimBroker
 from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
 
 NAME = "/ops-pipeline/trading-params"

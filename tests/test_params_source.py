@@ -17,7 +17,7 @@ from moto import mock_aws
 from services.common.clock import FixedClock
 from services.common.logs import JsonFormatter, register_secret
 from services.common.params import DEFAULT_PARAMS_PATH, ParamsError, default_params
-from services.common.params_source import (
+from services.adapters.params_source import (
     FileParamsProvider,
     SsmParamsProvider,
     provider_from_settings,
@@ -123,7 +123,7 @@ def test_bad_document_is_refused_naming_the_field_and_previous_limits_stay(ssm, 
 
     put(ssm, make_text())
     clock.advance(timedelta(seconds=RELOAD))
-    with caplog.at_level(logging.INFO, logger="services.common.params_source"):
+    with caplog.at_level(logging.INFO, logger="services.adapters.params_source"):
         in_force = provider.current()
 
     assert in_force is before
@@ -141,7 +141,7 @@ def test_bad_document_is_refused_naming_the_field_and_previous_limits_stay(ssm, 
     # The same bad version is not parsed and logged again on every reload.
     caplog.clear()
     clock.advance(timedelta(seconds=RELOAD))
-    with caplog.at_level(logging.INFO, logger="services.common.params_source"):
+    with caplog.at_level(logging.INFO, logger="services.adapters.params_source"):
         assert provider.current() is before
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert provider.status()["refused_version"] == "2"
@@ -166,7 +166,7 @@ def test_all_invalid_fields_are_logged_in_one_error(ssm, clock, caplog):
     doc["risk"]["max_daily_loss"] = -1
     put(ssm, doc)
     clock.advance(timedelta(seconds=RELOAD))
-    with caplog.at_level(logging.ERROR, logger="services.common.params_source"):
+    with caplog.at_level(logging.ERROR, logger="services.adapters.params_source"):
         provider.current()
     (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert sorted(e.split(":")[0] for e in record.errors) == ["options.max_option_spread", "risk.max_daily_loss"]
@@ -177,7 +177,7 @@ def test_ssm_unavailable_later_keeps_last_good_and_records_the_error(ssm, clock,
     provider = running_provider(ssm, clock)
     ssm.delete_parameter(Name=NAME)
     clock.advance(timedelta(seconds=RELOAD))
-    with caplog.at_level(logging.WARNING, logger="services.common.params_source"):
+    with caplog.at_level(logging.WARNING, logger="services.adapters.params_source"):
         in_force = provider.current()
     assert in_force.version == "1" and in_force.params.risk.max_daily_loss == Decimal("400")
     status = provider.status()
@@ -188,7 +188,7 @@ def test_ssm_unavailable_later_keeps_last_good_and_records_the_error(ssm, clock,
     # Same outage on the next reload: recorded, not logged again.
     caplog.clear()
     clock.advance(timedelta(seconds=RELOAD))
-    with caplog.at_level(logging.WARNING, logger="services.common.params_source"):
+    with caplog.at_level(logging.WARNING, logger="services.adapters.params_source"):
         provider.current()
     assert caplog.records == []
 
@@ -228,7 +228,7 @@ def assert_fallback(provider: SsmParamsProvider, problem: str) -> None:
 
 
 def test_parameter_missing_at_startup_uses_file_defaults_and_says_so(ssm, clock, caplog):
-    with caplog.at_level(logging.WARNING, logger="services.common.params_source"):
+    with caplog.at_level(logging.WARNING, logger="services.adapters.params_source"):
         provider = SsmParamsProvider(NAME, ssm_client=ssm, reload_seconds=RELOAD, clock=clock)
     assert_fallback(provider, "ParameterNotFound")
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -248,7 +248,7 @@ def test_unreachable_endpoint_at_startup_uses_file_defaults_and_says_so(aws_env,
         "ssm", region_name="us-east-1", endpoint_url="http://127.0.0.1:9",
         config=Config(connect_timeout=1, retries={"total_max_attempts": 1}),
     )
-    with caplog.at_level(logging.WARNING, logger="services.common.params_source"):
+    with caplog.at_level(logging.WARNING, logger="services.adapters.params_source"):
         provider = SsmParamsProvider(NAME, ssm_client=client, reload_seconds=RELOAD, clock=clock)
     assert_fallback(provider, "Could not connect to the endpoint URL")
     assert any(r.levelno == logging.WARNING and "using the reviewed defaults" in r.getMessage() for r in caplog.records)
@@ -256,7 +256,7 @@ def test_unreachable_endpoint_at_startup_uses_file_defaults_and_says_so(aws_env,
 
 def test_invalid_document_at_startup_uses_file_defaults_and_names_the_field(ssm, clock, caplog):
     put(ssm, doc_with("options", "max_option_spread", 1.5), overwrite=False)
-    with caplog.at_level(logging.WARNING, logger="services.common.params_source"):
+    with caplog.at_level(logging.WARNING, logger="services.adapters.params_source"):
         provider = SsmParamsProvider(NAME, ssm_client=ssm, reload_seconds=RELOAD, clock=clock)
     assert_fallback(provider, "options.max_option_spread: Input should be less than or equal to 1")
     assert provider.status()["refused_version"] == "1"

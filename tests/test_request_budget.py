@@ -16,10 +16,10 @@ import pytest
 
 from services.common import db as dbmod
 from services.common.clock import FixedClock
-from services.dispatcher.alpaca.client import AlpacaBroker, local_trading_budget
-from services.dispatcher.alpaca.settings import AlpacaSettings
-from services.dispatcher.broker import BrokerUnavailable, OrderRequest, OrderStateUnknown, submit_exactly_once
-from services.dispatcher.request_budget import (
+from services.adapters.alpaca.client import AlpacaBroker, local_trading_budget
+from services.adapters.alpaca.settings import AlpacaSettings
+from services.domain.broker import BrokerUnavailable, OrderRequest, OrderStateUnknown, submit_exactly_once
+from services.adapters.postgres.request_budget import (
     PostgresRequestBudget,
     RequestKind,
     claim_lookups,

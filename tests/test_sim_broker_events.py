@@ -14,8 +14,8 @@ import pytest
 
 from services.common.clock import FixedClock
 from services.common.db import make_pool
-from services.dispatcher.broker import BrokerRejected, DuplicateClientOrderId, OrderRequest, TradeUpdate
-from services.dispatcher.sim_broker import TRADE_UPDATES_CHANNEL, SimBroker
+from services.domain.broker import BrokerRejected, DuplicateClientOrderId, OrderRequest, TradeUpdate
+from services.adapters.sim.broker import TRADE_UPDATES_CHANNEL, SimBroker
 from tests.factories import ACCOUNT, add_bar
 
 NOW = datetime(2026, 11, 30, 15, 30, tzinfo=timezone.utc)
@@ -74,7 +74,7 @@ def test_sim_failing_subscriber_is_logged_and_the_others_still_get_updates(sim, 
     seen: list[TradeUpdate] = []
     sim.subscribe(broken)
     sim.subscribe(seen.append)
-    with caplog.at_level(logging.ERROR, logger="services.dispatcher.sim_broker"):
+    with caplog.at_level(logging.ERROR, logger="services.adapters.sim.broker"):
         sim.submit_order(buy("ops-5-0-x"))
     assert [u.event for u in seen] == ["new", "fill"]
     assert [r.event for r in caplog.records if r.getMessage() == "trade update callback failed"] == ["new", "fill"]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from services.common.params import as_params, default_params
 from services.common.numbers import to_decimal
-from services.dispatcher.risk.sizing import SizeResult, contract_multiplier, notional, size_order
+from services.domain.sizing import SizeResult, contract_multiplier, notional, size_order
 
 D = Decimal
 EQUITY = D("100000")

@@ -14,10 +14,10 @@ from decimal import Decimal
 
 import pytest
 
-from services.dispatcher.alpaca.client import AlpacaBroker
-from services.dispatcher.alpaca.settings import AlpacaSettings
-from services.dispatcher.alpaca.stream import TradeUpdateStream, stream_url
-from services.dispatcher.broker import OrderRequest, TradeUpdate
+from services.adapters.alpaca.client import AlpacaBroker
+from services.adapters.alpaca.settings import AlpacaSettings
+from services.adapters.alpaca.stream import TradeUpdateStream, stream_url
+from services.domain.broker import OrderRequest, TradeUpdate
 from tests.fake_alpaca import FAKE_KEY, FAKE_SECRET, FakeAlpaca, fake_alpaca  # noqa: F401
 
 UTC = timezone.utc
@@ -159,7 +159,7 @@ def test_stream_refused_connections_back_off_and_connect_when_the_server_accepts
 
 def test_stream_bad_key_is_never_connected_and_retries(fake_alpaca, updates, caplog):
     wrong = settings(fake_alpaca, secret_key="not-the-secret-0000")
-    with caplog.at_level(logging.WARNING, logger="services.dispatcher.alpaca.stream"):
+    with caplog.at_level(logging.WARNING, logger="services.adapters.alpaca.stream"):
         with TradeUpdateStream(wrong, updates, min_backoff=0.02, max_backoff=0.05) as s:
             deadline = time.monotonic() + WAIT
             while sum(1 for r in fake_alpaca.stream_requests if r["action"] == "authenticate") < 2:
@@ -175,7 +175,7 @@ def test_stream_unknown_event_is_logged_and_ignored_and_later_events_arrive(fake
     submit(fake_alpaca, "ops-12-0-abc")
     new = updates.next()
     order = fake_alpaca.orders["ops-12-0-abc"]
-    with caplog.at_level(logging.WARNING, logger="services.dispatcher.alpaca.stream"):
+    with caplog.at_level(logging.WARNING, logger="services.adapters.alpaca.stream"):
         fake_alpaca.push_trade_update("trade_bust", order)
         fake_alpaca.push_trade_update("fill", {"id": "not an order"})  # fails the SDK model
         fake_alpaca.fill("ops-12-0-abc", price="1.50")
@@ -198,7 +198,7 @@ def test_stream_callback_that_raises_is_logged_and_the_stream_goes_on(fake_alpac
             raise RuntimeError("database down")
         second.set()
 
-    with caplog.at_level(logging.ERROR, logger="services.dispatcher.alpaca.stream"):
+    with caplog.at_level(logging.ERROR, logger="services.adapters.alpaca.stream"):
         with TradeUpdateStream(settings(fake_alpaca), flaky, min_backoff=0.02) as s:
             assert s.wait_connected(WAIT)
             submit(fake_alpaca, "ops-13-0-abc")

@@ -41,7 +41,7 @@ def cmd_migrate(args) -> int:
 
 def _set(args, state: str, reason: str) -> int:
     from services.common.db import connect
-    from services.dispatcher.kill_switch import set_state
+    from services.adapters.postgres.kill_switch import set_state
 
     actor = args.by or f"operator:{getpass.getuser()}"
     with connect(_url()) as conn, conn.transaction():

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.params import ParamsError, TradingParams, parse_params
-from services.common.params_source import FileParamsProvider, SsmParamsProvider, make_ssm_client
+from services.adapters.params_source import FileParamsProvider, SsmParamsProvider, make_ssm_client
 from services.common.settings import load_settings
 
 SSM_STANDARD_MAX_BYTES = 4096

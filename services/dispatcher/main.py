@@ -35,10 +35,10 @@ from psycopg_pool import ConnectionPool
 from services.common.clock import Clock, SystemClock
 from services.common.market_calendar import CalendarUnavailable, SessionCalendar, et_date, et_day_bounds, nyse_calendar
 from services.common.params import ParamsInForce
-from services.dispatcher import kill_switch, orders_repo, queries, request_budget
-from services.dispatcher.assets import MISSING as MISSING_ASSET
-from services.dispatcher.assets import AssetCache
-from services.dispatcher.broker import (
+from services.adapters.postgres import kill_switch, orders_repo, queries, request_budget
+from services.adapters.assets import MISSING as MISSING_ASSET
+from services.adapters.assets import AssetCache
+from services.domain.broker import (
     Broker,
     TradeUpdate,
     BrokerError,
@@ -49,7 +49,7 @@ from services.dispatcher.broker import (
     client_order_id,
     submit_exactly_once,
 )
-from services.dispatcher.decision import (
+from services.domain.decision import (
     Context,
     Decision,
     OptionInputs,
@@ -59,11 +59,11 @@ from services.dispatcher.decision import (
     live_trading_check,
     recheck_capacity,
 )
-from services.dispatcher.lifecycle import LIVE_POSITION, CancelReason, TERMINAL_RECOMMENDATION, Event, EventKind, Illegal
-from services.dispatcher.order_pricing import Quote, Replace, Wait, next_attempt, option_tick, stock_tick
-from services.dispatcher.orders_repo import BrokerFacts, jsonb
+from services.domain.lifecycle import LIVE_POSITION, CancelReason, TERMINAL_RECOMMENDATION, Event, EventKind, Illegal
+from services.domain.order_pricing import Quote, Replace, Wait, next_attempt, option_tick, stock_tick
+from services.adapters.postgres.orders_repo import BrokerFacts, jsonb
 from services.dispatcher.risk.gates import AssetUnavailable, check_daily_loss_limit
-from services.dispatcher.sim_broker import SimBroker
+from services.adapters.sim.broker import SimBroker
 
 log = logging.getLogger("dispatcher")
 
@@ -779,8 +779,8 @@ def build_broker(pool: ConnectionPool, account_id: str, clock: Clock, in_force: 
     kind = os.environ.get("OPS_BROKER", "sim")
     if kind == "alpaca":
         from services.common.settings import load_settings, trading_mode
-        from services.dispatcher.alpaca.client import AlpacaBroker, postgres_trading_budget
-        from services.dispatcher.alpaca.settings import AlpacaSettings
+        from services.adapters.alpaca.client import AlpacaBroker, postgres_trading_budget
+        from services.adapters.alpaca.settings import AlpacaSettings
 
         mode, reason = trading_mode(load_settings(), in_force.params)
         # Live needs both keys (environment and params) and the adapter not pinned to paper:
@@ -801,7 +801,7 @@ def build_broker(pool: ConnectionPool, account_id: str, clock: Clock, in_force: 
 
 def params_provider():
     """The params in force: SSM when configured, else the reviewed file; reloaded on an interval."""
-    from services.common.params_source import provider_from_settings
+    from services.adapters.params_source import provider_from_settings
     from services.common.settings import load_settings
 
     return provider_from_settings(load_settings())
@@ -875,7 +875,7 @@ def start_trade_updates(dispatcher: Dispatcher, broker: Broker) -> Callable[[], 
     """
     if isinstance(broker, SimBroker):
         return broker.subscribe(dispatcher.on_trade_update)
-    from services.dispatcher.alpaca.stream import TradeUpdateStream
+    from services.adapters.alpaca.stream import TradeUpdateStream
 
     stream = TradeUpdateStream(broker.settings, dispatcher.on_trade_update, on_connect=dispatcher.request_reconcile)
     stream.start()
@@ -884,13 +884,13 @@ def start_trade_updates(dispatcher: Dispatcher, broker: Broker) -> Callable[[], 
 
 def build_market(broker: Broker):
     """Option chains and quotes: Alpaca's data API with the Alpaca broker, the simulated market with the simulated one."""
-    from services.dispatcher.option_data import OptionData
+    from services.adapters.option_data import OptionData
 
     if isinstance(broker, SimBroker):
-        from services.sim_market import SimOptionMarket
+        from services.adapters.sim.market import SimOptionMarket
 
         return OptionData(SimOptionMarket(broker.pool).chain), broker.quote
-    from services.dispatcher.alpaca.client import AlpacaMarketData
+    from services.adapters.alpaca.client import AlpacaMarketData
 
     market = AlpacaMarketData(broker.settings, trading_client=broker.trading_client)
 

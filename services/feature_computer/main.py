@@ -62,7 +62,7 @@ def run_loop(conninfo: str, *, interval: float = DEFAULT_INTERVAL_SECONDS, once:
              stop: threading.Event | None = None, clock=None) -> int:
     """Compute a cycle every `interval` seconds until `stop` is set (or once)."""
     from services.common.clock import SystemClock
-    from services.common.service import run_periodic
+    from services.runtime import run_periodic
 
     clock = clock or SystemClock()
 
@@ -80,6 +80,6 @@ def run_command(args: argparse.Namespace) -> int:
 
     url = database_url()
     migrate_when_ready(url)
-    from services.common.service import stop_on_sigterm
+    from services.runtime import stop_on_sigterm
 
     return run_loop(url, interval=args.interval, once=args.once, stop=stop_on_sigterm())

@@ -270,7 +270,7 @@ def run_loop(conninfo: str, account_id: str, provider, *, interval: float = 5.0,
     """Run a cycle every `interval` seconds with the params the provider has in force."""
     from services.common.clock import SystemClock
     from services.common.params import ParamsError
-    from services.common.service import run_periodic
+    from services.runtime import run_periodic
 
     clock = clock or SystemClock()
     return run_periodic("signal-engine", conninfo,
@@ -279,7 +279,7 @@ def run_loop(conninfo: str, account_id: str, provider, *, interval: float = 5.0,
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from services.common.service import bootstrap, stop_on_sigterm
+    from services.runtime import bootstrap, stop_on_sigterm
 
     _, account_id, url, provider = bootstrap(args.account)
     in_force = provider.current()

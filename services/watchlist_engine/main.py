@@ -137,7 +137,7 @@ def run_watchlist_cycle(conn: psycopg.Connection, account_id: str,
 def run_command(args: argparse.Namespace) -> int:
     from services.common.clock import SystemClock
     from services.common.params import ParamsError
-    from services.common.service import bootstrap, run_periodic, stop_on_sigterm
+    from services.runtime import bootstrap, run_periodic, stop_on_sigterm
 
     _, account_id, url, provider = bootstrap(args.account)
     clock = SystemClock()

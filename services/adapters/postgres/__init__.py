@@ -1,0 +1,2 @@
+"""Postgres repositories and their named SQL: orders and positions, the kill switch, the request
+budget, IV history, the status report."""

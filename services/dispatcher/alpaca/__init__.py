@@ -1,5 +1,7 @@
-"""The alpaca-py adapter: the only place in the product that imports the SDK.
+"""Option-contract choice and validation (`options.py`): pure, part of the domain layer.
 
-Run the services as modules (`python -m services.dispatcher`): this package shares its name with
-the SDK's top-level `alpaca` package, and running a file from this folder would shadow the SDK.
+The package keeps the seed's path; the alpaca-py SDK itself is used only in
+`services/adapters/alpaca/`. Run the services as modules (`python -m services.dispatcher`): this
+package shares its name with the SDK's top-level `alpaca` package, and running a file from this
+folder would shadow the SDK.
 """

@@ -1,8 +1,8 @@
 """Option contract choice and the option gates: pure functions over a chain already fetched.
 
 Nothing here imports alpaca-py, a database driver or boto3. The adapter turns the broker's
-chain into `OptionQuote`s (models.py); the simulated market builds the same objects
-(sim_options.py); this module decides on either without knowing which.
+chain into `OptionQuote`s (`services/domain/market_data.py`); the simulated market builds the same objects
+(`services/adapters/sim/options.py`); this module decides on either without knowing which.
 
 Two steps, both with `now` passed in:
 
@@ -37,7 +37,7 @@ from services.common.market_calendar import (
 from services.common.params import OptionParams, TradingParams, as_params
 from services.common.numbers import to_decimal
 from services.dispatcher.risk.gates import GateResult, NamedGate, aware_now, check_not_future_dated, deny, ok
-from services.dispatcher.risk.sizing import SizeResult, size_order
+from services.domain.sizing import SizeResult, size_order
 
 _MISSING = object()
 
@@ -213,7 +213,7 @@ def check_option_open_interest(oi_raw: Any, params: TradingParams) -> GateResult
 
 
 def _split_iv(iv_percentile: Any) -> tuple[Any, str | None]:
-    """Accept a number, or the (percentile, reason) pair from iv_history.iv_percentile."""
+    """Accept a number, or the (percentile, reason) pair from services.domain.iv_percentile."""
     if isinstance(iv_percentile, tuple) and len(iv_percentile) == 2:
         return iv_percentile[0], iv_percentile[1]
     return iv_percentile, None
@@ -223,7 +223,7 @@ def check_option_iv_percentile(iv_percentile: Any, params: TradingParams) -> Gat
     """Deny above max_iv_percentile (exactly the limit passes).
 
     `iv_percentile` is a number, or the (percentile, reason) pair from
-    `iv_history.iv_percentile`. A None percentile passes only when its reason says the history is
+    `services.domain.iv_percentile.iv_percentile`. A None percentile passes only when its reason says the history is
     too short ("not evaluated: N sessions of history"); any other missing value is NO_IV_PERCENTILE.
     """
     limit = params.options.max_iv_percentile

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 from services.common.market_calendar import ET, CalendarUnavailable, SessionCalendar, nyse_calendar
 from services.common.params import TradingParams, as_params
 from services.common.numbers import to_decimal
-from services.dispatcher.risk.sizing import notional, size_order
+from services.domain.sizing import notional, size_order
 
 BAR_SECONDS = 60
 ENTRY_ACTIONS = frozenset({"BUY", "SELL"})

@@ -3,7 +3,7 @@
 Every change of those three tables goes through a function here, and every UPDATE names the
 state (and, for a broker event, the version) it expects the row to be in: a row another worker
 changed meanwhile is left alone, and the function says so (`Conflict`) instead of overwriting
-it. Which changes are legal is decided by the pure table in `lifecycle.py`; this module only
+it. Which changes are legal is decided by the pure table in `services/domain/lifecycle.py`; this module only
 loads, asks and writes. Positions are addressed by id, never by ticker.
 
 Each function runs on the caller's connection, inside the caller's transaction.
@@ -22,7 +22,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from services.common.logs import json_default
-from services.dispatcher.lifecycle import (
+from services.domain.lifecycle import (
     CancelReason,
     Event,
     ExecutionStatus,

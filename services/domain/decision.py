@@ -27,9 +27,9 @@ from services.dispatcher.risk.gates import (
     first_denial,
 )
 from services.dispatcher.alpaca.options import choose_contract
-from services.dispatcher.order_pricing import LimitPrice, Quote, limit_price, offset_limit_price
+from services.domain.order_pricing import LimitPrice, Quote, limit_price, offset_limit_price
 from services.common.numbers import to_decimal
-from services.dispatcher.risk.sizing import contract_multiplier, size_order
+from services.domain.sizing import contract_multiplier, size_order
 
 
 @dataclass(frozen=True)

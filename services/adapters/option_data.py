@@ -1,6 +1,6 @@
 """Gathering an option entry's inputs: the underlying's chain and its IV percentile.
 
-I/O only; the choice and validation of a contract are pure (alpaca/options.py, decision.py).
+I/O only; the choice and validation of a contract are pure (`services/dispatcher/alpaca/options.py`, `services/domain/decision.py`).
 
 The chain comes over the network (retries, rate-limit waits), so it is never fetched inside the
 claim transaction, where it would hold the recommendation's row lock and a pooled connection
@@ -21,8 +21,8 @@ from typing import Any
 from services.common.market_calendar import et_date
 from services.common.params import TradingParams
 from services.dispatcher.alpaca.options import expiration_window
-from services.dispatcher.decision import OptionInputs
-from services.dispatcher.iv_history import current_iv_percentile
+from services.domain.decision import OptionInputs
+from services.adapters.postgres.iv_history import current_iv_percentile
 
 Window = tuple[date, date] | None
 ChainSource = Callable[[str, Decimal, datetime, Window], list[Any]]

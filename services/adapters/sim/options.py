@@ -24,7 +24,7 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 from services.common.market_calendar import SessionCalendar, et_date, nyse_calendar, option_expiry_instant
-from services.dispatcher.alpaca.models import OptionQuote
+from services.domain.market_data import OptionQuote
 
 _SECONDS_PER_YEAR = 365.0 * 24 * 3600
 _CENT = Decimal("0.01")

@@ -38,8 +38,8 @@ from psycopg_pool import ConnectionPool
 
 from services.common.clock import Clock
 from services.common.market_calendar import SessionCalendar, nyse_calendar
-from services.dispatcher.order_pricing import Quote
-from services.dispatcher.broker import (
+from services.domain.order_pricing import Quote
+from services.domain.broker import (
     AccountSnapshot,
     AssetRecord,
     BrokerPosition,
@@ -49,7 +49,7 @@ from services.dispatcher.broker import (
     OrderResult,
     TradeUpdate,
 )
-from services.dispatcher.risk.sizing import contract_multiplier
+from services.domain.sizing import contract_multiplier
 
 log = logging.getLogger(__name__)
 

@@ -42,9 +42,9 @@ from pydantic import ValidationError
 
 from services.common.clock import Clock, SystemClock
 from services.common.logs import register_secret
-from services.dispatcher.alpaca.client import _dec, _enum_value, _utc, order_result
-from services.dispatcher.alpaca.settings import AlpacaSettings
-from services.dispatcher.broker import TRADE_EVENTS, TradeUpdate
+from services.adapters.alpaca.client import _dec, _enum_value, _utc, order_result
+from services.adapters.alpaca.settings import AlpacaSettings
+from services.domain.broker import TRADE_EVENTS, TradeUpdate
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from datetime import date, datetime
 
 from services.common.clock import Clock
 from services.common.market_calendar import et_date
-from services.dispatcher.broker import AssetRecord, BrokerError
+from services.domain.broker import AssetRecord, BrokerError
 from services.dispatcher.risk.gates import AssetUnavailable, symbol_problem
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ Four vocabularies meet here, each a StrEnum:
 report, a lookup that found nothing, a failure, an operator's word) and returns what changes
 (the execution's new state and fill, what happens to the position, the recommendation's state
 and outcome code) or an `Illegal` saying why the event cannot apply. Nothing here reads or
-writes anything: the repository (`orders_repo.py`) loads the rows, asks this table, and writes
+writes anything: the repository (`services/adapters/postgres/orders_repo.py`) loads the rows, asks this table, and writes
 the answer with compare-and-set on the states it loaded.
 
 Rules the table keeps:

@@ -133,7 +133,7 @@ class SimOptionMarket:
         self.liquidity = liquidity or {}
 
     def _chain(self, ticker: str, spot, now: datetime):
-        from services.dispatcher.sim_options import SimChainSpec, simulate_chain
+        from services.adapters.sim.options import SimChainSpec, simulate_chain
 
         factor = self.liquidity.get(ticker, 1.0)
         base = SimChainSpec()

@@ -18,7 +18,7 @@ Three things the SDK does by default that a trading system cannot live with, and
   Both honour the server's Retry-After (capped).
 - Nothing spaces requests: the trading API allows 200 requests/minute per account, however many
   processes share it. Every trading HTTP request (retries and pages included) spends a token of
-  the account's request budget (request_budget.py), reads leaving a reserve to orders.
+  the account's request budget (`services/adapters/postgres/request_budget.py`), reads leaving a reserve to orders.
 
 A deadline (`AlpacaBroker.set_deadline`) bounds all of it, so a dispatcher told to stop ends
 the order in hand within the container's stop timeout.
@@ -71,9 +71,9 @@ from pydantic import ValidationError
 from services.common.clock import Clock, SystemClock
 from services.common.logs import register_secret
 from services.common.market_calendar import ET, Session
-from services.dispatcher.alpaca.models import MarketClock, OptionQuote, parse_occ_symbol
-from services.dispatcher.alpaca.settings import AlpacaSettings
-from services.dispatcher.broker import (
+from services.domain.market_data import MarketClock, OptionQuote, parse_occ_symbol
+from services.adapters.alpaca.settings import AlpacaSettings
+from services.domain.broker import (
     AccountSnapshot,
     AssetRecord,
     BrokerError,
@@ -84,7 +84,7 @@ from services.dispatcher.broker import (
     OrderRequest,
     OrderResult,
 )
-from services.dispatcher.request_budget import (
+from services.adapters.postgres.request_budget import (
     LocalRequestBudget,
     PostgresRequestBudget,
     RequestBudget,
@@ -464,7 +464,7 @@ def _position_intent(order: OrderRequest) -> PositionIntent | None:
 
 
 class AlpacaBroker:
-    """The `Broker` of broker.py on Alpaca's trading API (paper by default).
+    """The `Broker` of `services/domain/broker.py` on Alpaca's trading API (paper by default).
 
     `budget` is the account's request budget: a `request_budget.PostgresRequestBudget` when
     several processes trade the account, this process's own bucket otherwise.

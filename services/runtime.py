@@ -27,7 +27,7 @@ def bootstrap(account: str | None = None):
     """
     from services.common.db import database_url
     from services.common.migrate import migrate_when_ready
-    from services.common.params_source import provider_from_settings
+    from services.adapters.params_source import provider_from_settings
     from services.common.settings import load_settings
 
     settings = load_settings()

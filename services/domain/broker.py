@@ -1,6 +1,6 @@
 """The broker interface the dispatcher trades through, and the errors it may raise.
 
-Two implementations: the simulated paper broker (`sim_broker.SimBroker`) and the alpaca-py
+Two implementations: the simulated paper broker (`services.adapters.sim.broker.SimBroker`) and the alpaca-py
 adapter (`alpaca.client.AlpacaBroker`). Both keep money in Decimal and times aware.
 
 Errors are kept in three kinds, as the dispatcher records them differently:

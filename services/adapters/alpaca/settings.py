@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.dispatcher.request_budget import check_limits
+from services.adapters.postgres.request_budget import check_limits
 
 
 def _normalise_url_override(value: str | None) -> str | None:
