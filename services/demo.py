@@ -26,7 +26,7 @@ from services.common.clock import FixedClock
 from services.common.market_calendar import ET, nyse_calendar
 from services.common.params import ParamsInForce, load_params_file
 from services.adapters.postgres import kill_switch
-from services.dispatcher.main import Dispatcher, Outcome, StaticParams
+from services.dispatcher.main import Dispatcher, Outcome, StaticParams, start_trade_updates
 from services.adapters.sim.broker import SimBroker
 from services.adapters.option_data import OptionData
 from services.feature_computer.main import compute_features
@@ -167,6 +167,7 @@ def run_demo(day: date = DEMO_DAY, seed: int = 7, in_force: ParamsInForce | None
         options = SimOptionMarket(pool, seed=seed, liquidity={t.ticker: t.option_liquidity for t in TICKERS})
         dispatcher = Dispatcher(pool, broker, StaticParams(in_force), DEMO_ACCOUNT, clock=clock,
                                 calendar=calendar, worker_id="demo", option_data=OptionData(options.chain))
+        stop_updates = start_trade_updates(dispatcher, broker)  # the broker's events feed the lifecycle
         market = SimMarket(TICKERS, session, MOVES, seed=seed)
         desk = {}
         for rec in DESK:
@@ -191,9 +192,10 @@ def run_demo(day: date = DEMO_DAY, seed: int = 7, in_force: ParamsInForce | None
                     run_watchlist_cycle(conn, DEMO_ACCOUNT, in_force, now, liquidity_inputs=LIQUIDITY)
                 signal_counts.update(run_signal_cycle(conn, DEMO_ACCOUNT, in_force, now).counts)
                 options.mark_held(conn, now)
-                # Resting limit orders the moved market has reached fill, and are recorded as any fill is.
-                for order in broker.match_resting(now):
-                    dispatcher.record_broker_answer(order.client_order_id, order)
+                # Resting limit orders the moved market has reached fill (the broker's events record
+                # them); those still unfilled are re-priced, or given up after their last attempt.
+                broker.match_resting(now)
+                dispatcher.reprice_working()
                 if minute == HALT_MINUTE:
                     with conn.transaction():
                         kill_switch.set_state(conn, DEMO_ACCOUNT, "HALTED", "operator halt (demo)", "operator:demo", now)
@@ -213,6 +215,7 @@ def run_demo(day: date = DEMO_DAY, seed: int = 7, in_force: ParamsInForce | None
                         result.rows.append({"time": now, "ticker": "-", "action": "TRIP", "instrument": "-",
                                             "status": "REDUCING", "codes": "daily loss limit", "detail": ks["reason"]})
             result.summary = {**_summary(conn, dispatcher, trip_seen), "signals": dict(signal_counts)}
+        stop_updates()
     finally:
         pool.close()
     result.seconds = time.perf_counter() - started

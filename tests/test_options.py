@@ -158,6 +158,105 @@ def test_seed_contract_result_unpacks_as_three_tuple():
     assert len(result) == 3 and result.passed is True
 
 
+# --- The seed gates IV "when available" ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedContract:
+    """The seed's contract as a dataclass: liquid, with an implied volatility but no IV percentile."""
+
+    bid: float = 2.00
+    ask: float = 2.10
+    volume: int = 150
+    open_interest: int = 300
+    implied_volatility: float = 0.31
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedContractWithIV(SeedContract):
+    iv_percentile: float | None = None
+
+
+SEED_DICT = {"bid": 2.00, "ask": 2.10, "volume": 150, "open_interest": 300, "implied_volatility": 0.31}
+IV_NOT_EVALUATED = "OK: iv_percentile not evaluated: contract carries no iv_percentile"
+
+
+def iv_gate(contract, **kw) -> dict:
+    gates = option_gate_results(contract, SEED_CONFIG, NOW, **kw)
+    return next(g for g in gates if g["name"] == "option_iv_percentile")
+
+
+@pytest.mark.parametrize(
+    "contract,expected_passed,expected_reason,expected_observed",
+    [
+        pytest.param(SeedContract(), True, IV_NOT_EVALUATED, None, id="dataclass-no-field"),
+        pytest.param(SeedContractWithIV(iv_percentile=None), True, IV_NOT_EVALUATED, None, id="dataclass-field-none"),
+        pytest.param(SEED_DICT, True, IV_NOT_EVALUATED, None, id="dict-missing-key"),
+        pytest.param({**SEED_DICT, "iv_percentile": None}, True, IV_NOT_EVALUATED, None, id="dict-key-none"),
+        pytest.param(quote(), True, IV_NOT_EVALUATED, None, id="option-quote-with-implied-volatility"),
+        pytest.param(SeedContractWithIV(iv_percentile=80), True, "OK: iv_percentile=80.0 max=80", 80.0, id="dataclass-80"),
+        pytest.param({**SEED_DICT, "iv_percentile": 80}, True, "OK: iv_percentile=80.0 max=80", 80.0, id="dict-80"),
+        pytest.param(SeedContractWithIV(iv_percentile=81), False, "HIGH_IV_PERCENTILE: iv_percentile=81.0 max=80",
+                     81.0, id="dataclass-81"),
+        pytest.param({**SEED_DICT, "iv_percentile": 81}, False, "HIGH_IV_PERCENTILE: iv_percentile=81.0 max=80",
+                     81.0, id="dict-81"),
+        # Carried but broken is not "not available": it fails closed.
+        pytest.param({**SEED_DICT, "iv_percentile": float("nan")}, False,
+                     "NO_IV_PERCENTILE: iv_percentile=nan is not a percentile", None, id="dict-nan"),
+        pytest.param(SeedContractWithIV(iv_percentile="high"), False,
+                     "NO_IV_PERCENTILE: iv_percentile='high' is not a percentile", None, id="dataclass-not-a-number"),
+    ],
+)
+def test_seed_validate_without_iv_keyword_gates_the_contracts_own_iv_percentile_when_available(
+    contract, expected_passed, expected_reason, expected_observed
+):
+    gate = iv_gate(contract)
+    assert (gate["passed"], gate["reason"], gate["observed"], gate["limit"]) == (
+        expected_passed, expected_reason, expected_observed, 80)
+    passed, reason, fallback = validate_option_contract(contract, SEED_CONFIG, now=NOW)
+    assert (passed, fallback) == (expected_passed, not expected_passed)
+    if expected_passed:
+        assert reason.endswith(expected_reason.removeprefix("OK: "))
+    else:
+        assert reason == expected_reason
+
+
+def test_seed_dict_contract_is_gated_on_its_quote_and_liquidity_like_an_object():
+    passed, reason, fallback = validate_option_contract({**SEED_DICT, "volume": 99}, SEED_CONFIG, now=NOW)
+    assert (passed, reason, fallback) == (False, "LOW_VOLUME: volume=99 min=100", True)
+    passed, reason, _ = validate_option_contract({**SEED_DICT, "bid": None}, SEED_CONFIG, now=NOW)
+    assert (passed, code(reason)) == (False, "NO_QUOTE")
+
+
+@pytest.mark.parametrize(
+    "iv,expected_passed,expected_code",
+    [
+        pytest.param(None, False, "NO_IV_PERCENTILE", id="explicit-none"),
+        pytest.param(iv_percentile([0.2] * 30, None, min_sessions=20), False, "NO_IV_PERCENTILE", id="no-todays-iv"),
+        pytest.param(iv_percentile([0.2] * 5, 0.3, min_sessions=20), True, "OK", id="short-history"),
+        pytest.param(iv_percentile([0.2] * 30, 0.3, min_sessions=20), False, "HIGH_IV_PERCENTILE", id="history-says-high"),
+    ],
+)
+def test_supplied_iv_decides_even_when_the_contract_carries_none(iv, expected_passed, expected_code):
+    # The dispatcher's path: it always passes the keyword, so a contract without an IV
+    # percentile does not turn its missing or broken IV inputs into "not evaluated".
+    for contract in (SeedContract(), SEED_DICT, quote()):
+        gate = iv_gate(contract, iv_percentile=iv)
+        assert (gate["passed"], gate["code"]) == (expected_passed, expected_code)
+        assert "contract carries no iv_percentile" not in gate["reason"]
+
+
+def test_supplied_iv_overrides_the_contracts_own():
+    gate = iv_gate(SeedContractWithIV(iv_percentile=10), iv_percentile=(95.0, "OK"))
+    assert (gate["passed"], gate["code"], gate["observed"]) == (False, "HIGH_IV_PERCENTILE", 95.0)
+
+
+def test_choose_contract_without_the_dispatchers_iv_denies_no_iv_percentile(calendar):
+    selection = choose_contract(both_sides(NEXT_FRIDAY), "BULL", "day_trade", 100, PARAMS, NOW, calendar)
+    assert selection.choice is not None
+    assert (selection.choice.passed, code(selection.choice.reason)) == (False, "NO_IV_PERCENTILE")
+
+
 # --- The IV percentile may be "not evaluated" only for a short history -------------------------
 
 

@@ -243,3 +243,36 @@ def test_order_reconciliation_that_keeps_failing_ages_and_then_stops_entries(wor
     assert (rec["status"], rec["outcome_code"]) == ("SKIPPED", "STALE_RECONCILIATION")
     gate = next(g for g in rec["gate_results"] if g["name"] == "broker_reconciliation")
     assert (gate["observed"], gate["limit"]) == (limit + 1, limit)
+
+
+class CountsLookups:
+    """Counts the broker lookups by client_order_id, across every wrapper that shares the list."""
+
+    paper = True
+
+    def __init__(self, inner: SimBroker, seen: list):
+        self.inner, self.seen = inner, seen
+
+    def get_order_by_client_id(self, cid):
+        self.seen.append(cid)
+        return self.inner.get_order_by_client_id(cid)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_an_orphaned_order_is_looked_up_by_one_dispatcher_not_by_every_one(world, conn):
+    dispatcher, clock = world
+    crashed = dispatcher(TimesOutThenNotFound, worker="gone")
+    rid = add_recommendation(conn, "AAPL", NOW)
+    crashed.drain()  # left SUBMITTING by a worker that is gone
+    seen: list[str] = []
+    a = dispatcher(lambda b: CountsLookups(b, seen), worker="a")
+    b = dispatcher(lambda b: CountsLookups(b, seen), worker="b")
+    a.recover_in_flight()
+    b.recover_in_flight()
+    assert seen == [client_order_id(ACCOUNT, rid)]  # b left it to a
+    clock.advance(timedelta(minutes=3))
+    b.recover_in_flight()  # later, whoever comes first asks again
+    assert seen == [client_order_id(ACCOUNT, rid)] * 2
+    assert recommendation(conn, rid)["outcome_code"] == "ORDER_NOT_PLACED"

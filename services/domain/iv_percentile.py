@@ -4,7 +4,7 @@ The IV percentile gate compares today's ATM IV with the last 252 sessions of the
 underlying. The history is recorded by the dispatcher itself (one value per ticker and ET
 session day, in `iv_history`), so a new deployment starts with none: the gate then reports
 "not evaluated: N sessions of history" until `iv_min_history_sessions` days have been seen,
-and that is the only case in which it does not evaluate.
+and that is the only case in which the dispatcher's gate does not evaluate.
 
 The percentile and the ATM IV are pure functions, here; recording and loading the history is
 the Postgres adapter's (`services/adapters/postgres/iv_history.py`).

@@ -278,7 +278,9 @@ class SimBroker:
             ).fetchone()
         if row is not None:
             log.info("sim order canceled", extra={"client_order_id": client_order_id, "at": now.isoformat()})
-            return _order_result(row)
+            result = _order_result(row)
+            self._publish(TradeUpdate("canceled", result, now))
+            return result
         return self.get_order_by_client_id(client_order_id)
 
     def match_resting(self, now: datetime | None = None) -> list[OrderResult]:
@@ -311,6 +313,9 @@ class SimBroker:
                 ).fetchone()
                 self._book_fill(conn, r["side"], r["qty"], price, r["multiplier"], now)
                 filled.append(_order_result(row))
+        for result in filled:  # committed: now the subscribers hear of it
+            self._publish(TradeUpdate("fill", result, now, qty=result.filled_qty, price=result.filled_avg_price,
+                                      execution_id=str(uuid.uuid4())))
         return filled
 
     def get_order_by_client_id(self, client_order_id: str) -> OrderResult | None:

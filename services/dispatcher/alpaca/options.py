@@ -13,8 +13,11 @@ Two steps, both with `now` passed in:
   the executions record) check one contract's quote, expiry, liquidity and IV percentile.
 
 Reasons start with a code (`WIDE_SPREAD: spread=0.1200 limit=0.1000`). Missing or malformed
-data is a denial with its own code, never a pass; the IV percentile alone may be "not
-evaluated", and only when its history is too short.
+data is a denial with its own code, never a pass. The IV percentile alone may be "not
+evaluated", in two cases that say so in their reason: the dispatcher's IV history is too short
+("not evaluated: N sessions of history"), or the seed's interface was called with a contract
+that carries no IV percentile and no `iv_percentile` keyword (the seed gates IV "when
+available"). IV the caller did supply but that is missing or broken is NO_IV_PERCENTILE.
 """
 
 from __future__ import annotations
@@ -64,6 +67,16 @@ FALLBACK_CODES = frozenset(
 
 NOT_EVALUATED = "not evaluated"
 
+
+class _NotSupplied:
+    """The IV percentile nobody supplied: no keyword given, and the contract carries none."""
+
+    def __repr__(self) -> str:
+        return "NOT_SUPPLIED"
+
+
+NOT_SUPPLIED = _NotSupplied()
+
 OPTION_GATE_NAMES = (
     "option_expiry",
     "option_quote",
@@ -81,6 +94,13 @@ class OptionValidation(NamedTuple):
     passed: bool
     reason: str
     fallback_to_stock: bool
+
+
+def _get(contract: Any, name: str, default: Any = _MISSING) -> Any:
+    """A contract's field, from an object's attribute or a mapping's key (the seed passes either)."""
+    if isinstance(contract, Mapping):
+        return contract.get(name, default)
+    return getattr(contract, name, default)
 
 
 def _count(value: Any) -> int | None:
@@ -225,8 +245,11 @@ def check_option_iv_percentile(iv_percentile: Any, params: TradingParams) -> Gat
     `iv_percentile` is a number, or the (percentile, reason) pair from
     `services.domain.iv_percentile.iv_percentile`. A None percentile passes only when its reason says the history is
     too short ("not evaluated: N sessions of history"); any other missing value is NO_IV_PERCENTILE.
+    NOT_SUPPLIED (no keyword, and the contract carries none) passes as not evaluated.
     """
     limit = params.options.max_iv_percentile
+    if iv_percentile is NOT_SUPPLIED:
+        return ok(f"iv_percentile {NOT_EVALUATED}: contract carries no iv_percentile", None, limit)
     value, why = _split_iv(iv_percentile)
     if value is None:
         if why and why.startswith(NOT_EVALUATED):
@@ -246,15 +269,14 @@ def option_gate_results(
     contract: Any,
     params: TradingParams | Mapping,
     now: datetime | None = None,
-    iv_percentile: Any = None,
+    iv_percentile: Any = _MISSING,
     *,
     calendar: SessionCalendar | None = None,
 ) -> list[dict[str, Any]]:
     """Every option gate's result as JSON (name, passed, code, reason, observed, limit).
 
     The shape is `gates.NamedGate.as_json()`, so the executions record stores option gates next
-    to the pre-trade gates. `iv_percentile` overrides the contract's own `iv_percentile`
-    attribute when given.
+    to the pre-trade gates. `iv_percentile` as in `option_gates`.
     """
     return [g.as_json() for g in option_gates(contract, params, now, iv_percentile, calendar=calendar)]
 
@@ -263,24 +285,35 @@ def option_gates(
     contract: Any,
     params: TradingParams | Mapping,
     now: datetime | None = None,
-    iv_percentile: Any = None,
+    iv_percentile: Any = _MISSING,
     *,
     calendar: SessionCalendar | None = None,
 ) -> list[NamedGate]:
-    """Every option gate, in a fixed order (OPTION_GATE_NAMES); the first failure decides."""
+    """Every option gate, in a fixed order (OPTION_GATE_NAMES); the first failure decides.
+
+    `contract` is an object or a mapping with the same field names. The IV percentile is the
+    `iv_percentile` argument when it is not None, else the contract's own `iv_percentile`.
+    Without the argument, a contract with no IV percentile (no such field, or None) is not
+    gated on IV. An explicit None says the caller's IV inputs are missing: unless the
+    contract carries its own, that is NO_IV_PERCENTILE, as the dispatcher always supplies one.
+    """
     params = as_params(params)
     now = aware_now(now)
-    bid = getattr(contract, "bid", None)
-    ask = getattr(contract, "ask", None)
-    if iv_percentile is None:
-        iv_percentile = getattr(contract, "iv_percentile", None)
+    bid = _get(contract, "bid", None)
+    ask = _get(contract, "ask", None)
+    if iv_percentile is _MISSING or iv_percentile is None:
+        own = _get(contract, "iv_percentile", None)
+        if own is not None:
+            iv_percentile = own
+        elif iv_percentile is _MISSING:
+            iv_percentile = NOT_SUPPLIED
     results = (
-        check_option_expiry(getattr(contract, "expiration", _MISSING), now, params, calendar),
+        check_option_expiry(_get(contract, "expiration"), now, params, calendar),
         check_option_quote(bid, ask),
-        check_option_quote_age(getattr(contract, "quote_time", _MISSING), now, params),
+        check_option_quote_age(_get(contract, "quote_time"), now, params),
         check_option_spread(bid, ask, params),
-        check_option_volume(getattr(contract, "volume", None), params),
-        check_option_open_interest(getattr(contract, "open_interest", None), params),
+        check_option_volume(_get(contract, "volume", None), params),
+        check_option_open_interest(_get(contract, "open_interest", None), params),
         check_option_iv_percentile(iv_percentile, params),
     )
     return [NamedGate(name, result) for name, result in zip(OPTION_GATE_NAMES, results)]
@@ -300,14 +333,19 @@ def validate_option_contract(
     config: TradingParams | Mapping,
     *,
     now: datetime | None = None,
-    iv_percentile: Any = None,
+    iv_percentile: Any = _MISSING,
     calendar: SessionCalendar | None = None,
 ) -> OptionValidation:
     """The seed's interface: (passed, reason, fallback_to_stock).
 
-    `contract` is duck-typed: bid, ask, volume, open_interest, and optionally iv_percentile,
-    quote_time and expiration (an OptionQuote has all but iv_percentile, which then comes from
-    the keyword). `config` is TradingParams or a mapping of the seed's flat keys.
+    `contract` is duck-typed, an object or a mapping: bid, ask, volume, open_interest, and
+    optionally iv_percentile, quote_time and expiration (an OptionQuote has all but
+    iv_percentile, which then comes from the keyword). `config` is TradingParams or a mapping of
+    the seed's flat keys.
+    The seed gates the IV percentile when available: called without the keyword, a contract
+    that carries none passes that gate as "not evaluated: contract carries no iv_percentile".
+    The dispatcher passes the keyword from `iv_history`, whose rules then apply (see
+    `option_gates`).
     fallback_to_stock is True when this contract's market failed (quote, spread, volume, open
     interest, IV) so the stock may be considered; False when it passed or the failure is about
     expiry or the calendar.
@@ -504,6 +542,10 @@ def choose_contract(
       strike    = 1 - |strike - spot| / spot / 0.10   (clamped)
     The full option gates then run down the ranking; the first contract that passes is chosen.
     If none passes, the best-ranked contract is returned with passed=False and its reason.
+
+    `iv_percentile` is the dispatcher's, from `iv_history.current_iv_percentile`; chain contracts
+    carry none, so without it (None) every contract is denied NO_IV_PERCENTILE: missing IV inputs
+    fail closed here, unlike the seed's `validate_option_contract` called without the keyword.
     """
     p = as_params(params)
     o = p.options
@@ -648,7 +690,7 @@ def size_option_order(
     contract: Any, equity: Decimal, current_exposure: Decimal, params: TradingParams | Mapping
 ) -> SizeResult:
     """Contracts to buy at the ask, by the shared sizing rule (x100 multiplier, premium cap)."""
-    ask = to_decimal(getattr(contract, "ask", None))
+    ask = to_decimal(_get(contract, "ask", None))
     if ask is None:
         return SizeResult(0, Decimal(0), "SIZE_ZERO: no ask to size at")
     return size_order("OPTION", ask, equity, current_exposure, as_params(params))

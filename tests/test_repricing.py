@@ -1,0 +1,210 @@
+"""Limit orders that do not fill: canceled, re-priced, given up, and finished after a crash.
+
+A resting limit order is re-priced after `reprice_after_seconds`, each attempt a new order with
+its own deterministic client_order_id; after `max_reprices` attempts it is canceled for good. The
+reason of each cancel (and the next price) is committed before the cancel goes out, and each
+attempt's intent before it is sent, so a process that dies anywhere in a replace leaves enough in
+the database for the next pass, of a new process, to finish it: no attempt lost, none doubled.
+
+Stock limit orders on the simulated broker: its quote is the last close +- 2 bps, so a buy limit
+at the close (offset 0) rests, a limit at 0.75 of the half-spread rests, and one at the ask fills.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal as D
+
+import pytest
+
+from services.common.clock import FixedClock
+from services.common.db import make_pool
+from services.common.params import ParamsInForce, as_params
+from services.domain.broker import client_order_id
+from services.dispatcher.main import Dispatcher, StaticParams
+from services.adapters.sim.broker import SimBroker
+from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
+
+NOW = et("2026-11-30", "10:00")
+EXECUTION = {"stock_order_type": "limit", "stock_limit_offset_bps": 0, "reprice_after_seconds": 15,
+             "option_limit_aggressiveness": 0.5, "reprice_step": 0.25}
+
+
+def params(**execution) -> StaticParams:
+    p = as_params({"execution": {**EXECUTION, **execution}})
+    return StaticParams(ParamsInForce(p, "test", "1", p.content_hash()))
+
+
+@pytest.fixture
+def world(db_url, conn):
+    clock = FixedClock(NOW)
+    pools = []
+
+    def dispatcher(broker_wrap=lambda b: b, worker="w1", half_spread_bps=2, **execution) -> Dispatcher:
+        pool = make_pool(db_url)
+        pools.append(pool)
+        sim = SimBroker(pool, ACCOUNT, clock, half_spread_bps=half_spread_bps, slippage_bps=5)
+        d = Dispatcher(pool, broker_wrap(sim), params(**execution), ACCOUNT, clock=clock, worker_id=worker,
+                       quotes=sim.quote)
+        d.refresh_account(force=True)
+        return d
+
+    add_market(conn, "AAPL", NOW, 200)
+    yield dispatcher, clock
+    for p in pools:
+        p.close()
+
+
+def attempts(conn) -> list[tuple]:
+    return [(r["attempt"], r["status"], r["limit_price"], r["client_order_id"], r["cancel_reason"]) for r in conn.execute(
+        "SELECT attempt, status, limit_price, client_order_id, cancel_reason FROM dispatch_executions ORDER BY attempt"
+    ).fetchall()]
+
+
+def broker_orders(conn) -> list[tuple]:
+    return [(r["client_order_id"], r["status"]) for r in conn.execute(
+        "SELECT client_order_id, status FROM sim_orders ORDER BY submitted_at, client_order_id").fetchall()]
+
+
+def position(conn) -> tuple:
+    p = conn.execute("SELECT status, qty, avg_price FROM active_positions").fetchone()
+    return p["status"], p["qty"], p["avg_price"]
+
+
+def test_limit_order_repriced_twice_then_filled_each_attempt_recorded_once(world, conn):
+    dispatcher, clock = world
+    d = dispatcher(max_reprices=3)
+    rid = add_recommendation(conn, "AAPL", NOW)
+    cid = [client_order_id(ACCOUNT, rid, 0, k) for k in range(3)]
+
+    d.drain()  # attempt 0: a buy limit at the close, below the ask of 200.04: it rests
+    clock.advance(timedelta(seconds=14))
+    assert d.reprice_working() == 0  # not due yet
+    clock.advance(timedelta(seconds=1))
+    assert d.reprice_working() == 2  # due: canceled, and attempt 1 sent at mid + 0.75 x 0.04
+    assert recommendation(conn, rid)["status"] == "SUBMITTING"
+    clock.advance(timedelta(seconds=15))
+    d.reprice_working()  # attempt 2 at the ask: marketable, filled
+
+    assert attempts(conn) == [
+        (0, "CANCELED", D("200.00"), cid[0], "REPRICE"),
+        (1, "CANCELED", D("200.03"), cid[1], "REPRICE"),
+        (2, "FILLED", D("200.04"), cid[2], None),
+    ]
+    assert broker_orders(conn) == [(cid[0], "canceled"), (cid[1], "canceled"), (cid[2], "filled")]
+    rec = recommendation(conn, rid)
+    assert (rec["status"], rec["outcome_code"]) == ("EXECUTED", "ORDER_FILLED")
+    status, qty, price = position(conn)
+    assert (status, price) == ("OPEN", D("200.04"))
+    assert d.reprice_working() == 0  # nothing left working
+
+
+def test_limit_order_unfilled_after_its_last_attempt_is_given_up_and_the_reservation_released(world, conn):
+    dispatcher, clock = world
+    d = dispatcher(max_reprices=1, half_spread_bps=50)  # the ask (201.00) is never reached
+    rid = add_recommendation(conn, "AAPL", NOW)
+    d.drain()
+    clock.advance(timedelta(seconds=15))
+    d.reprice_working()  # attempt 1 at mid + 0.75 x 1.00: rests
+    clock.advance(timedelta(seconds=15))
+    d.reprice_working()  # the last attempt is due: canceled for good
+
+    assert [(a[0], a[1], a[2], a[4]) for a in attempts(conn)] == [
+        (0, "CANCELED", D("200.00"), "REPRICE"), (1, "CANCELED", D("200.75"), "GIVE_UP")]
+    rec = recommendation(conn, rid)
+    assert (rec["status"], rec["outcome_code"]) == ("REJECTED", "ORDER_GIVEN_UP")
+    assert position(conn)[0] == "CANCELLED"
+    assert [o[1] for o in broker_orders(conn)] == ["canceled", "canceled"]
+
+
+class DiesAfterCancel:
+    """The broker cancels the order, and the process dies before it records the answer."""
+
+    paper = True
+
+    def __init__(self, inner: SimBroker):
+        self.inner = inner
+
+    def cancel_order(self, cid):
+        self.inner.cancel_order(cid)
+        raise SystemExit("killed between the cancel and the replace")
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class DiesBeforeSubmit:
+    """The next attempt's intent is committed, and the process dies before the order leaves."""
+
+    paper = True
+
+    def __init__(self, inner: SimBroker):
+        self.inner = inner
+
+    def submit_order(self, order):
+        raise SystemExit("killed before the submit")
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_crash_between_cancel_and_replace_then_a_new_process_sends_the_next_attempt_once(world, conn):
+    dispatcher, clock = world
+    first = dispatcher(max_reprices=3, worker="w1")
+    rid = add_recommendation(conn, "AAPL", NOW)
+    first.drain()
+    clock.advance(timedelta(seconds=15))
+    dying = dispatcher(DiesAfterCancel, max_reprices=3, worker="w2")
+    with pytest.raises(SystemExit):
+        dying.reprice_working()
+    # The broker canceled attempt 0; the database still shows it working, with the reason.
+    assert attempts(conn)[0][1::3] == ("ACCEPTED", "REPRICE")
+
+    restarted = dispatcher(max_reprices=3, worker="w3")
+    restarted.recover_in_flight()  # the poll sees the cancel: a replace, not the end
+    restarted.reprice_working()  # the next attempt goes out
+    restarted.reprice_working()  # and is not sent again
+
+    cid = [client_order_id(ACCOUNT, rid, 0, k) for k in range(2)]
+    assert [(a[0], a[1], a[3]) for a in attempts(conn)] == [(0, "CANCELED", cid[0]), (1, "ACCEPTED", cid[1])]
+    assert broker_orders(conn) == [(cid[0], "canceled"), (cid[1], "accepted")]
+    assert recommendation(conn, rid)["status"] == "SUBMITTING"
+    assert position(conn)[0] == "PENDING"  # still reserved for the order that works
+
+
+def test_crash_after_the_next_attempts_intent_is_recorded_once_and_never_sent_twice(world, conn):
+    dispatcher, clock = world
+    first = dispatcher(max_reprices=3)
+    rid = add_recommendation(conn, "AAPL", NOW)
+    first.drain()
+    clock.advance(timedelta(seconds=15))
+    dying = dispatcher(DiesBeforeSubmit, max_reprices=3, worker="w2")
+    with pytest.raises(SystemExit):
+        dying.reprice_working()
+    assert [a[1] for a in attempts(conn)] == ["CANCELED", "SUBMITTING"]
+
+    restarted = dispatcher(max_reprices=3, worker="w3")
+    restarted.reprice_working()  # the intent exists: no second attempt 1, no attempt 2
+    assert [a[0] for a in attempts(conn)] == [0, 1]
+    clock.advance(timedelta(minutes=3))
+    restarted.recover_in_flight()  # the broker never had attempt 1: not placed, recorded once
+    assert [a[1] for a in attempts(conn)] == ["CANCELED", "FAILED"]
+    rec = recommendation(conn, rid)
+    assert (rec["status"], rec["outcome_code"]) == ("FAILED", "ORDER_NOT_PLACED")
+    assert position(conn)[0] == "CANCELLED"
+    assert len(broker_orders(conn)) == 1
+
+
+def test_an_order_that_fills_while_its_cancel_is_on_the_way_is_recorded_as_filled(world, conn):
+    dispatcher, clock = world
+    d = dispatcher(max_reprices=3)
+    rid = add_recommendation(conn, "AAPL", NOW)
+    d.drain()
+    # The market comes to the resting order just before the cancel reaches the broker.
+    clock.advance(timedelta(seconds=15))
+    conn.execute("UPDATE lane_telemetry SET close = 199.95 WHERE ticker = 'AAPL'")
+    d.broker.match_resting(clock.now())
+    d.reprice_working()
+    assert [(a[0], a[1]) for a in attempts(conn)] == [(0, "FILLED")]
+    assert recommendation(conn, rid)["outcome_code"] == "ORDER_FILLED"
+    assert position(conn)[0] == "OPEN"
