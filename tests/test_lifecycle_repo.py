@@ -21,41 +21,14 @@ from services.common.clock import FixedClock
 from services.common.db import make_pool
 from services.common.params import load_params_file
 from services.adapters.postgres import kill_switch
-from services.domain.broker import BrokerUnavailable, OrderRequest, client_order_id
+from services.domain.broker import OrderRequest, client_order_id
 from services.dispatcher.main import Dispatcher, StaticParams
 from services.adapters.sim.broker import SimBroker
+from tests.broker_doubles import AcceptedFirst, Wrapping
+from tests.broker_doubles import TimesOutThenNotFound as TimesOut
 from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
 
 NOW = et("2026-11-30", "10:00")
-
-
-class AcceptedFirst:
-    """Answers a submit with "accepted"; what the order became is only seen by a later lookup."""
-
-    def __init__(self, inner: SimBroker):
-        self.inner, self.paper = inner, True
-
-    def submit_order(self, order):
-        result = self.inner.submit_order(order)
-        return replace(result, status="accepted", filled_qty=Decimal(0), filled_avg_price=None, filled_at=None)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-class TimesOut:
-    """The submit times out and the broker has no such order (yet): the order's fate is unknown."""
-
-    paper = True
-
-    def __init__(self, inner: SimBroker):
-        self.inner = inner
-
-    def submit_order(self, order):
-        raise BrokerUnavailable("read timed out")
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 @pytest.fixture
@@ -338,11 +311,12 @@ def test_fail_pending_fails_only_a_pending_row_no_one_holds(world, conn, db_url)
 
 # --- reconciliation against a snapshot older than local activity --------------------------------
 
-class SnapshotThen:
+class SnapshotThen(Wrapping):
     """A broker whose positions snapshot is taken, then `hook` runs before the caller uses it."""
 
     def __init__(self, inner: SimBroker):
-        self.inner, self.paper, self.hook = inner, True, None
+        super().__init__(inner)
+        self.hook = None
 
     def get_positions(self):
         snapshot = self.inner.get_positions()
@@ -350,9 +324,6 @@ class SnapshotThen:
         if hook is not None:
             hook()
         return snapshot
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 @pytest.fixture
@@ -458,11 +429,12 @@ def test_option_chain_is_fetched_outside_the_claim_and_only_for_the_strategys_wi
 
 # --- an error that is not the database's, after the intent's commit -----------------------------
 
-class SendsThenRaises:
+class SendsThenRaises(Wrapping):
     """The first order reaches the broker, then a bug on our side loses the answer."""
 
     def __init__(self, inner: SimBroker):
-        self.inner, self.paper, self.raised = inner, True, False
+        super().__init__(inner)
+        self.raised = False
 
     def submit_order(self, order):
         result = self.inner.submit_order(order)
@@ -470,9 +442,6 @@ class SendsThenRaises:
             self.raised = True
             raise RuntimeError("answer lost after the send")
         return result
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def test_plain_exception_after_the_intent_leaves_it_submitting_and_recovery_resolves_it(world, conn):

@@ -20,42 +20,10 @@ from services.adapters.postgres import kill_switch
 from services.domain.broker import BrokerUnavailable, OrderRequest, client_order_id
 from services.dispatcher.main import Dispatcher, StaticParams
 from services.adapters.sim.broker import SimBroker
+from tests.broker_doubles import AcceptedFirst, TimesOutThenNotFound, Wrapping
 from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
 
 NOW = et("2026-11-30", "10:00")
-
-
-class AcceptedFirst:
-    """Answers a submit with "accepted" (as Alpaca does); the fill is only seen by a later lookup."""
-
-    def __init__(self, inner: SimBroker, later=lambda result: result):
-        self.inner, self.later, self.paper = inner, later, True
-
-    def submit_order(self, order):
-        result = self.inner.submit_order(order)
-        return replace(result, status="accepted", filled_qty=Decimal(0), filled_avg_price=None, filled_at=None)
-
-    def get_order_by_client_id(self, cid):
-        found = self.inner.get_order_by_client_id(cid)
-        return self.later(found) if found else None
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-class TimesOutThenNotFound:
-    """The submit times out before reaching the broker, and the lookup finds nothing (yet)."""
-
-    paper = True
-
-    def __init__(self, inner: SimBroker):
-        self.inner = inner
-
-    def submit_order(self, order):
-        raise BrokerUnavailable("read timed out")
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 @pytest.fixture
@@ -203,21 +171,17 @@ def test_refresh_stops_entries_when_the_broker_holds_a_position_we_do_not_know(w
     assert state["reason"].startswith("UNKNOWN_BROKER_POSITION: the broker holds AAPL")
 
 
-class OrdersListFails:
+class OrdersListFails(Wrapping):
     """The broker answers everything but its order list, which keeps failing."""
 
-    paper = True
-
     def __init__(self, inner: SimBroker):
-        self.inner, self.failing = inner, False
+        super().__init__(inner)
+        self.failing = False
 
     def list_orders_since(self, since):
         if self.failing:
             raise BrokerUnavailable("GET /v2/orders: 503")
         return self.inner.list_orders_since(since)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def test_order_reconciliation_that_keeps_failing_ages_and_then_stops_entries(world, conn):
@@ -245,20 +209,16 @@ def test_order_reconciliation_that_keeps_failing_ages_and_then_stops_entries(wor
     assert (gate["observed"], gate["limit"]) == (limit + 1, limit)
 
 
-class CountsLookups:
+class CountsLookups(Wrapping):
     """Counts the broker lookups by client_order_id, across every wrapper that shares the list."""
 
-    paper = True
-
     def __init__(self, inner: SimBroker, seen: list):
-        self.inner, self.seen = inner, seen
+        super().__init__(inner)
+        self.seen = seen
 
     def get_order_by_client_id(self, cid):
         self.seen.append(cid)
         return self.inner.get_order_by_client_id(cid)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def test_an_orphaned_order_is_looked_up_by_one_dispatcher_not_by_every_one(world, conn):

@@ -23,6 +23,7 @@ from services.common.params import ParamsInForce, as_params
 from services.domain.broker import client_order_id
 from services.dispatcher.main import Dispatcher, StaticParams
 from services.adapters.sim.broker import SimBroker
+from tests.broker_doubles import Wrapping
 from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
 
 NOW = et("2026-11-30", "10:00")
@@ -117,35 +118,19 @@ def test_limit_order_unfilled_after_its_last_attempt_is_given_up_and_the_reserva
     assert [o[1] for o in broker_orders(conn)] == ["canceled", "canceled"]
 
 
-class DiesAfterCancel:
+class DiesAfterCancel(Wrapping):
     """The broker cancels the order, and the process dies before it records the answer."""
-
-    paper = True
-
-    def __init__(self, inner: SimBroker):
-        self.inner = inner
 
     def cancel_order(self, cid):
         self.inner.cancel_order(cid)
         raise SystemExit("killed between the cancel and the replace")
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
-
-class DiesBeforeSubmit:
+class DiesBeforeSubmit(Wrapping):
     """The next attempt's intent is committed, and the process dies before the order leaves."""
-
-    paper = True
-
-    def __init__(self, inner: SimBroker):
-        self.inner = inner
 
     def submit_order(self, order):
         raise SystemExit("killed before the submit")
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def test_crash_between_cancel_and_replace_then_a_new_process_sends_the_next_attempt_once(world, conn):

@@ -10,7 +10,6 @@ left to reconciliation.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from decimal import Decimal
 
 import pytest
@@ -22,6 +21,7 @@ from services.adapters.alpaca.client import AlpacaBroker
 from services.domain.broker import OrderResult, TradeUpdate, client_order_id
 from services.dispatcher.main import Dispatcher, StaticParams, start_trade_updates
 from services.adapters.sim.broker import SimBroker
+from tests.broker_doubles import AcceptedFirst
 from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
 from tests.fake_alpaca import fake_alpaca  # noqa: F401
 from tests.test_alpaca_adapter import SleepRecorder, settings
@@ -71,7 +71,7 @@ def test_alpaca_stream_fill_reaches_the_lifecycle_within_a_second_without_a_poll
         [outcome] = d.drain()  # the local server accepts the market order and leaves it open
         cid = client_order_id(ACCOUNT, rid)
         assert (outcome.status, outcome.code) == ("SUBMITTING", "ORDER_ACCEPTED")
-        polls_before = len(fake_alpaca.requests_to(f"/v2/orders:by_client_order_id", "GET"))
+        polls_before = len(fake_alpaca.requests_to("/v2/orders:by_client_order_id", "GET"))
 
         fake_alpaca.fill(cid, "100.05")
         waited = wait_for(lambda: execution(conn, cid)["status"] == "FILLED")
@@ -83,20 +83,6 @@ def test_alpaca_stream_fill_reaches_the_lifecycle_within_a_second_without_a_poll
     rec = recommendation(conn, rid)
     assert (rec["status"], rec["outcome_code"]) == ("EXECUTED", "ORDER_FILLED")
     assert len(fake_alpaca.requests_to("/v2/orders:by_client_order_id", "GET")) == polls_before  # no poll needed
-
-
-class AcceptedFirst:
-    """Answers a submit with "accepted", as Alpaca does; the fill reaches us only as an event."""
-
-    def __init__(self, inner: SimBroker):
-        self.inner, self.paper = inner, True
-
-    def submit_order(self, order):
-        result = self.inner.submit_order(order)
-        return replace(result, status="accepted", filled_qty=Decimal(0), filled_avg_price=None, filled_at=None)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def test_sim_broker_events_fill_the_order_and_the_later_accepted_answer_changes_nothing(pool, conn):

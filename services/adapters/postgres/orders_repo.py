@@ -31,7 +31,6 @@ from services.domain.lifecycle import (
     OrderState,
     PositionAction,
     PositionStatus,
-    RecommendationStatus,
     Transition,
     transition,
 )
