@@ -29,8 +29,11 @@ ChainSource = Callable[[str, Decimal, datetime, Window], list[Any]]
 
 
 class OptionData:
-    def __init__(self, chain_source: ChainSource, cache_seconds: float = 5.0):
+    def __init__(self, chain_source: ChainSource, cache_seconds: float = 5.0, *, remote: bool = True):
+        """`remote=False` for a chain computed in this process (the simulated market): it is
+        fetched where it is needed, inside the claim, as it holds nothing but CPU."""
         self.chain_source = chain_source
+        self.remote = remote
         self.cache = timedelta(seconds=cache_seconds)
         self._cached: dict[tuple[str, Window], tuple[datetime, list[Any]]] = {}
 
@@ -56,7 +59,11 @@ class OptionData:
         """The inputs from the cached chain; None when the chain must be fetched first."""
         if spot is None:
             return OptionInputs(None, error="no underlying price to choose a strike against")
-        chain = self.cached(ticker, self.window(strategy, now, params), now)
+        window = self.window(strategy, now, params)
+        chain = self.cached(ticker, window, now)
+        if chain is None and not self.remote:
+            self.fetch(ticker, strategy, spot, now, params)
+            chain = self.cached(ticker, window, now)
         if chain is None:
             return None
         iv = current_iv_percentile(conn, ticker, chain, spot, now, params.options.iv_min_history_sessions)

@@ -303,7 +303,9 @@ class Dispatcher:
         if asset is MISSING_ASSET:
             if ticker in self._asset_errors:  # the fetch just made failed: that is the answer, once
                 return self._asset_errors.pop(ticker)
-            raise _FetchFirst(f"asset {ticker}", lambda: self._fetch_asset(ticker, now))
+            if getattr(self.broker, "remote", True):
+                raise _FetchFirst(f"asset {ticker}", lambda: self._fetch_asset(ticker, now))
+            return self.assets.lookup(ticker, now)  # a local broker: no network held under the lock
         return asset
 
     def _fetch_asset(self, ticker: str, now: datetime) -> None:
@@ -888,7 +890,7 @@ def build_market(broker: Broker):
     if isinstance(broker, SimBroker):
         from services.adapters.sim.market import SimOptionMarket
 
-        return OptionData(SimOptionMarket(broker.pool).chain), broker.quote
+        return OptionData(SimOptionMarket(broker.pool).chain, remote=False), broker.quote
     from services.adapters.alpaca.client import AlpacaMarketData
 
     market = AlpacaMarketData(broker.settings, trading_client=broker.trading_client)

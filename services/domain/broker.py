@@ -198,6 +198,9 @@ class Broker(Protocol):
     """What the dispatcher needs from a broker."""
 
     paper: bool
+    # True when its calls leave the process (a network, retries, rate-limit waits): never made
+    # while a transaction holds a recommendation's row lock. The simulated broker is local.
+    remote: bool
 
     def submit_order(self, order: OrderRequest) -> OrderResult:
         """Place the order (an adapter may resend it, always under its client_order_id).

@@ -476,6 +476,8 @@ class AlpacaBroker:
     OrderStateUnknown for recovery to resolve.
     """
 
+    remote = True
+
     def __init__(
         self,
         settings: AlpacaSettings,

@@ -105,6 +105,7 @@ class SimBroker:
     """A paper broker over Postgres. Every method is one short transaction."""
 
     paper = True
+    remote = False  # its answers are queries of this database, not requests over a network
 
     def __init__(
         self,
