@@ -81,6 +81,11 @@ def _parse_ts(value: str) -> datetime:
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
 
+def _is_data_path(path: str) -> bool:
+    """Market data (data.alpaca.markets at Alpaca), served here beside the trading API."""
+    return path.startswith(("/v1beta1/", "/v2/stocks/"))
+
+
 def _is_occ(symbol: str) -> bool:
     return len(symbol) >= 16 and symbol[-9] in "CP" and symbol[-8:].isdigit() and symbol[-15:-9].isdigit()
 
@@ -209,6 +214,9 @@ class FakeAlpaca:
     contracts_page_size: int = 100
     default_order_status: str = "accepted"
     rate_limit_per_minute: int | None = None
+    # Positions as the fills of the book make them (net filled qty per symbol), instead of the
+    # fixed list add_position builds: the broker's side of a reconciliation test.
+    positions_from_fills: bool = False
 
     def __post_init__(self) -> None:
         self._lock = threading.RLock()
@@ -657,6 +665,35 @@ class FakeAlpaca:
             }
         )
 
+    def _positions(self) -> list[dict]:
+        if not self.positions_from_fills:
+            return list(self.positions)
+        net: dict[str, Decimal] = {}
+        cost: dict[str, Decimal] = {}
+        bought: dict[str, Decimal] = {}
+        last: dict[str, str] = {}
+        with self._lock:
+            for o in self.orders.values():
+                filled = Decimal(o["filled_qty"] or "0")
+                if filled == 0:
+                    continue
+                symbol = o["symbol"]
+                sign = 1 if o["side"] == "buy" else -1
+                net[symbol] = net.get(symbol, Decimal(0)) + sign * filled
+                last[symbol] = o["filled_avg_price"]
+                if sign > 0:
+                    bought[symbol] = bought.get(symbol, Decimal(0)) + filled
+                    cost[symbol] = cost.get(symbol, Decimal(0)) + filled * Decimal(o["filled_avg_price"])
+        saved, self.positions = self.positions, []
+        try:
+            for symbol, qty in net.items():
+                if qty != 0:
+                    avg = cost.get(symbol, Decimal(0)) / bought[symbol] if bought.get(symbol) else Decimal(last[symbol])
+                    self.add_position(symbol, str(qty.normalize()), str(avg.normalize()), str(last[symbol]))
+            return self.positions
+        finally:
+            self.positions = saved
+
     def set_quote(self, symbol: str, bid: float | str, ask: float | str) -> None:
         """The quote a limit order on `symbol` is marketable against (options: add_option's bid/ask)."""
         with self._lock:
@@ -724,7 +761,7 @@ class FakeAlpaca:
             if fault is not None:
                 fault.times -= 1
             record = RecordedRequest(method, path, query, payload, fault.label if fault else None, at=now, key=key)
-            limited = self._over_rate_limit(key, now)
+            limited = self._over_rate_limit(key, now, path)
             self.requests.append(record)
         try:
             status, answer, extra = self._answer(method, path, query, payload, headers, fault, limited)
@@ -734,13 +771,19 @@ class FakeAlpaca:
         record.status = status
         return status, answer, extra
 
-    def _over_rate_limit(self, key: str | None, now: datetime) -> int | None:
-        """Seconds until a slot frees when `key` already made the limit's worth in the last 60 s."""
+    def _over_rate_limit(self, key: str | None, now: datetime, path: str = "") -> int | None:
+        """Seconds until a slot frees when `key` already made the limit's worth in the last 60 s.
+
+        The trading API and the market data API have a limit each, as at Alpaca: a chain
+        snapshot does not spend the account's trading requests.
+        """
         if self.rate_limit_per_minute is None:
             return None
+        data = _is_data_path(path)
         window = [
             r.at for r in self.requests
             if r.key == key and r.at is not None and r.status != 429 and now - r.at < timedelta(seconds=60)
+            and _is_data_path(r.path) == data
         ]
         if len(window) < self.rate_limit_per_minute:
             return None
@@ -784,7 +827,7 @@ class FakeAlpaca:
                 if path == "/v2/calendar":
                     return 200, self._calendar(q)
                 if path == "/v2/positions":
-                    return 200, list(self.positions)
+                    return 200, self._positions()
                 if path == "/v2/orders":
                     return 200, self._list_orders(q)
                 if path == "/v2/orders:by_client_order_id":
@@ -1055,6 +1098,8 @@ class FakeAlpaca:
                 return 200, [asdict(r) for r in self.requests]
         if method == "POST" and path == "/_fake/streams/drop":
             return 200, {"dropped": self.drop_streams()}
+        if method == "GET" and path == "/_fake/positions":
+            return 200, self._positions()
         if method == "GET" and path == "/_fake/orders":
             with self._lock:
                 return 200, list(self.orders.values())
@@ -1121,8 +1166,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", type=Path, default=None, help="JSON file that keeps the order book")
     parser.add_argument("--fill-price", action="append", default=[], metavar="SYMBOL=PRICE",
                         help="fill market orders for SYMBOL at PRICE at once")
+    parser.add_argument("--setup", type=Path, default=None,
+                        help="JSON: rate_limit_per_minute, positions_from_fills, offset_seconds (the server's "
+                             "clock is real time shifted by it), assets [symbol], options [add_option kwargs "
+                             "with symbol], fill_prices {symbol: price}, account {field: value}")
     args = parser.parse_args(argv)
-    fake = FakeAlpaca(state_file=args.state, port=args.port)
+    setup = json.loads(args.setup.read_text()) if args.setup else {}
+    offset = timedelta(seconds=float(setup.get("offset_seconds", 0)))
+    fake = FakeAlpaca(state_file=args.state, port=args.port, now=lambda: datetime.now(UTC) + offset,
+                      rate_limit_per_minute=setup.get("rate_limit_per_minute"),
+                      positions_from_fills=bool(setup.get("positions_from_fills", False)))
+    for symbol in setup.get("assets", []):
+        fake.add_asset(symbol)
+    for option in setup.get("options", []):
+        fake.add_option(**option)
+    fake.account.update(setup.get("account", {}))
+    fake.fill_prices.update({k: Decimal(str(v)) for k, v in setup.get("fill_prices", {}).items()})
     for item in args.fill_price:
         symbol, price = item.split("=", 1)
         fake.fill_prices[symbol] = Decimal(price)
