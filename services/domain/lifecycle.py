@@ -188,10 +188,18 @@ class Transition:
 
 @dataclass(frozen=True)
 class Illegal:
-    """The event cannot apply to the order as recorded; it is logged and nothing is written."""
+    """The event cannot apply to the order as recorded; it is logged and nothing is written.
+
+    STALE_REPORT and FILL_WENT_BACK are older news (expected when a stream and a poll race);
+    the other codes contradict what is recorded and deserve a look.
+    """
 
     code: str
     reason: str
+
+    @property
+    def stale(self) -> bool:
+        return self.code in ("STALE_REPORT", "FILL_WENT_BACK")
 
 
 # Legal moves of an execution row. A terminal state has none: a later report that differs from
@@ -233,8 +241,12 @@ def transition(order: OrderState, event: Event) -> Transition | Illegal:
     if new is order.status and filled == order.filled_qty:
         return Transition(new, filled, PositionAction.NONE, _recommendation(new, filled)[0],
                           _recommendation(new, filled)[1], changed=False)
-    if order.status in (ExecutionStatus.FAILED, ExecutionStatus.REJECTED, ExecutionStatus.CANCELED,
-                        ExecutionStatus.FILLED) or new not in ALLOWED[order.status]:
+    if new in WORKING_EXECUTION and filled <= order.filled_qty and order.status is not ExecutionStatus.SUBMITTING \
+            and (order.status in TERMINAL_EXECUTION or filled < order.filled_qty):
+        # An older picture of the order than the one recorded: the stream's "new" arriving after
+        # the fill it preceded, a poll answered before a fill. Expected, and nothing to apply.
+        return Illegal("STALE_REPORT", f"{order.status} filled={order.filled_qty} is newer than {_describe(event)}")
+    if order.status in TERMINAL_EXECUTION or new not in ALLOWED[order.status]:
         return Illegal("ILLEGAL_TRANSITION", f"{order.status} -> {new} ({_describe(event)})")
     if filled < order.filled_qty:
         return Illegal("FILL_WENT_BACK", f"filled_qty {order.filled_qty} -> {filled} ({_describe(event)})")

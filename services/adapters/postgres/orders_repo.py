@@ -278,7 +278,7 @@ def apply_event(conn: psycopg.Connection, account_id: str, client_order_id: str,
                        CancelReason(row["cancel_reason"]) if row["cancel_reason"] else None)
     result = transition(order, event)
     if isinstance(result, Illegal):
-        log.warning("order event refused", extra={
+        log.log(logging.INFO if result.stale else logging.WARNING, "order event refused", extra={
             "client_order_id": client_order_id, "recommendation_id": row["recommendation_id"],
             "code": result.code, "reason": result.reason, "account_id": account_id})
         return result
