@@ -193,3 +193,26 @@ def test_an_order_that_fills_while_its_cancel_is_on_the_way_is_recorded_as_fille
     assert [(a[0], a[1]) for a in attempts(conn)] == [(0, "FILLED")]
     assert recommendation(conn, rid)["outcome_code"] == "ORDER_FILLED"
     assert position(conn)[0] == "OPEN"
+
+
+def test_option_exit_goes_as_a_sell_to_close_limit_priced_from_the_held_contracts_quote(world, conn):
+    dispatcher, clock = world
+    d = dispatcher()
+    occ = "AAPL261204C00200000"
+    conn.execute(
+        """INSERT INTO active_positions (account_id, ticker, instrument, symbol, side, qty, multiplier, avg_price,
+                                         status, opened_at)
+           VALUES (%s, 'AAPL', 'OPTION', %s, 'long', 2, 100, 1.20, 'OPEN', %s)""", (ACCOUNT, occ, NOW))
+    conn.execute("INSERT INTO sim_option_marks (symbol, ts, bid, ask) VALUES (%s, %s, 1.00, 1.10)",
+                 (occ, NOW - timedelta(seconds=30)))
+    rid = add_recommendation(conn, "AAPL", NOW, action="EXIT", instrument="OPTION")
+
+    d.drain()
+
+    ex = conn.execute("SELECT order_type, limit_price, side, position_intent, qty FROM dispatch_executions").fetchone()
+    # mid 1.05 less half of the 0.05 half-spread, rounded down to the cent for a sell: 1.02.
+    assert (ex["order_type"], ex["limit_price"], ex["side"], ex["position_intent"], ex["qty"]) == (
+        "limit", D("1.02"), "sell", "sell_to_close", 2)
+    order = conn.execute("SELECT order_type, limit_price FROM sim_orders").fetchone()
+    assert (order["order_type"], order["limit_price"]) == ("limit", D("1.02"))
+    assert recommendation(conn, rid)["status"] == "SUBMITTING"  # resting above the bid: re-priced toward it later

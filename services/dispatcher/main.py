@@ -75,6 +75,8 @@ FILL_REFRESH_SECONDS = 1.0
 MAX_FETCHES = 20
 # An order the broker does not show this long after it was sent was not placed.
 IN_FLIGHT_GRACE = timedelta(minutes=2)
+# An option exit is priced from a quote at most this old.
+EXIT_QUOTE_FRESH = timedelta(seconds=5)
 # SIGTERM: the recommendation in hand gets this long; then its order is left SUBMITTING for recovery.
 SHUTDOWN_BUDGET_SECONDS = 15.0
 # In-flight orders, working orders and the broker's order list are compared with ours this often.
@@ -153,6 +155,7 @@ class Dispatcher:
         self._last_orders_reconcile: datetime | None = None
         self._chain_errors: dict[str, str] = {}
         self._asset_errors: dict[str, AssetUnavailable] = {}
+        self._exit_quotes: dict[str, tuple[datetime, Quote | None]] = {}
 
     @property
     def calendar(self) -> SessionCalendar:
@@ -194,7 +197,10 @@ class Dispatcher:
                     option_inputs = self._gather_options(conn, ctx, in_force, now)
                     if option_inputs is None:  # rolls the claim back: nothing recorded
                         raise _FetchFirst(f"option chain {ctx.ticker}", lambda: self._fetch_chain(ctx))
-                decision = decide(ctx, in_force.params, now, self._calendar, option_inputs)
+                exit_quote = None
+                if ctx.action == "EXIT" and (ctx.open_position or {}).get("instrument") == "OPTION":
+                    exit_quote = self._exit_quote(ctx.open_position["symbol"], now)
+                decision = decide(ctx, in_force.params, now, self._calendar, option_inputs, exit_quote=exit_quote)
                 decision = live_trading_check(decision, not self.broker.paper, in_force.params)
                 position_id = None
                 if decision.is_order and decision.plan.opens_position:
@@ -312,6 +318,21 @@ class Dispatcher:
         answer = self.assets.lookup(ticker, now)
         if isinstance(answer, AssetUnavailable):
             self._asset_errors[ticker] = answer
+
+    def _exit_quote(self, symbol: str, now: datetime) -> Quote | None:
+        """The held contract's quote, to price an option exit as a limit; None: it goes at market."""
+        hit = self._exit_quotes.get(symbol)
+        if hit is not None and timedelta(0) <= now - hit[0] < EXIT_QUOTE_FRESH:
+            return hit[1]
+        if getattr(self.broker, "remote", True):
+            raise _FetchFirst(f"quote {symbol}", lambda: self._fetch_exit_quote(symbol, now))
+        self._fetch_exit_quote(symbol, now)
+        return self._exit_quotes[symbol][1]
+
+    def _fetch_exit_quote(self, symbol: str, now: datetime) -> None:
+        # A quote that cannot be had is remembered as None for its freshness window: the exit
+        # then goes at market, with the reason in its decision, rather than not at all.
+        self._exit_quotes[symbol] = (now, self._quote(symbol, "OPTION", now))
 
     def _fetch_chain(self, ctx: Context) -> None:
         try:
