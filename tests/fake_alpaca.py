@@ -1135,7 +1135,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.close_connection = True
             return
-        data = b"" if status == 204 else json.dumps(payload).encode()
+        data = b"" if status == 204 else json.dumps(payload, default=str).encode()
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")

@@ -140,8 +140,10 @@ def test_exit_of_a_held_position_in_a_halted_stock_still_goes_out(pool, conn, fa
     plant(conn, ["HALT"])
     assert [o.code for o in d.drain()] == ["ORDER_FILLED"]
 
-    # Halted after the entry; a new process (a fresh cache) sees the record as it is now.
+    # Halted after the entry; a new process (a fresh cache, and no record shared for the day)
+    # sees the record as it is now.
     fake_alpaca.add_asset("HALT", status="inactive", tradable=False)
+    conn.execute("DELETE FROM asset_records")
     clock.set(NOW + timedelta(minutes=1))
     exit_id = add_recommendation(conn, "HALT", NOW + timedelta(minutes=1), action="EXIT")
     [exited] = alpaca_dispatcher(pool, fake_alpaca, clock).drain()
@@ -192,3 +194,21 @@ def test_simulated_broker_without_a_universe_lists_what_it_has_bars_for(pool, co
     assert (listed.symbol, listed.status, listed.tradable, listed.asset_class) == (GOOD, "active", True, "us_equity")
     assert broker.get_asset("NOBARS") is None
     assert SimBroker(pool, ACCOUNT, clock, universe=["OTHER"]).get_asset(GOOD) is None
+
+
+def test_a_second_dispatcher_reads_the_asset_record_the_first_one_fetched_today(pool, conn, fake_alpaca):
+    fake_alpaca.add_asset(GOOD)
+    clock = FixedClock(NOW)
+    first = alpaca_dispatcher(pool, fake_alpaca, clock)
+    second = alpaca_dispatcher(pool, fake_alpaca, clock)
+    first.refresh_account(force=True)
+    plant(conn, [GOOD, "NULL"])
+    first.drain()
+    add_recommendation(conn, GOOD, NOW)
+    add_recommendation(conn, "NULL", NOW)
+
+    outcomes = second.drain()
+
+    assert len(fake_alpaca.requests_to(f"/v2/assets/{GOOD}", "GET")) == 1  # one request for both tasks
+    assert len(fake_alpaca.requests_to("/v2/assets/NULL", "GET")) == 1  # "no such asset" is shared too
+    assert [o.code for o in outcomes if o.code == "NO_ASSET"] == ["NO_ASSET"]

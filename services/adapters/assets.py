@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import date, datetime
+from typing import Any
 
 from services.common.clock import Clock
 from services.common.market_calendar import et_date
@@ -29,8 +30,10 @@ MISSING = object()  # not in the cache: ask the broker (outside any transaction)
 class AssetCache:
     """`lookup(symbol)` -> AssetRecord, None (no such asset) or AssetUnavailable (could not be had)."""
 
-    def __init__(self, get_asset: Callable[[str], AssetRecord | None], clock: Clock):
+    def __init__(self, get_asset: Callable[[str], AssetRecord | None], clock: Clock, store: Any = None):
+        """`store` (an AssetRecordStore) shares the answers with the other processes of the day."""
         self._get_asset = get_asset
+        self._store = store
         self._clock = clock
         self._day: date | None = None
         self._records: dict[str, AssetRecord | None] = {}
@@ -54,6 +57,11 @@ class AssetCache:
             self._day, self._records = day, {}
         if symbol in self._records:
             return self._records[symbol]
+        if self._store is not None:
+            shared = self._store.get(symbol, day)
+            if shared is not self._store.MISSING_ROW:
+                self._records[symbol] = shared
+                return shared
         self.requests += 1
         try:
             record = self._get_asset(symbol)
@@ -61,4 +69,6 @@ class AssetCache:
             log.warning("asset lookup failed", extra={"symbol": symbol, "error": str(e)})
             return AssetUnavailable(f"asset lookup failed: {type(e).__name__}: {e}")
         self._records[symbol] = record
+        if self._store is not None:
+            self._store.put(symbol, day, record, now or self._clock.now())
         return record

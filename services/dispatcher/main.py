@@ -37,6 +37,7 @@ from services.common.params import ParamsInForce
 from services.adapters.postgres import kill_switch, orders_repo, queries, request_budget
 from services.adapters.assets import MISSING as MISSING_ASSET
 from services.adapters.assets import AssetCache
+from services.adapters.postgres.asset_records import AssetRecordStore
 from services.domain.broker import (
     Broker,
     TradeUpdate,
@@ -149,7 +150,10 @@ class Dispatcher:
         self.worker_id = worker_id or new_worker_id()
         self.option_data = option_data
         self.quotes = quotes if quotes is not None else getattr(broker, "quote", None)
-        self.assets = assets or AssetCache(lambda symbol: self.broker.get_asset(symbol), self.clock)
+        # A remote broker's answers are shared through Postgres: one request per symbol per
+        # session for every dispatcher task, not one per task.
+        store = AssetRecordStore(pool) if getattr(broker, "remote", True) else None
+        self.assets = assets or AssetCache(lambda symbol: self.broker.get_asset(symbol), self.clock, store)
         self._last_refresh: datetime | None = None
         self._last_reconcile: datetime | None = None
         self._last_orders_reconcile: datetime | None = None
