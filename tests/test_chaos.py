@@ -36,14 +36,13 @@ from tests.fake_alpaca import FAKE_KEY, FAKE_SECRET
 
 REPO = Path(__file__).resolve().parents[1]
 SIM_START = et("2026-11-30", "11:00")
-# The size is set by the account's 200 trading requests a minute, not by the machine: each
-# dispatcher process asks the broker for the asset record of every ticker it meets (AssetCache
-# is per process), so 7 processes x 20 tickers would spend 140 requests on asset records alone,
-# ~45 s of the budget before any order. 6 tickers x 6 waves keeps the run near 40 s.
-TICKERS = [f"T{chr(ord('A') + i)}" for i in range(6)]
-OPTION_TICKERS = set(TICKERS[:3])
+# The size: 200 recommendations over 20 tickers. The run takes about 70 s, set by the
+# account's 200 trading requests a minute (asset records are shared through Postgres, so each
+# ticker costs one lookup for all seven processes), not by the machine.
+TICKERS = [f"T{chr(ord('A') + i)}" for i in range(20)]
+OPTION_TICKERS = set(TICKERS[:6])
 EXPIRATION = "261204"  # Friday of the same week: inside the day-trade DTE window
-WAVES = 6  # 6 x 6 recommendations: entries on even waves, exits on odd ones
+WAVES = 10  # 10 x 20 recommendations: entries on even waves, exits on odd ones
 WORKERS = 4
 MAX_POSITIONS = 5
 SEED = 20261130
@@ -385,4 +384,4 @@ def test_chaos_four_dispatchers_with_faults_kills_and_restarts_then_broker_and_d
     assert [h for h in history if h["to_state"] != "ACTIVE"] == []
     by_status = Counter(r["status"] for r in recs)
     print(json.dumps({"statuses": by_status, "codes": Counter(r["outcome_code"] for r in recs)}))
-    assert elapsed < 60, summary
+    assert elapsed < 150, summary  # a ceiling against a hang, not a performance figure
