@@ -315,8 +315,9 @@ def test_chaos_four_dispatchers_with_faults_kills_and_restarts_then_broker_and_d
             with connect(db_url) as c:
                 ids = insert_wave(c, wave, sim_now())
                 all_ids += ids
-                # Conditions, not timing: the next fault meets this wave decided (or in flight).
-                assert wait_until(lambda: pending(c, ids) == 0, timeout=25), (
+                # Conditions, not timing: the next fault meets this wave decided (or in flight). The
+                # bound only catches a hang: a loaded machine and the 200-a-minute budget set the pace.
+                assert wait_until(lambda: pending(c, ids) == 0, timeout=90), (
                     f"wave {wave} still pending", events, workers.exited_on_their_own())
             assert not workers.exited_on_their_own(), {w: workers.log_tail(w) for w in workers.exited_on_their_own()}
 
@@ -334,7 +335,7 @@ def test_chaos_four_dispatchers_with_faults_kills_and_restarts_then_broker_and_d
                 problems = compare_book(c, fake) + ([f"{open_recs} recommendations not terminal"] if open_recs else [])
             return not problems
 
-        wait_until(settled, timeout=30, step=0.5)
+        wait_until(settled, timeout=60, step=0.5)
         assert not workers.exited_on_their_own(), {w: workers.log_tail(w) for w in workers.exited_on_their_own()}
         sampler.stop.set()
         sampler.join(timeout=5)
@@ -384,4 +385,4 @@ def test_chaos_four_dispatchers_with_faults_kills_and_restarts_then_broker_and_d
     assert [h for h in history if h["to_state"] != "ACTIVE"] == []
     by_status = Counter(r["status"] for r in recs)
     print(json.dumps({"statuses": by_status, "codes": Counter(r["outcome_code"] for r in recs)}))
-    assert elapsed < 150, summary  # a ceiling against a hang, not a performance figure
+    assert elapsed < 400, summary  # a ceiling against a hang, not a performance figure

@@ -37,7 +37,8 @@ from services.domain.broker import (
     client_order_id,
 )
 from services.domain.decision import OptionInputs
-from services.dispatcher.main import IN_FLIGHT_GRACE, Dispatcher, StaticParams
+from services.dispatcher.main import Dispatcher, StaticParams
+from services.dispatcher.reconciliation import IN_FLIGHT_GRACE
 from services.adapters.sim.broker import SimBroker
 from tests.factories import (
     ACCOUNT,

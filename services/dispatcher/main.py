@@ -34,18 +34,23 @@ from psycopg_pool import ConnectionPool
 from services.common.clock import Clock, SystemClock
 from services.common.market_calendar import CalendarUnavailable, SessionCalendar, et_date, et_day_bounds, nyse_calendar
 from services.common.params import ParamsInForce
-from services.adapters.postgres import kill_switch, orders_repo, queries, request_budget
 from services.adapters.assets import MISSING as MISSING_ASSET
 from services.adapters.assets import AssetCache
+from services.adapters.postgres import kill_switch, orders_repo, queries
 from services.adapters.postgres.asset_records import AssetRecordStore
+from services.adapters.postgres.orders_repo import jsonb
+from services.dispatcher.execution import OrderDesk
+from services.dispatcher.reconciliation import RECONCILE_EVERY, Reconciler
+from services.dispatcher.risk.gates import AssetUnavailable
+from services.dispatcher.wiring import build_broker, build_market, log_startup, params_provider, start_trade_updates
 from services.domain.broker import (
     Broker,
-    TradeUpdate,
     BrokerError,
     BrokerRejected,
     BrokerUnavailable,
     OrderRequest,
     OrderResult,
+    TradeUpdate,
     client_order_id,
     submit_exactly_once,
 )
@@ -59,11 +64,8 @@ from services.domain.decision import (
     live_trading_check,
     recheck_capacity,
 )
-from services.domain.lifecycle import LIVE_POSITION, CancelReason, TERMINAL_RECOMMENDATION, Event, EventKind, Illegal
-from services.domain.order_pricing import Quote, Replace, Wait, next_attempt, option_tick, stock_tick
-from services.adapters.postgres.orders_repo import BrokerFacts, jsonb
-from services.dispatcher.risk.gates import AssetUnavailable, check_daily_loss_limit
-from services.adapters.sim.broker import SimBroker
+from services.domain.lifecycle import TERMINAL_RECOMMENDATION
+from services.domain.order_pricing import Quote
 
 log = logging.getLogger("dispatcher")
 
@@ -74,16 +76,10 @@ FILL_REFRESH_SECONDS = 1.0
 # A decision whose network inputs (asset record, option chain) are not cached lets its claim go,
 # fetches them and claims again (maybe another row, when other dispatchers took that one).
 MAX_FETCHES = 20
-# An order the broker does not show this long after it was sent was not placed.
-IN_FLIGHT_GRACE = timedelta(minutes=2)
 # An option exit is priced from a quote at most this old.
 EXIT_QUOTE_FRESH = timedelta(seconds=5)
 # SIGTERM: the recommendation in hand gets this long; then its order is left SUBMITTING for recovery.
 SHUTDOWN_BUDGET_SECONDS = 15.0
-# In-flight orders, working orders and the broker's order list are compared with ours this often.
-RECONCILE_EVERY = timedelta(seconds=30)
-# Clocks of two dispatchers differ a little: activity this close before a snapshot counts as after it.
-SNAPSHOT_SKEW = timedelta(seconds=2)
 
 
 def new_worker_id() -> str:
@@ -149,14 +145,16 @@ class Dispatcher:
         self._calendar = calendar
         self.worker_id = worker_id or new_worker_id()
         self.option_data = option_data
-        self.quotes = quotes if quotes is not None else getattr(broker, "quote", None)
         # A remote broker's answers are shared through Postgres: one request per symbol per
         # session for every dispatcher task, not one per task.
         store = AssetRecordStore(pool) if getattr(broker, "remote", True) else None
         self.assets = assets or AssetCache(lambda symbol: self.broker.get_asset(symbol), self.clock, store)
-        self._last_refresh: datetime | None = None
+        # The two components beside the loop: the orders after the decision, and the broker's picture.
+        self.orders = OrderDesk(pool, broker, params, account_id, self.clock,
+                                quotes if quotes is not None else getattr(broker, "quote", None))
+        self.reconciler = Reconciler(pool, broker, params, account_id, self.clock, self.worker_id, self.orders,
+                                     self._session_day)
         self._last_reconcile: datetime | None = None
-        self._last_orders_reconcile: datetime | None = None
         self._chain_errors: dict[str, str] = {}
         self._asset_errors: dict[str, AssetUnavailable] = {}
         self._exit_quotes: dict[str, tuple[datetime, Quote | None]] = {}
@@ -164,6 +162,30 @@ class Dispatcher:
     @property
     def calendar(self) -> SessionCalendar:
         return self._calendar or nyse_calendar()
+
+    # The components' entry points, for the loop, the process wiring and the operator's tools.
+
+    def record_broker_answer(self, cid: str, result: OrderResult | None, **outcome: str) -> str:
+        return self.orders.record_broker_answer(cid, result, **outcome)
+
+    def on_trade_update(self, update: TradeUpdate) -> None:
+        self.orders.on_trade_update(update)
+
+    def reprice_working(self) -> int:
+        return self.orders.reprice_working()
+
+    def refresh_account(self, force: bool = False, min_interval: float | None = None) -> None:
+        self.reconciler.refresh_account(force, min_interval)
+
+    def recover_in_flight(self) -> int:
+        return self.reconciler.recover_in_flight()
+
+    def reconcile_broker_orders(self, lookback: timedelta = timedelta(days=1)) -> int:
+        return self.reconciler.reconcile_broker_orders(lookback)
+
+    def request_reconcile(self) -> None:
+        """Ask the loop to poll the broker at its next pass (the stream was away: updates may be lost)."""
+        self._last_reconcile = None
 
     # --- one recommendation ---------------------------------------------------------------
 
@@ -242,7 +264,7 @@ class Dispatcher:
             with self.pool.connection() as conn:
                 failed = orders_repo.fail_pending(conn, self.account_id, rec_id, "DECISION_ERROR", detail, now,
                                                   self.worker_id)
-            if not failed:  # another worker holds it now: its to finish
+            if not failed:  # another worker holds it now: it is that worker's to finish
                 return Outcome(rec_id, "PENDING", "DECISION_ERROR_NOT_RECORDED", str(e))
             return Outcome(rec_id, "FAILED", "DECISION_ERROR", str(e))
 
@@ -336,7 +358,7 @@ class Dispatcher:
     def _fetch_exit_quote(self, symbol: str, now: datetime) -> None:
         # A quote that cannot be had is remembered as None for its freshness window: the exit
         # then goes at market, with the reason in its decision, rather than not at all.
-        self._exit_quotes[symbol] = (now, self._quote(symbol, "OPTION", now))
+        self._exit_quotes[symbol] = (now, self.orders.quote(symbol, "OPTION", now))
 
     def _fetch_chain(self, ctx: Context) -> None:
         try:
@@ -438,207 +460,6 @@ class Dispatcher:
         self._log_decision(ctx, status, code, detail)
         return Outcome(rec_id, status, code, detail, ctx.ticker, ctx.action)
 
-    def record_broker_answer(self, cid: str, result: OrderResult | None, *, rejected: str | None = None,
-                             failed: str | None = None) -> str:
-        """Apply the broker's answer (or its refusal, or a lookup that found nothing) to the order.
-
-        The same path serves the answer to a submit, the trade-updates stream, a later poll and
-        recovery, so a fill that arrives late closes an exit just as an immediate one does.
-        Returns the recommendation's status after it.
-        """
-        if result is not None:
-            event = Event.report(result.status, result.filled_qty, result.reject_reason)
-            facts = BrokerFacts(result.broker_order_id, result.filled_avg_price, result.filled_at, result.reject_reason)
-        elif rejected is not None:
-            event, facts = Event(EventKind.BROKER_REFUSED, message=rejected), BrokerFacts(message=rejected)
-        else:
-            event, facts = Event(EventKind.NOT_FOUND, message=failed), BrokerFacts(message=failed)
-        now = self.clock.now()
-        with self.pool.connection() as conn, conn.transaction():
-            applied = orders_repo.apply_event(conn, self.account_id, cid, event, facts, now)
-        if isinstance(applied, Illegal):
-            with self.pool.connection() as conn:
-                row = conn.execute(queries.RECOMMENDATION_STATUS_BY_ORDER,
-                                   {"account_id": self.account_id, "client_order_id": cid}).fetchone()
-            return row["status"] if row else "UNKNOWN"
-        return applied.transition.recommendation.value
-
-    def on_trade_update(self, update: TradeUpdate) -> None:
-        """A pushed trade update (Alpaca's stream, the simulated broker), applied through the same
-        path as a submit's answer or a poll; polling still catches what a gap in the stream missed."""
-        try:
-            self.record_broker_answer(update.client_order_id, update.order)
-        except LookupError:
-            # Not one of ours: the broker-orders reconciliation judges it.
-            log.warning("trade update for an order this database does not know",
-                        extra={"client_order_id": update.client_order_id, "event": update.event})
-        except Exception:
-            log.exception("trade update not applied", extra={"client_order_id": update.client_order_id,
-                                                             "event": update.event})
-
-    def request_reconcile(self) -> None:
-        """Ask the loop to poll the broker at its next pass (the stream was away: updates may be lost)."""
-        self._last_reconcile = None
-
-    # --- account state, recovery ----------------------------------------------------------
-
-    def refresh_account(self, force: bool = False, min_interval: float | None = None) -> None:
-        """Account snapshot and position marks from the broker, on a schedule and after fills.
-
-        The trading API allows 200 requests a minute: this is the only place that asks for
-        account and positions, never once per recommendation. A daily loss past the limit trips
-        the kill switch here too, so it trips even when no recommendation arrives.
-        """
-        now = self.clock.now()
-        in_force = self.params.current()
-        every = timedelta(seconds=min_interval if min_interval is not None
-                          else in_force.params.execution.account_refresh_seconds)
-        if not force and self._last_refresh is not None and now - self._last_refresh < every:
-            return
-        try:
-            snapshot = self.broker.get_account()
-            positions = self.broker.get_positions()
-        except BrokerError as e:
-            log.warning("account refresh failed", extra={"account_id": self.account_id, "error": str(e)})
-            return  # the stale account state will deny entries once it is too old
-        self._last_refresh = now
-        with self.pool.connection() as conn, conn.transaction():
-            conn.execute(queries.UPSERT_ACCOUNT_STATE, {
-                "account_id": self.account_id, "equity": snapshot.equity, "last_equity": snapshot.last_equity,
-                "cash": snapshot.cash, "buying_power": snapshot.buying_power, "as_of": snapshot.as_of,
-                "source": "paper" if self.broker.paper else "live",
-            })
-            orders_repo.mark_positions(conn, self.account_id,
-                                       {p.symbol: p.current_price for p in positions if p.current_price is not None})
-            self._reconcile_positions(conn, positions, now)
-            result = check_daily_loss_limit({"equity": snapshot.equity, "last_equity": snapshot.last_equity},
-                                            in_force.params)
-            if result.code == "DAILY_LOSS_LIMIT":
-                self._trip(conn, result.reason, now)
-        if force or self._last_orders_reconcile is None or now - self._last_orders_reconcile >= RECONCILE_EVERY:
-            self._last_orders_reconcile = now
-            self.reconcile_broker_orders()
-
-    def _reconcile_positions(self, conn, broker_positions, snapshot_at: datetime) -> None:
-        """Compare our live positions with the broker's snapshot, taken at `snapshot_at`.
-
-        One we hold OPEN that the broker no longer has (an option expired, was exercised or
-        assigned; someone closed it by hand) is closed here, after a grace period that covers a
-        fill not yet visible. One the broker has that we do not know is exposure the gates
-        cannot see: new entries stop until an operator has looked.
-
-        A snapshot is only as new as the moment it was asked for: a symbol with local activity
-        since then (another dispatcher recorded an exit fill, an entry opened) is judged at the
-        next refresh, not on a picture that predates it.
-        """
-        now = self.clock.now()
-        since = snapshot_at - SNAPSHOT_SKEW
-        held = {p.symbol for p in broker_positions if p.qty != 0}
-        rows = conn.execute(queries.RECONCILE_POSITIONS, {"account_id": self.account_id, "since": since}).fetchall()
-        ours = [p for p in rows if p["status"] in LIVE_POSITION]
-        active_since = {p["symbol"] for p in rows if p["updated_at"] >= since}
-        vanished = [p for p in ours if p["status"] == "OPEN" and p["symbol"] not in held
-                    and p["symbol"] not in active_since and now - p["opened_at"] > IN_FLIGHT_GRACE]
-        if vanished:
-            closed = orders_repo.close_vanished(conn, self.account_id, [p["id"] for p in vanished], now)
-            log.warning("positions gone at the broker closed", extra={
-                "account_id": self.account_id, "symbols": [p["symbol"] for p in closed]})
-        unknown = sorted(held - {p["symbol"] for p in ours} - active_since)
-        if unknown:
-            log.error("unknown broker positions", extra={"account_id": self.account_id, "symbols": unknown})
-            kill_switch.restrict(conn, self.account_id,
-                                 f"UNKNOWN_BROKER_POSITION: the broker holds {', '.join(unknown)}, which this database does not",
-                                 "reconciliation", now, self._session_day(now))
-
-    def recover_in_flight(self) -> int:
-        """Resolve SUBMITTING recommendations whose dispatcher is gone, and poll working orders.
-
-        Found: recorded as the broker has it. Not found: nothing was placed, recorded FAILED
-        once the grace period has passed. The broker unreachable: left for the next pass. Never
-        resubmitted. One order's error is logged against it and the others go on.
-        """
-        with self.pool.connection() as conn:
-            rows = self._mine_to_ask(conn, conn.execute(
-                queries.IN_FLIGHT, {"account_id": self.account_id, "worker": self.worker_id}).fetchall())
-        resolved = 0
-        for row in rows:
-            try:
-                resolved += self._resolve_in_flight(row)
-            except (psycopg.OperationalError, psycopg.InterfaceError):
-                raise
-            except Exception:
-                log.exception("in-flight order not resolved", extra={
-                    "recommendation_id": row["recommendation_id"], "client_order_id": row["client_order_id"]})
-        with self.pool.connection() as conn:
-            unfilled = self._mine_to_ask(conn, conn.execute(queries.UNFILLED, {"account_id": self.account_id}).fetchall())
-        for row in unfilled:
-            try:
-                found = self.broker.get_order_by_client_id(row["client_order_id"])
-                if found is not None:
-                    self.record_broker_answer(row["client_order_id"], found)
-            except BrokerError:
-                continue
-            except (psycopg.OperationalError, psycopg.InterfaceError):
-                raise
-            except Exception:
-                log.exception("working order not polled", extra={"client_order_id": row["client_order_id"]})
-        return resolved
-
-    def _mine_to_ask(self, conn, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The orders this process asks the broker about now: one process per order per interval,
-        so several dispatchers do not spend the account's request budget on the same lookup."""
-        mine = request_budget.claim_lookups(conn, self.account_id, [r["client_order_id"] for r in rows],
-                                            self.clock.now())
-        return [r for r in rows if r["client_order_id"] in mine]
-
-    def _resolve_in_flight(self, row: dict[str, Any]) -> int:
-        try:
-            found = self.broker.get_order_by_client_id(row["client_order_id"])
-        except BrokerError as e:
-            log.warning("reconcile lookup failed", extra={"client_order_id": row["client_order_id"], "error": str(e)})
-            return 0
-        if found is None:
-            if self.clock.now() - row["submitted_at"] < IN_FLIGHT_GRACE:
-                return 0  # an order sent moments ago may not be visible yet: ask again later
-            self.record_broker_answer(row["client_order_id"], None,
-                                      failed="ORDER_NOT_PLACED: the broker has no such order "
-                                             f"{IN_FLIGHT_GRACE.total_seconds():.0f} s after it was sent")
-        else:
-            self.record_broker_answer(row["client_order_id"], found)
-        log.info("reconciled in-flight order", extra={"recommendation_id": row["recommendation_id"],
-                                                      "client_order_id": row["client_order_id"],
-                                                      "found": found is not None})
-        return 1
-
-    def reconcile_broker_orders(self, lookback: timedelta = timedelta(days=1)) -> int:
-        """Record the broker's recent orders that this database does not know, and stop new entries.
-
-        Our orders are recorded before they are sent, so an unknown order came from elsewhere
-        (a restored database, a manual trade on the account): its exposure is invisible to the
-        gates, so the account goes to REDUCING until an operator has looked and resumes.
-        """
-        now = self.clock.now()
-        try:
-            orders = self.broker.list_orders_since(now - lookback)
-        except BrokerError as e:
-            # Not swallowed: orders_reconciled_at stops moving, and entries stop once it is too old.
-            log.warning("broker order reconciliation failed", extra={"account_id": self.account_id, "error": str(e)})
-            return 0
-        rows = [{"broker_order_id": o.broker_order_id, "client_order_id": o.client_order_id, "symbol": o.symbol,
-                 "side": o.side, "qty": o.qty, "status": o.status, "submitted_at": o.submitted_at} for o in orders]
-        with self.pool.connection() as conn, conn.transaction():
-            conn.execute(queries.ORDERS_RECONCILED, {"account_id": self.account_id, "now": now})
-            unknown = conn.execute(queries.RECORD_UNKNOWN_ORDERS, {
-                "account_id": self.account_id, "now": now, "orders": jsonb(rows)}).fetchall()
-            if unknown:
-                symbols = ", ".join(f"{u['side']} {u['qty']} {u['symbol']}" for u in unknown)
-                kill_switch.restrict(conn, self.account_id,
-                                     f"UNKNOWN_BROKER_ORDER: the broker has {len(unknown)} order(s) this database "
-                                     f"does not: {symbols}", "reconciliation", now, self._session_day(now))
-        for u in unknown:
-            log.error("unknown broker order", extra={"account_id": self.account_id, **u})
-        return len(unknown)
-
     def _log_decision(self, ctx: Context, status: str, code: str, detail: str) -> None:
         level = logging.INFO if status == "EXECUTED" else logging.WARNING
         log.log(level, "decision", extra={
@@ -708,147 +529,7 @@ class Dispatcher:
             self.recover_in_flight()
         self.reprice_working()
 
-    # --- limit orders: cancel, re-price, give up ------------------------------------------
-
-    def reprice_working(self) -> int:
-        """Limit orders unfilled past `reprice_after_seconds`: canceled and sent again at a more
-        aggressive price, up to `max_reprices` attempts, then canceled for good.
-
-        The reason of each cancel is committed before the cancel is sent, and each new attempt's
-        intent before it is sent, so a crash at any step is finished by the next pass (of this
-        process or another): no attempt is lost, none is sent twice. Returns the orders acted on.
-        """
-        now = self.clock.now()
-        execution = self.params.current().params.execution
-        with self.pool.connection() as conn:
-            working = orders_repo.working_limit_orders(conn, self.account_id)
-        acted = sum(self._guarded(self._reprice, row, now, execution) for row in working)
-        with self.pool.connection() as conn:
-            waiting = orders_repo.awaiting_replacement(conn, self.account_id)
-        return acted + sum(self._guarded(self._send_next_attempt, row, now) for row in waiting)
-
-    def _guarded(self, step: Callable[..., int], row: dict[str, Any], *args: Any) -> int:
-        """One order's step; its failure is logged against it and the others go on."""
-        try:
-            return step(row, *args)
-        except (psycopg.OperationalError, psycopg.InterfaceError):
-            raise
-        except BrokerError as e:
-            log.warning("order step failed at the broker", extra={"client_order_id": row.get("client_order_id"),
-                                                                   "recommendation_id": row["recommendation_id"],
-                                                                   "error": str(e)})
-        except Exception:
-            log.exception("order step failed", extra={"recommendation_id": row["recommendation_id"]})
-        return 0
-
-    def _reprice(self, row: dict[str, Any], now: datetime, execution) -> int:
-        cid = row["client_order_id"]
-        if row["cancel_reason"] is None:
-            tick = option_tick if row["instrument"] == "OPTION" else stock_tick
-            quote = self._quote(row["symbol"], row["instrument"], now)
-            step = next_attempt(row["attempt"], row["submitted_at"], now, quote, execution, side=row["side"], tick=tick)
-            if isinstance(step, Wait):
-                return 0
-            reason = CancelReason.REPRICE if isinstance(step, Replace) else CancelReason.GIVE_UP
-            price = step.price if isinstance(step, Replace) else None
-            with self.pool.connection() as conn:
-                if not orders_repo.request_cancel(conn, self.account_id, cid, reason, price, now):
-                    return 0  # another dispatcher took it, or it filled meanwhile
-            log.info("limit order canceled to re-price" if price else "limit order given up", extra={
-                "client_order_id": cid, "recommendation_id": row["recommendation_id"], "attempt": row["attempt"],
-                "new_limit_price": price, "reason": getattr(step, "reason", None)})
-        elif now - row["updated_at"] < timedelta(seconds=execution.reprice_after_seconds):
-            return 0  # its cancel went out moments ago: the answer (stream or poll) will come
-        after = self.broker.cancel_order(cid)
-        if after is not None:
-            self.record_broker_answer(cid, after)  # canceled (replaced or ended) or, if it raced, filled
-        return 1
-
-    def _send_next_attempt(self, row: dict[str, Any], now: datetime) -> int:
-        cid = client_order_id(self.account_id, row["recommendation_id"], row["leg"], row["attempt"] + 1)
-        with self.pool.connection() as conn, conn.transaction():
-            intent = orders_repo.record_next_attempt(conn, row["id"], cid, now)
-        if intent is None:
-            return 0  # another dispatcher recorded (and sends) it
-        order = OrderRequest(
-            client_order_id=cid, symbol=intent["symbol"], underlying=intent["ticker"],
-            instrument=intent["instrument"], side=intent["side"], qty=int(intent["qty"]),
-            position_intent=intent["position_intent"], order_type="limit", limit_price=intent["limit_price"],
-        )
-        try:
-            result = submit_exactly_once(self.broker, order)
-        except BrokerRejected as e:
-            self.record_broker_answer(cid, None, rejected=str(e))
-            return 1
-        except BrokerUnavailable as e:
-            log.warning("order state unknown", extra={"recommendation_id": row["recommendation_id"],
-                                                      "client_order_id": cid, "error": str(e)})
-            return 1
-        self.record_broker_answer(cid, result)
-        return 1
-
-    def _quote(self, symbol: str, instrument: str, now: datetime) -> Quote | None:
-        if self.quotes is None:
-            return None
-        try:
-            return self.quotes(symbol, instrument, now)
-        except BrokerError as e:
-            log.warning("quote unavailable", extra={"symbol": symbol, "error": str(e)})
-            return None
-
-
 # --- process wiring ------------------------------------------------------------------------
-
-
-def build_broker(pool: ConnectionPool, account_id: str, clock: Clock, in_force: ParamsInForce) -> Broker:
-    """The simulated paper broker by default; Alpaca when OPS_BROKER=alpaca."""
-    kind = os.environ.get("OPS_BROKER", "sim")
-    if kind == "alpaca":
-        from services.common.settings import load_settings, trading_mode
-        from services.adapters.alpaca.client import AlpacaBroker, postgres_trading_budget
-        from services.adapters.alpaca.settings import AlpacaSettings
-
-        mode, reason = trading_mode(load_settings(), in_force.params)
-        # Live needs both keys (environment and params) and the adapter not pinned to paper:
-        # any one of them saying paper means paper.
-        alpaca = AlpacaSettings()
-        settings = alpaca.model_copy(update={"paper": alpaca.paper or mode != "live"})
-        if mode == "live" and settings.paper:
-            mode, reason = "paper", "PAPER: ALPACA_PAPER is true"
-        log.warning("trading mode", extra={"mode": mode, "reason": reason})
-        # Alpaca's 200 requests a minute are the account's: every dispatcher spends one budget.
-        budget = postgres_trading_budget(settings, pool.conninfo, account_id) if pool is not None else None
-        return AlpacaBroker(settings, clock=clock, budget=budget)
-    if kind != "sim":
-        raise SystemExit(f"OPS_BROKER must be 'sim' or 'alpaca', got {kind!r}")
-    log.info("trading mode", extra={"mode": "paper", "reason": "simulated paper broker"})
-    return SimBroker(pool, account_id, clock, slippage_bps=in_force.params.execution.slippage_bps)
-
-
-def params_provider():
-    """The params in force: SSM when configured, else the reviewed file; reloaded on an interval."""
-    from services.adapters.params_source import provider_from_settings
-    from services.common.settings import load_settings
-
-    return provider_from_settings(load_settings())
-
-
-def log_startup(dispatcher: Dispatcher) -> None:
-    in_force = dispatcher.params.current()
-    p = in_force.params
-    log.info("params in force", extra={"source": in_force.source, "version": in_force.version, "hash": in_force.content_hash})
-    for name, limit in [
-        ("daily_loss", f"max_daily_loss={p.risk.max_daily_loss}"),
-        ("max_positions", f"max_open_positions={p.risk.max_open_positions}"),
-        ("max_exposure", f"max_notional_exposure={p.risk.max_notional_exposure}"),
-        ("trading_hours", f"blocked first {p.trading_hours.block_after_open_minutes}m and last {p.trading_hours.block_before_close_minutes}m"),
-        ("ticker_cooldown", f"{p.risk.ticker_cooldown_minutes}m"),
-        ("ticker_trades_today", f"max {p.risk.max_trades_per_ticker_per_day}"),
-        ("asset", "ticker well-formed; broker asset active, tradable (shortable for a short sale), cached per session"),
-        ("option_liquidity", f"spread<={p.options.max_option_spread} volume>={p.options.min_option_volume} "
-                             f"oi>={p.options.min_open_interest} iv_pct<={p.options.max_iv_percentile}"),
-    ]:
-        log.info("gate", extra={"gate": name, "limit": limit})
 
 
 def run_dispatcher(once: bool = False) -> int:
@@ -891,43 +572,3 @@ def run_dispatcher(once: bool = False) -> int:
         stop_updates()
         pool.close()
     return 0
-
-
-def start_trade_updates(dispatcher: Dispatcher, broker: Broker) -> Callable[[], None]:
-    """Feed the broker's pushed trade updates to the dispatcher; returns the function that stops them.
-
-    Alpaca: the trade_updates websocket, reconnecting with backoff; after each (re)connection the
-    loop polls what the gap may have missed. Simulated broker: its in-process events.
-    """
-    if isinstance(broker, SimBroker):
-        return broker.subscribe(dispatcher.on_trade_update)
-    from services.adapters.alpaca.stream import TradeUpdateStream
-
-    stream = TradeUpdateStream(broker.settings, dispatcher.on_trade_update, on_connect=dispatcher.request_reconcile)
-    stream.start()
-    return stream.stop
-
-
-def build_market(broker: Broker):
-    """Option chains and quotes: Alpaca's data API with the Alpaca broker, the simulated market with the simulated one."""
-    from services.adapters.option_data import OptionData
-
-    if isinstance(broker, SimBroker):
-        from services.adapters.sim.market import SimOptionMarket
-
-        return OptionData(SimOptionMarket(broker.pool).chain, remote=False), broker.quote
-    from services.adapters.alpaca.client import AlpacaMarketData
-
-    market = AlpacaMarketData(broker.settings, trading_client=broker.trading_client)
-
-    def quote(symbol: str, instrument: str, now: datetime) -> Quote | None:
-        # Stocks go at market by default; a stock limit order with no quote source is given up
-        # at its re-pricing time rather than re-priced blind.
-        if instrument != "OPTION":
-            return None
-        found = market.option_quotes([symbol]).get(symbol)
-        return Quote(found.bid, found.ask) if found is not None else None
-
-    option_data = OptionData(lambda ticker, spot, now, window: market.option_chain(
-        ticker, expiration_gte=window[0] if window else None, expiration_lte=window[1] if window else None))
-    return option_data, quote
