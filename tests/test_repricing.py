@@ -19,6 +19,7 @@ import pytest
 
 from services.common.clock import FixedClock
 from services.common.db import make_pool
+from services.adapters.postgres import kill_switch
 from services.common.params import ParamsInForce, as_params
 from services.domain.broker import client_order_id
 from services.dispatcher.main import Dispatcher, StaticParams
@@ -216,3 +217,46 @@ def test_option_exit_goes_as_a_sell_to_close_limit_priced_from_the_held_contract
     order = conn.execute("SELECT order_type, limit_price FROM sim_orders").fetchone()
     assert (order["order_type"], order["limit_price"]) == ("limit", D("1.02"))
     assert recommendation(conn, rid)["status"] == "SUBMITTING"  # resting above the bid: re-priced toward it later
+
+
+@pytest.mark.parametrize("state", ["HALTED", "REDUCING"])
+def test_entry_limit_order_due_for_a_new_price_after_the_kill_switch_stops_entries_is_given_up_not_resent(
+        world, conn, state):
+    dispatcher, clock = world
+    d = dispatcher(max_reprices=3)
+    rid = add_recommendation(conn, "AAPL", NOW)
+    d.drain()  # attempt 0 rests
+    kill_switch.set_state(conn, ACCOUNT, state, "operator stop", "operator", NOW)
+    clock.advance(timedelta(seconds=15))
+    d.reprice_working()
+    d.reprice_working()
+
+    assert [(a[0], a[1], a[4]) for a in attempts(conn)] == [(0, "CANCELED", "GIVE_UP")]
+    assert [o[1] for o in broker_orders(conn)] == ["canceled"]  # no new entry order went out
+    rec = recommendation(conn, rid)
+    assert (rec["status"], rec["outcome_code"]) == ("REJECTED", "ORDER_GIVEN_UP")
+    assert position(conn)[0] == "CANCELLED"
+
+
+def test_entry_replacement_left_by_a_crash_is_not_sent_once_the_account_is_halted_and_its_reservation_ends(
+        world, conn):
+    dispatcher, clock = world
+    first = dispatcher(max_reprices=3, worker="w1")
+    rid = add_recommendation(conn, "AAPL", NOW)
+    first.drain()
+    clock.advance(timedelta(seconds=15))
+    dying = dispatcher(DiesAfterCancel, max_reprices=3, worker="w2")
+    with pytest.raises(SystemExit):
+        dying.reprice_working()  # the cancel for a re-price went out; the process died
+    kill_switch.set_state(conn, ACCOUNT, "HALTED", "operator stop", "operator", NOW)
+
+    restarted = dispatcher(max_reprices=3, worker="w3")
+    restarted.recover_in_flight()  # the poll sees the cancel
+    restarted.reprice_working()
+    restarted.reprice_working()
+
+    assert [(a[0], a[1], a[4]) for a in attempts(conn)] == [(0, "CANCELED", "GIVE_UP")]
+    assert len(broker_orders(conn)) == 1
+    rec = recommendation(conn, rid)
+    assert (rec["status"], rec["outcome_code"]) == ("REJECTED", "ORDER_GIVEN_UP")
+    assert position(conn)[0] == "CANCELLED"

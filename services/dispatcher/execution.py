@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from services.adapters.postgres import orders_repo, queries
+from services.adapters.postgres import kill_switch, orders_repo, queries
 from services.adapters.postgres.orders_repo import BrokerFacts
 from services.common.clock import Clock
 from services.domain.broker import (
@@ -30,7 +30,8 @@ from services.domain.broker import (
     client_order_id,
     submit_exactly_once,
 )
-from services.domain.lifecycle import CancelReason, Event, EventKind, Illegal
+from services.dispatcher.risk.gates import check_kill_switch
+from services.domain.lifecycle import CancelReason, Event, EventKind, Illegal, OrderRole
 from services.domain.order_pricing import Quote, Replace, Wait, next_attempt, option_tick, stock_tick
 
 log = logging.getLogger("dispatcher")
@@ -127,7 +128,10 @@ class OrderDesk:
             step = next_attempt(row["attempt"], row["submitted_at"], now, quote, execution, side=row["side"], tick=tick)
             if isinstance(step, Wait):
                 return 0
-            reason = CancelReason.REPRICE if isinstance(step, Replace) else CancelReason.GIVE_UP
+            stopped = self._stopped_by_kill_switch(row["role"])
+            if stopped is not None and row["role"] != OrderRole.ENTRY:
+                return 0  # a halted account sends nothing; the exit already working stays
+            reason = CancelReason.REPRICE if isinstance(step, Replace) and stopped is None else CancelReason.GIVE_UP
             price = step.price if isinstance(step, Replace) else None
             with self.pool.connection() as conn:
                 if not orders_repo.request_cancel(conn, self.account_id, cid, reason, price, now):
@@ -143,6 +147,15 @@ class OrderDesk:
         return 1
 
     def _send_next_attempt(self, row: dict[str, Any], now: datetime) -> int:
+        stopped = self._stopped_by_kill_switch(row["role"])
+        if stopped is not None:
+            # The next attempt is a new order: the kill switch decides whether it may go out.
+            with self.pool.connection() as conn, conn.transaction():
+                ended = orders_repo.give_up_replacement(conn, row["id"], f"ORDER_GIVEN_UP: {stopped}", now)
+            if ended:
+                log.warning("re-priced order given up: the kill switch stops its next attempt", extra={
+                    "recommendation_id": row["recommendation_id"], "attempt": row["attempt"], "reason": stopped})
+            return int(ended)
         cid = client_order_id(self.account_id, row["recommendation_id"], row["leg"], row["attempt"] + 1)
         with self.pool.connection() as conn, conn.transaction():
             intent = orders_repo.record_next_attempt(conn, row["id"], cid, now)
@@ -164,6 +177,15 @@ class OrderDesk:
             return 1
         self.record_broker_answer(cid, result)
         return 1
+
+    def _stopped_by_kill_switch(self, role: str) -> str | None:
+        """The kill switch's reason when it stops a new order of this role (entries unless ACTIVE,
+        everything when HALTED); None when the order may go out. Read fresh from Postgres."""
+        with self.pool.connection() as conn:
+            switch = kill_switch.read_state(conn, self.account_id)
+        result = check_kill_switch(switch["state"] if switch else "ACTIVE",
+                                   "EXIT" if role == OrderRole.EXIT else "BUY")
+        return None if result.passed else result.reason
 
     def quote(self, symbol: str, instrument: str, now: datetime) -> Quote | None:
         if self.quotes is None:

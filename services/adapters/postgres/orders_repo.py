@@ -335,7 +335,7 @@ def _fill_detail(event: Event, facts: BrokerFacts) -> str:
 # whose cancel was asked for already come too, to ask again when no answer came.
 WORKING_LIMIT_ORDERS = """
 SELECT e.id, e.client_order_id, e.recommendation_id, e.leg, e.attempt, e.side, e.symbol, e.instrument,
-       e.submitted_at, e.updated_at, e.cancel_reason
+       e.submitted_at, e.updated_at, e.cancel_reason, e.role
 FROM dispatch_executions e
 WHERE e.account_id = %(account_id)s AND e.status = 'ACCEPTED' AND e.order_type = 'limit'
 ORDER BY e.id
@@ -355,7 +355,7 @@ WHERE account_id = %(account_id)s AND client_order_id = %(client_order_id)s
 # Attempts canceled for a new price whose next attempt is not recorded yet (the process that
 # canceled may have died in between): the recommendation still waits for it.
 AWAITING_REPLACEMENT = """
-SELECT e.id, e.recommendation_id, e.leg, e.attempt
+SELECT e.id, e.recommendation_id, e.leg, e.attempt, e.role
 FROM dispatch_executions e
 JOIN dispatch_recommendations r ON r.id = e.recommendation_id AND r.status = 'SUBMITTING'
 WHERE e.account_id = %(account_id)s AND e.status = 'CANCELED' AND e.cancel_reason = 'REPRICE'
@@ -384,6 +384,37 @@ ON CONFLICT (account_id, recommendation_id, leg, attempt) DO NOTHING
 RETURNING id, recommendation_id, client_order_id, symbol, ticker, instrument, side, qty, position_intent,
           limit_price, attempt
 """
+
+
+# -- give_up_replacement --
+# An attempt canceled for a new price whose next attempt may not go out (the kill switch stops
+# it): the cancel becomes the end of the order, so its reservation is released (an exit's
+# position is OPEN again) and the recommendation ends, instead of waiting for a replacement
+# that never comes. Only while no next attempt is recorded.
+GIVE_UP_REPLACEMENT = """
+UPDATE dispatch_executions e
+SET cancel_reason = 'GIVE_UP', replace_price = NULL, updated_at = %(now)s, version = e.version + 1
+WHERE e.id = %(execution_id)s AND e.status = 'CANCELED' AND e.cancel_reason = 'REPRICE'
+  AND coalesce(e.filled_qty, 0) = 0
+  AND NOT EXISTS (SELECT 1 FROM dispatch_executions n
+                  WHERE n.account_id = e.account_id AND n.recommendation_id = e.recommendation_id
+                    AND n.leg = e.leg AND n.attempt > e.attempt)
+RETURNING e.recommendation_id, e.role, e.position_id
+"""
+
+
+def give_up_replacement(conn: psycopg.Connection, execution_id: int, detail: str, now: datetime) -> bool:
+    """End a re-priced order without its next attempt; False when another worker moved it first."""
+    row = conn.execute(GIVE_UP_REPLACEMENT, {"execution_id": execution_id, "now": now}).fetchone()
+    if row is None:
+        return False
+    if row["position_id"] is not None:
+        sql = RELEASE_POSITION if row["role"] == OrderRole.ENTRY else REOPEN_POSITION
+        if conn.execute(sql, {"position_id": row["position_id"], "filled": 0, "price": None, "now": now}).rowcount != 1:
+            raise Conflict(f"position {row['position_id']} changed under this worker")
+    conn.execute(FINISH_RECOMMENDATION, {"id": row["recommendation_id"], "status": "REJECTED",
+                                         "code": "ORDER_GIVEN_UP", "detail": detail, "now": now})
+    return True
 
 
 def working_limit_orders(conn: psycopg.Connection, account_id: str) -> list[dict]:
