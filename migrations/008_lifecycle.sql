@@ -18,6 +18,13 @@ ALTER TABLE dispatch_executions
 UPDATE dispatch_executions e
 SET role = CASE WHEN EXISTS (SELECT 1 FROM active_positions p WHERE p.execution_id = e.id) THEN 'ENTRY' ELSE 'EXIT' END,
     position_id = (SELECT p.id FROM active_positions p WHERE p.execution_id = e.id);
+-- An exit still working at the upgrade closed "the ticker's position": the one it made CLOSING
+-- (one live position per ticker). Without its id, its fill would leave that position CLOSING.
+UPDATE dispatch_executions e
+SET position_id = p.id
+FROM active_positions p
+WHERE e.role = 'EXIT' AND e.position_id IS NULL AND e.status IN ('SUBMITTING', 'ACCEPTED', 'PARTIALLY_FILLED')
+  AND p.account_id = e.account_id AND p.ticker = e.ticker AND p.status = 'CLOSING';
 ALTER TABLE dispatch_executions
     ALTER COLUMN role SET NOT NULL,
     ADD CONSTRAINT execution_role CHECK (role IN ('ENTRY', 'EXIT')),

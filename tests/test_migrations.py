@@ -276,3 +276,65 @@ def test_cli_migrate_exits_zero_and_builds_the_schema(empty_db_url):
     proc = subprocess.run([*_cli(), "migrate"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(recorded(empty_db_url)) == len(real_migration_files())
+
+
+def test_exit_order_working_when_the_lifecycle_migration_runs_is_tied_to_the_position_it_closes(
+        empty_db_url, migrations_copy):
+    """A database in use at the upgrade: a filled entry with its OPEN position, a rejected entry,
+    and an exit order still working on a CLOSING position. 008-011 apply, and the working exit's
+    later fill closes its position (it used to find no position_id and leave it CLOSING for good)."""
+    from datetime import datetime, timezone
+    from decimal import Decimal
+
+    from services.adapters.postgres import orders_repo
+    from services.domain.lifecycle import Event
+
+    for path in migrations_copy.glob("*.sql"):
+        if int(path.name.split("_", 1)[0]) >= 8:
+            path.unlink()
+    migrate(empty_db_url, migrations_copy)
+    t = datetime(2026, 11, 30, 15, 0, tzinfo=timezone.utc)
+    with psycopg.connect(empty_db_url, autocommit=True) as c:
+        def rec(ticker, action, status):
+            return c.execute(
+                """INSERT INTO dispatch_recommendations (account_id, ticker, action, instrument, strategy, confidence,
+                                                         created_at, status)
+                   VALUES ('acct', %s, %s, 'STOCK', 'day_trade', 0.9, %s, %s) RETURNING id""",
+                (ticker, action, t, status)).fetchone()[0]
+
+        def execution(rec_id, ticker, side, status, filled):
+            return c.execute(
+                """INSERT INTO dispatch_executions (account_id, recommendation_id, client_order_id, ticker, instrument,
+                                                    symbol, side, qty, est_price, status, filled_qty, filled_avg_price,
+                                                    submitted_at, updated_at)
+                   VALUES ('acct', %s, %s, %s, 'STOCK', %s, %s, 10, 100, %s, %s, %s, %s, %s) RETURNING id""",
+                (rec_id, f"cid-{rec_id}", ticker, ticker, side, status, filled, 100 if filled else None, t, t)
+            ).fetchone()[0]
+
+        def position(rec_id, exec_id, ticker, status):
+            c.execute(
+                """INSERT INTO active_positions (account_id, ticker, instrument, symbol, side, qty, avg_price, status,
+                                                 recommendation_id, execution_id, opened_at)
+                   VALUES ('acct', %s, 'STOCK', %s, 'long', 10, 100, %s, %s, %s, %s)""",
+                (ticker, ticker, status, rec_id, exec_id, t))
+
+        r = rec("MSFT", "BUY", "EXECUTED")
+        position(r, execution(r, "MSFT", "buy", "FILLED", 10), "MSFT", "OPEN")
+        r = rec("NVDA", "BUY", "REJECTED")
+        position(r, execution(r, "NVDA", "buy", "REJECTED", None), "NVDA", "CANCELLED")
+        r = rec("AAPL", "BUY", "EXECUTED")
+        position(r, execution(r, "AAPL", "buy", "FILLED", 10), "AAPL", "CLOSING")
+        exit_rec = rec("AAPL", "EXIT", "SUBMITTING")
+        execution(exit_rec, "AAPL", "sell", "ACCEPTED", None)
+
+    migrate(empty_db_url, MIGRATIONS_DIR)
+
+    with psycopg.connect(empty_db_url, row_factory=psycopg.rows.dict_row) as c:
+        with c.transaction():
+            orders_repo.apply_event(c, "acct", f"cid-{exit_rec}", Event.report("filled", Decimal(10)),
+                                    orders_repo.BrokerFacts(filled_avg_price=Decimal(101)), t)
+        rows = c.execute("SELECT ticker, status FROM active_positions ORDER BY ticker").fetchall()
+        assert [(p["ticker"], p["status"]) for p in rows] == [("AAPL", "CLOSED"), ("MSFT", "OPEN"),
+                                                               ("NVDA", "CANCELLED")]
+        assert c.execute("SELECT status FROM dispatch_recommendations WHERE id = %s",
+                         (exit_rec,)).fetchone()["status"] == "EXECUTED"
