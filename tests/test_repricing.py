@@ -260,3 +260,33 @@ def test_entry_replacement_left_by_a_crash_is_not_sent_once_the_account_is_halte
     rec = recommendation(conn, rid)
     assert (rec["status"], rec["outcome_code"]) == ("REJECTED", "ORDER_GIVEN_UP")
     assert position(conn)[0] == "CANCELLED"
+
+
+def test_exit_whose_position_changed_between_the_claim_and_taking_it_sells_nothing(world, conn, db_url):
+    """Another worker's exit partly filled and ended between this claim's read of the position
+    (2 contracts) and its take: the position is OPEN again with 1. Selling the 2 read would sell
+    one contract not held; the take compares the version read and finds it moved."""
+    import psycopg as pg
+
+    dispatcher, clock = world
+    d = dispatcher()
+    occ = "AAPL261204C00200000"
+    conn.execute(
+        """INSERT INTO active_positions (account_id, ticker, instrument, symbol, side, qty, multiplier, avg_price,
+                                         status, opened_at)
+           VALUES (%s, 'AAPL', 'OPTION', %s, 'long', 2, 100, 1.20, 'OPEN', %s)""", (ACCOUNT, occ, NOW))
+    conn.execute("INSERT INTO sim_option_marks (symbol, ts, bid, ask) VALUES (%s, %s, 1.00, 1.10)",
+                 (occ, NOW - timedelta(seconds=30)))
+    rid = add_recommendation(conn, "AAPL", NOW, action="EXIT", instrument="OPTION")
+    quote = d.orders.quotes
+
+    def quote_while_another_exit_ends(symbol, instrument, now):
+        with pg.connect(db_url, autocommit=True) as other:
+            other.execute("UPDATE active_positions SET qty = 1, version = version + 2 WHERE symbol = %s", (occ,))
+        return quote(symbol, instrument, now)
+
+    d.orders.quotes = quote_while_another_exit_ends
+    d.drain()
+
+    assert conn.execute("SELECT count(*) AS n FROM sim_orders").fetchone()["n"] == 0
+    assert recommendation(conn, rid)["status"] == "SKIPPED"

@@ -239,7 +239,7 @@ class Dispatcher:
                     # An exit takes its position by id, under the row lock, or finds another exit has.
                     position_id = (ctx.open_position or {}).get("id")
                     taken = position_id is not None and orders_repo.take_position(
-                        conn, self.account_id, position_id, now)
+                        conn, self.account_id, position_id, ctx.open_position.get("version"), now)
                     if not taken:
                         decision = exit_unavailable(decision, "CLOSING")
                 cid = client_order_id(self.account_id, rec_id)

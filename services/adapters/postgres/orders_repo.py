@@ -109,16 +109,20 @@ def note_error(conn: psycopg.Connection, account_id: str, rec_id: int, detail: s
 
 # -- take_position --
 # An exit takes the position it closes, by id, under the row lock: a second exit finds it
-# CLOSING and sells nothing. Runs in the transaction that records the exit order.
+# CLOSING and sells nothing. Runs in the transaction that records the exit order. The version
+# is the one the exit was sized from: a position another exit partly sold meanwhile is OPEN
+# again with fewer shares, and selling the quantity read would sell what is not held.
 TAKE_POSITION = """
 UPDATE active_positions SET status = 'CLOSING', updated_at = %(now)s, version = version + 1
-WHERE id = %(position_id)s AND account_id = %(account_id)s AND status = 'OPEN'
+WHERE id = %(position_id)s AND account_id = %(account_id)s AND status = 'OPEN' AND version = %(version)s
 RETURNING id, qty
 """
 
 
-def take_position(conn: psycopg.Connection, account_id: str, position_id: int, now: datetime) -> dict | None:
-    return conn.execute(TAKE_POSITION, {"account_id": account_id, "position_id": position_id, "now": now}).fetchone()
+def take_position(conn: psycopg.Connection, account_id: str, position_id: int, version: int,
+                  now: datetime) -> dict | None:
+    return conn.execute(TAKE_POSITION, {"account_id": account_id, "position_id": position_id, "version": version,
+                                        "now": now}).fetchone()
 
 
 # -- record_intent --
