@@ -395,6 +395,16 @@ RETURNING id, recommendation_id, client_order_id, symbol, ticker, instrument, si
 # it): the cancel becomes the end of the order, so its reservation is released (an exit's
 # position is OPEN again) and the recommendation ends, instead of waiting for a replacement
 # that never comes. Only while no next attempt is recorded.
+# -- lock_recommendation_of --
+# The next attempt and its giving up both start here, so they take turns on the recommendation:
+# the one that comes second runs its statement on a fresh snapshot and finds the first one's
+# work (an attempt recorded, or the recommendation ended). Its own statement, for that reason.
+LOCK_RECOMMENDATION_OF = """
+SELECT r.status FROM dispatch_recommendations r
+WHERE r.id = (SELECT recommendation_id FROM dispatch_executions WHERE id = %(execution_id)s)
+FOR UPDATE
+"""
+
 GIVE_UP_REPLACEMENT = """
 UPDATE dispatch_executions e
 SET cancel_reason = 'GIVE_UP', replace_price = NULL, updated_at = %(now)s, version = e.version + 1
@@ -409,6 +419,8 @@ RETURNING e.recommendation_id, e.role, e.position_id
 
 def give_up_replacement(conn: psycopg.Connection, execution_id: int, detail: str, now: datetime) -> bool:
     """End a re-priced order without its next attempt; False when another worker moved it first."""
+    if not _recommendation_still_submitting(conn, execution_id):
+        return False
     row = conn.execute(GIVE_UP_REPLACEMENT, {"execution_id": execution_id, "now": now}).fetchone()
     if row is None:
         return False
@@ -440,7 +452,10 @@ def awaiting_replacement(conn: psycopg.Connection, account_id: str) -> list[dict
 
 def record_next_attempt(conn: psycopg.Connection, execution_id: int, client_order_id: str,
                         now: datetime) -> dict | None:
-    """The next attempt's execution row (SUBMITTING), or None when another worker recorded it."""
+    """The next attempt's execution row (SUBMITTING), or None when another worker recorded it or
+    the recommendation has ended (its replacement was given up)."""
+    if not _recommendation_still_submitting(conn, execution_id):
+        return None
     row = conn.execute(RECORD_NEXT_ATTEMPT, {"execution_id": execution_id, "client_order_id": client_order_id,
                                              "now": now}).fetchone()
     if row is not None:
@@ -449,6 +464,11 @@ def record_next_attempt(conn: psycopg.Connection, execution_id: int, client_orde
                                              "detail": f"attempt {row['attempt']} at {row['limit_price']}",
                                              "now": now})
     return row
+
+
+def _recommendation_still_submitting(conn: psycopg.Connection, execution_id: int) -> bool:
+    row = conn.execute(LOCK_RECOMMENDATION_OF, {"execution_id": execution_id}).fetchone()
+    return row is not None and row["status"] == "SUBMITTING"
 
 
 # --- reconciliation -------------------------------------------------------------------------
