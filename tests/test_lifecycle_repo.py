@@ -173,7 +173,8 @@ def test_apply_event_raises_conflict_when_the_execution_changed_after_it_was_loa
     with psycopg.connect(db_url, row_factory=dict_row) as c:
         with pytest.raises(orders_repo.Conflict):
             orders_repo.apply_event(BumpsVersionAfterLoad(c, orders_repo.LOAD_ORDER), ACCOUNT, cid,
-                                    Event.report("filled", Decimal(10)), orders_repo.BrokerFacts(), NOW)
+                                    Event.report("filled", Decimal(10)),
+                                    orders_repo.BrokerFacts(filled_avg_price=Decimal("200.00")), NOW)
         c.rollback()
     assert (execution(conn, rid)["status"], position_of(conn, rid)["status"]) == ("ACCEPTED", "PENDING")
     assert recommendation(conn, rid)["status"] == "SUBMITTING"
@@ -464,3 +465,20 @@ def test_plain_exception_after_the_intent_leaves_it_submitting_and_recovery_reso
     assert (rec["status"], rec["outcome_code"]) == ("EXECUTED", "ORDER_FILLED")
     pos = position_of(conn, lost)
     assert (pos["status"], pos["qty"]) == ("OPEN", Decimal(10))
+
+
+def test_a_fill_reported_without_its_price_is_refused_and_the_next_report_with_it_applies(accepted_entry, conn):
+    from services.adapters.postgres.orders_repo import BrokerFacts, apply_event
+    from services.domain.lifecycle import Event, Illegal
+
+    rid, cid = accepted_entry
+    refused = apply_event(conn, ACCOUNT, cid, Event.report("filled", Decimal(10)), BrokerFacts(), NOW)
+    assert isinstance(refused, Illegal) and refused.code == "NO_FILL_PRICE"
+    ex = conn.execute("SELECT status, filled_qty FROM dispatch_executions WHERE client_order_id = %s", (cid,)).fetchone()
+    assert (ex["status"], ex["filled_qty"]) == ("ACCEPTED", None)
+
+    applied = apply_event(conn, ACCOUNT, cid, Event.report("filled", Decimal(10)),
+                          BrokerFacts(filled_avg_price=Decimal("200.30")), NOW)
+    assert applied.transition.execution == "FILLED"
+    pos = conn.execute("SELECT status, avg_price FROM active_positions").fetchone()
+    assert (pos["status"], pos["avg_price"]) == ("OPEN", Decimal("200.30"))

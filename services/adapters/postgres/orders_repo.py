@@ -288,6 +288,14 @@ def apply_event(conn: psycopg.Connection, account_id: str, client_order_id: str,
         return result
     if not result.changed:
         return Applied(row["recommendation_id"], result)
+    if result.filled_qty > order.filled_qty and facts.filled_avg_price is None:
+        # A fill without its price cannot open or close a position at a known cost: wait for a
+        # report that carries it (the next poll or stream update) rather than guess.
+        refused = Illegal("NO_FILL_PRICE", f"filled_qty {order.filled_qty} -> {result.filled_qty} without a price")
+        log.warning("order event refused", extra={
+            "client_order_id": client_order_id, "recommendation_id": row["recommendation_id"],
+            "code": refused.code, "reason": refused.reason, "account_id": account_id})
+        return refused
     detail = facts.message or _fill_detail(event, facts)
     if conn.execute(UPDATE_EXECUTION, {
         "id": row["id"], "expected": row["status"], "version": row["version"], "status": result.execution,
