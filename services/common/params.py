@@ -194,6 +194,56 @@ class ExecutionParams(_Section):
     stock_limit_offset_bps: float = Field(ge=0, le=500)
 
 
+class InstrumentExitParams(_Section):
+    """Price exits of one instrument, as fractions of the entry price (premium for an option).
+
+    0.25 is 25%. Long: the stop is entry x (1 - stop_loss_pct), the target entry x (1 +
+    take_profit_pct); a short mirrors them. The trailing stop arms once the best price since
+    entry (the high-water mark) has gained trailing_activation_pct on the entry, and then fires
+    trailing_stop_pct below that mark.
+    """
+
+    stop_loss_pct: float = Field(gt=0, lt=1)
+    take_profit_pct: float = Field(gt=0, le=10)
+    trailing_stop_pct: float = Field(gt=0, lt=1)
+    trailing_activation_pct: float = Field(ge=0, le=10)
+
+
+class _StrategyExitParams(_Section):
+    stock: InstrumentExitParams
+    option: InstrumentExitParams
+    max_holding_minutes: int = Field(ge=1, le=365 * 24 * 60)
+    # Prices older than this (from the bar's end) are not judged; see services/domain/exits.py.
+    stale_bar_seconds: int = Field(ge=60, le=3600)
+    # At least an hour before the close: the broker liquidates expiring positions it judges at
+    # risk from about 15:15 ET, and the exit order needs time to work (and to be re-priced).
+    option_expiry_cutoff_minutes_before_close: int = Field(ge=60, le=390)
+    # Day trades are flattened this long before the close (an early close moves it); other
+    # positions only when their data is stale.
+    flatten_minutes_before_close: int = Field(ge=1, le=180)
+
+
+class DayTradeExitParams(_StrategyExitParams):
+    """Exit rules of a day trade: price exits, holding time, the flatten before the close, expiry."""
+
+
+class SwingTradeExitParams(_StrategyExitParams):
+    """Exit rules of a swing trade; an option is also closed when fewer trading days than
+    min_trading_days_to_expiry remain before its last trading day."""
+
+    min_trading_days_to_expiry: int = Field(ge=0, le=60)
+
+
+class ExitParams(_Section):
+    """Exit rules by strategy, evaluated by services/domain/exits.py for every open position."""
+
+    day_trade: DayTradeExitParams
+    swing_trade: SwingTradeExitParams
+
+    def for_strategy(self, strategy: Strategy) -> DayTradeExitParams | SwingTradeExitParams:
+        return self.day_trade if strategy == "day_trade" else self.swing_trade
+
+
 class TradingParams(_Section):
     """The whole document. `schema_version` must match this code's."""
 
@@ -207,6 +257,7 @@ class TradingParams(_Section):
     signal: SignalParams
     watchlist: WatchlistParams
     execution: ExecutionParams
+    exits: ExitParams
 
     def content_hash(self) -> str:
         """sha256 of the canonical JSON form: the same limits give the same hash."""
@@ -310,6 +361,17 @@ def _field_index() -> dict[str, str]:
 FIELD_SECTIONS: dict[str, str] = _field_index()
 
 
+def _overlay(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` on `base`, section by section: {"exits": {"day_trade": {"stock": {...}}}} keeps the rest."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(merged.get(key), dict) and isinstance(value, Mapping):
+            merged[key] = _overlay(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def as_params(config: TradingParams | Mapping[str, Any]) -> TradingParams:
     """Accept the typed params or a seed-style mapping of flat keys over the defaults.
 
@@ -321,7 +383,7 @@ def as_params(config: TradingParams | Mapping[str, Any]) -> TradingParams:
     base = default_params().model_dump()
     for key, value in config.items():
         if key in base and isinstance(base[key], dict) and isinstance(value, Mapping):
-            base[key] = {**base[key], **value}
+            base[key] = _overlay(base[key], value)
         elif key in FIELD_SECTIONS:
             base[FIELD_SECTIONS[key]][key] = value
         elif key in base:

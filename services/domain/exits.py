@@ -1,0 +1,504 @@
+"""Exit rules: whether an open position should be closed now, and why. Pure, with `now` passed in.
+
+The position manager gathers each open position, the latest 1-minute bar of the held symbol
+(the contract's own bar for an option: its premium), the features and the calendar, then calls
+`evaluate_exit` (the decision) or `evaluate_exit_rules` (the decision with every rule's result,
+to store beside the EXIT recommendation so "why did it close?" is answerable from the database).
+
+Each rule returns an ExitResult shaped like a gate's result: (fired, reason, observed, limit), the
+reason starting with a code built from the fields (`STOP_LOSS: close=1.40 stop=1.40 ...`). A rule
+that did not fire says HOLD, one that does not apply to the position NOT_APPLICABLE. A flag is a
+result that is neither an exit nor a hold: STALE_DATA, BAD_POSITION, CALENDAR_UNAVAILABLE,
+RULE_ERROR. The caller alerts on flags; it never closes on them alone.
+
+Precedence, when several rules fire, is the order of RULES: the expiry and end-of-day cut-offs
+first (a deadline that passes is not re-checked later), then the stop loss, the trailing stop,
+the take profit, and the maximum holding time. The decision carries the first that fired.
+
+Prices: percentages are fractions of the entry price (0.25 is 25%) in Decimal, so a threshold
+is a price computed exactly: long stop = entry x (1 - stop_loss_pct), long target = entry x
+(1 + take_profit_pct), a short mirrored. Rules compare the bar's close, the price the position
+could be closed near now; an intrabar wick neither triggers nor arms anything the closes do not show.
+
+Thresholds, exactly at: a price rule fires at its threshold price; a time rule fires at its
+deadline; a bar exactly stale_bar_seconds old is still fresh; an option with exactly
+min_trading_days_to_expiry trading days left is held. Each rule's docstring says so again.
+
+Stale data: prices are judged only when the bar is fresh. The bar covers [ts, ts + 60 s); its
+age runs from its end to the last instant the market traded (now during a session, the close
+outside one, so a swing position is not stale overnight), and a bar dated more than
+risk.max_clock_skew_seconds after now counts as stale. A position with stale (or no) data gets
+a STALE_DATA flag, its price rules are not evaluated, and the end-of-day rule closes it at the
+latest, whatever its strategy. Time rules do not need prices and always run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+from services.common.market_calendar import ET, CalendarUnavailable, Session, SessionCalendar, et_date
+from services.common.numbers import to_decimal
+from services.common.params import InstrumentExitParams, TradingParams, as_params
+
+BAR_SECONDS = 60
+STRATEGIES = frozenset({"day_trade", "swing_trade"})
+INSTRUMENTS = frozenset({"STOCK", "OPTION"})
+SIDES = frozenset({"long", "short"})
+
+HOLD = "HOLD"
+NOT_APPLICABLE = "NOT_APPLICABLE"
+STALE_DATA = "STALE_DATA"
+BAD_POSITION = "BAD_POSITION"
+RULE_ERROR = "RULE_ERROR"
+
+# Precedence: the first rule in this order that fires is the decision.
+RULES = (
+    "option_expiry_cutoff",
+    "option_days_to_expiry",
+    "end_of_day",
+    "stop_loss",
+    "trailing_stop",
+    "take_profit",
+    "max_holding_time",
+)
+PRICE_RULES = frozenset({"stop_loss", "trailing_stop", "take_profit"})
+
+
+class ExitResult(NamedTuple):
+    fired: bool
+    reason: str
+    observed: Any
+    limit: Any
+
+    @property
+    def code(self) -> str:
+        return self.reason.split(":", 1)[0]
+
+    @property
+    def is_flag(self) -> bool:
+        return not self.fired and self.code not in (HOLD, NOT_APPLICABLE)
+
+
+def fire(code: str, detail: str, observed: Any, limit: Any) -> ExitResult:
+    return ExitResult(True, f"{code}: {detail}", observed, limit)
+
+
+def hold(detail: str, observed: Any, limit: Any) -> ExitResult:
+    return ExitResult(False, f"{HOLD}: {detail}", observed, limit)
+
+
+def flag(code: str, detail: str, observed: Any = None, limit: Any = None) -> ExitResult:
+    return ExitResult(False, f"{code}: {detail}", observed, limit)
+
+
+def not_applicable(detail: str) -> ExitResult:
+    return ExitResult(False, f"{NOT_APPLICABLE}: {detail}", None, None)
+
+
+@dataclass(frozen=True)
+class NamedExit:
+    name: str
+    result: ExitResult
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "fired": self.result.fired,
+            "code": self.result.code,
+            "reason": self.result.reason,
+            "observed": _jsonable(self.result.observed),
+            "limit": _jsonable(self.result.limit),
+        }
+
+
+@dataclass(frozen=True)
+class ExitDecision:
+    """Close the position: the rule that decided, its code (the exit reason), observed and limit."""
+
+    rule: str
+    code: str
+    reason: str
+    observed: Any
+    limit: Any
+
+
+@dataclass(frozen=True)
+class ExitEvaluation:
+    """Every rule's result in precedence order (after the data check), and the decision."""
+
+    results: tuple[NamedExit, ...]
+    decision: ExitDecision | None
+
+    def result(self, name: str) -> ExitResult:
+        for named in self.results:
+            if named.name == name:
+                return named.result
+        raise KeyError(name)
+
+    @property
+    def flags(self) -> tuple[NamedExit, ...]:
+        return tuple(n for n in self.results if n.result.is_flag)
+
+    @property
+    def stale(self) -> bool:
+        return any(n.result.code == STALE_DATA for n in self.results)
+
+
+@dataclass(frozen=True)
+class HeldPosition:
+    """The fields of an open position the rules read, checked once.
+
+    `high_water_mark` is the best close since entry (highest for a long, lowest for a short),
+    persisted by the caller from `next_high_water_mark`; None means no bar since entry yet.
+    """
+
+    instrument: str
+    side: str
+    strategy: str
+    entry_price: Decimal
+    opened_at: datetime
+    expiration: date | None = None
+    high_water_mark: Decimal | None = None
+
+    @classmethod
+    def of(cls, position: Any) -> HeldPosition:
+        """From a HeldPosition, a mapping (a database row) or an object; ValueError names what is wrong."""
+        if isinstance(position, HeldPosition):
+            return position
+        instrument = _field(position, "instrument")
+        side = _field(position, "side")
+        strategy = _field(position, "strategy")
+        entry = to_decimal(_field(position, "avg_price", _field(position, "entry_price")))
+        opened_at = _field(position, "opened_at")
+        expiration = _field(position, "expiration")
+        mark_raw = _field(position, "high_water_mark")
+        mark = to_decimal(mark_raw)
+        if instrument not in INSTRUMENTS:
+            raise ValueError(f"instrument={instrument!r}")
+        if side not in SIDES:
+            raise ValueError(f"side={side!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r}")
+        if entry is None or entry <= 0:
+            raise ValueError(f"entry price={_field(position, 'avg_price')!r}")
+        if not isinstance(opened_at, datetime) or opened_at.tzinfo is None:
+            raise ValueError(f"opened_at={opened_at!r} is not an aware time")
+        if expiration is not None and (not isinstance(expiration, date) or isinstance(expiration, datetime)):
+            raise ValueError(f"expiration={expiration!r} is not a date")
+        if mark_raw is not None and (mark is None or mark <= 0):
+            raise ValueError(f"high_water_mark={mark_raw!r}")
+        return cls(instrument, side, strategy, entry, opened_at, expiration, mark)
+
+    def mark(self) -> Decimal:
+        return self.high_water_mark if self.high_water_mark is not None else self.entry_price
+
+
+def _field(obj: Any, name: str, default: Any = None) -> Any:
+    if obj is None:
+        return default
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _close(bar: Any) -> Decimal | None:
+    close = to_decimal(_field(bar, "close"))
+    return close if close is not None and close.is_finite() and close > 0 else None
+
+
+def _pct(value: float) -> Decimal:
+    # Through str: 0.3 the param, not 0.299999999999999988897769753748 the binary float.
+    return Decimal(str(value))
+
+
+def _et(ts: datetime) -> str:
+    return f"{ts.astimezone(ET):%Y-%m-%d %H:%M:%S} ET"
+
+
+# --- The high-water mark ---------------------------------------------------------------------
+
+
+def next_high_water_mark(position: Any, bar: Any) -> Decimal:
+    """The position's best close since entry after `bar`: the caller persists it for restarts.
+
+    A long keeps the highest close, a short the lowest; the mark starts at the entry price.
+    A bar without a usable close leaves the mark as it was. The caller passes only bars it
+    judged fresh (`evaluate_exit_rules` reports STALE_DATA otherwise).
+    """
+    held = HeldPosition.of(position)
+    mark = held.mark()
+    close = _close(bar)
+    if close is None:
+        return mark
+    return max(mark, close) if held.side == "long" else min(mark, close)
+
+
+# --- Data freshness --------------------------------------------------------------------------
+
+
+def _market_time(now: datetime, calendar: SessionCalendar) -> datetime:
+    """The last instant the market traded: now during a session, else the last session's close."""
+    session = calendar.current_or_previous_session(now)
+    return min(now, session.close)
+
+
+def check_data_freshness(bar: Any, now: datetime, limit: int, max_skew: int, calendar: SessionCalendar) -> ExitResult:
+    """STALE_DATA (a flag, not an exit) when the bar is missing, unusable, too old or future-dated.
+
+    Age = the market's last traded instant - (ts + 60 s). Exactly `limit` seconds old is fresh;
+    a second more is stale. A bar starting more than `max_skew` seconds after now is stale
+    (exactly `max_skew` ahead is accepted, as the gates accept it).
+    """
+    if bar is None:
+        return flag(STALE_DATA, "no bar for the position", None, limit)
+    ts = _field(bar, "ts")
+    if not isinstance(ts, datetime) or ts.tzinfo is None:
+        return flag(STALE_DATA, f"bar ts={ts!r} is not an aware time", None, limit)
+    if _close(bar) is None:
+        return flag(STALE_DATA, f"bar close={_field(bar, 'close')!r} is not a price", None, limit)
+    lead = (ts - now).total_seconds()
+    if lead > max_skew:
+        return flag(STALE_DATA, f"bar ts={ts.isoformat()} is {lead:.0f}s in the future (skew limit {max_skew}s)", -lead, limit)
+    age = (_market_time(now, calendar) - (ts + timedelta(seconds=BAR_SECONDS))).total_seconds()
+    if age > limit:
+        return flag(STALE_DATA, f"age={age:.0f}s limit={limit}s bar={ts.isoformat()}", age, limit)
+    return hold(f"fresh: age={age:.0f}s limit={limit}s", age, limit)
+
+
+# --- Time rules ------------------------------------------------------------------------------
+
+
+def _last_trading_session(expiration: date, calendar: SessionCalendar) -> Session:
+    """The session an option last trades in: its expiration date's, or the one before a holiday."""
+    return calendar.session_on(expiration) or calendar.previous_session(expiration)
+
+
+def check_option_expiry_cutoff(held: HeldPosition, now: datetime, cutoff_minutes: int, calendar: SessionCalendar) -> ExitResult:
+    """Close an option from `cutoff_minutes` before the close of its last trading day.
+
+    The close comes from the calendar, so on a 13:00 early close the cut-off moves earlier with
+    it (90 minutes: 14:30 ET on a normal day, 11:30 ET on 2026-11-27). Exactly at the cut-off fires.
+    """
+    if held.instrument != "OPTION":
+        return not_applicable("not an option")
+    if held.expiration is None:
+        return flag(BAD_POSITION, "option without an expiration: its last day cannot be known")
+    session = _last_trading_session(held.expiration, calendar)
+    deadline = session.close - timedelta(minutes=cutoff_minutes)
+    detail = f"now={_et(now)} cutoff={_et(deadline)} last_day={session.day} close={session.close.astimezone(ET):%H:%M} ET"
+    if now >= deadline:
+        return fire("EXPIRY_CUTOFF", detail, now, deadline)
+    return hold(detail, now, deadline)
+
+
+def check_option_days_to_expiry(held: HeldPosition, now: datetime, min_days: int | None, calendar: SessionCalendar) -> ExitResult:
+    """Close a swing trade's option when fewer than `min_days` trading days remain.
+
+    Remaining = sessions after today's ET date up to and including the option's last trading
+    day (0 on that day). Exactly `min_days` remaining holds; one fewer fires.
+    """
+    if held.instrument != "OPTION":
+        return not_applicable("not an option")
+    if min_days is None:
+        return not_applicable(f"no days-to-expiry rule for {held.strategy}")
+    if held.expiration is None:
+        return flag(BAD_POSITION, "option without an expiration: its last day cannot be known")
+    last_day = _last_trading_session(held.expiration, calendar).day
+    today = et_date(now)
+    remaining = max(0, calendar.trading_days_between(today, last_day)) if last_day >= today else 0
+    detail = f"trading_days_left={remaining} min={min_days} last_day={last_day}"
+    if remaining < min_days:
+        return fire("EXPIRY_APPROACHING", detail, remaining, min_days)
+    return hold(detail, remaining, min_days)
+
+
+def check_end_of_day(held: HeldPosition, now: datetime, minutes: int, stale: bool, calendar: SessionCalendar) -> ExitResult:
+    """Flatten day trades, and any position whose data is stale, `minutes` before the close.
+
+    A day trade's deadline is in the session it was opened in, so one still open a day later
+    fires at once. A stale position's deadline is in the current (or last) session. The close
+    comes from the calendar (13:00 on an early close). Exactly at the deadline fires.
+    """
+    if held.strategy == "day_trade":
+        session = calendar.current_or_previous_session(held.opened_at)
+        why = "day trade"
+    elif stale:
+        session = calendar.current_or_previous_session(now)
+        why = "stale data"
+    else:
+        return not_applicable(f"{held.strategy} with fresh data")
+    deadline = session.close - timedelta(minutes=minutes)
+    detail = f"{why}: now={_et(now)} flatten_at={_et(deadline)} close={session.close.astimezone(ET):%H:%M} ET"
+    if now >= deadline:
+        return fire("END_OF_DAY", detail, now, deadline)
+    return hold(detail, now, deadline)
+
+
+def check_max_holding_time(held: HeldPosition, now: datetime, max_minutes: int) -> ExitResult:
+    """Close a position held `max_minutes` or longer (wall-clock time since it opened). Exactly at fires."""
+    held_minutes = (now - held.opened_at).total_seconds() / 60
+    detail = f"held={held_minutes:.2f}min limit={max_minutes}min"
+    if held_minutes >= max_minutes:
+        return fire("MAX_HOLDING_TIME", detail, held_minutes, max_minutes)
+    return hold(detail, held_minutes, max_minutes)
+
+
+# --- Price rules -----------------------------------------------------------------------------
+
+
+def _ret(held: HeldPosition, close: Decimal) -> Decimal:
+    """The position's return on entry at `close`: positive is profit, for a long or a short."""
+    move = close / held.entry_price - 1
+    return move if held.side == "long" else -move
+
+
+def check_stop_loss(held: HeldPosition, close: Decimal, rules: InstrumentExitParams) -> ExitResult:
+    """Long: fire when close <= entry x (1 - stop_loss_pct); short: close >= entry x (1 + pct). At the stop fires."""
+    pct = _pct(rules.stop_loss_pct)
+    if held.side == "long":
+        stop = held.entry_price * (1 - pct)
+        fired = close <= stop
+    else:
+        stop = held.entry_price * (1 + pct)
+        fired = close >= stop
+    detail = f"close={close} stop={stop} entry={held.entry_price} {held.side} return={_ret(held, close):+.4f}"
+    return fire("STOP_LOSS", detail, close, stop) if fired else hold(detail, close, stop)
+
+
+def check_take_profit(held: HeldPosition, close: Decimal, rules: InstrumentExitParams) -> ExitResult:
+    """Long: fire when close >= entry x (1 + take_profit_pct); short: close <= entry x (1 - pct). At the target fires."""
+    pct = _pct(rules.take_profit_pct)
+    if held.side == "long":
+        target = held.entry_price * (1 + pct)
+        fired = close >= target
+    else:
+        target = held.entry_price * (1 - pct)
+        fired = close <= target
+    detail = f"close={close} target={target} entry={held.entry_price} {held.side} return={_ret(held, close):+.4f}"
+    return fire("TAKE_PROFIT", detail, close, target) if fired else hold(detail, close, target)
+
+
+def check_trailing_stop(held: HeldPosition, close: Decimal, mark: Decimal, rules: InstrumentExitParams) -> ExitResult:
+    """A stop that follows the high-water mark once it has gained trailing_activation_pct on entry.
+
+    Long: armed when mark >= entry x (1 + activation) (exactly at arms), then fires when
+    close <= mark x (1 - trailing_stop_pct) (exactly at fires). A short mirrors both with its
+    lowest close. Before it arms, the fixed stop loss is the position's only stop: observed is
+    the mark, limit the arming price.
+    """
+    activation = _pct(rules.trailing_activation_pct)
+    trail = _pct(rules.trailing_stop_pct)
+    if held.side == "long":
+        arm_at = held.entry_price * (1 + activation)
+        armed = mark >= arm_at
+        trigger = mark * (1 - trail)
+        fired = armed and close <= trigger
+    else:
+        arm_at = held.entry_price * (1 - activation)
+        armed = mark <= arm_at
+        trigger = mark * (1 + trail)
+        fired = armed and close >= trigger
+    if not armed:
+        return hold(f"not armed: mark={mark} arms_at={arm_at} entry={held.entry_price} {held.side}", mark, arm_at)
+    detail = f"close={close} trigger={trigger} mark={mark} entry={held.entry_price} {held.side}"
+    return fire("TRAILING_STOP", detail, close, trigger) if fired else hold(detail, close, trigger)
+
+
+# --- Evaluation ------------------------------------------------------------------------------
+
+_RULE_ERRORS = (ArithmeticError, TypeError, ValueError, KeyError, AttributeError)
+
+
+def evaluate_exit_rules(
+    position: Any,
+    bar: Any,
+    features: Any,
+    params: TradingParams | Mapping,
+    now: datetime,
+    calendar: SessionCalendar,
+) -> ExitEvaluation:
+    """Run every rule for one position; return every result and the decision by precedence.
+
+    Results: `data_freshness` first (HOLD or the STALE_DATA flag), then RULES in precedence
+    order. A rule that raises becomes a flag (CALENDAR_UNAVAILABLE, RULE_ERROR), never an exit
+    and never a crash of the caller's loop; an unreadable position yields one BAD_POSITION flag.
+    `features` is accepted for rules on indicators; none of the current rules reads it.
+    """
+    if not isinstance(now, datetime) or now.tzinfo is None:
+        raise ValueError("naive or missing `now`: exit rules need an aware time")
+    try:
+        held = HeldPosition.of(position)
+    except ValueError as e:
+        return ExitEvaluation((NamedExit("position", flag(BAD_POSITION, str(e))),), None)
+    p = as_params(params)
+    strategy_rules = p.exits.for_strategy(held.strategy)  # type: ignore[arg-type]
+    price_rules = strategy_rules.option if held.instrument == "OPTION" else strategy_rules.stock
+
+    def run(name: str, fn: Callable[..., ExitResult], *args: Any) -> NamedExit:
+        try:
+            return NamedExit(name, fn(*args))
+        except CalendarUnavailable as e:
+            return NamedExit(name, flag("CALENDAR_UNAVAILABLE", f"{name}: {e}"))
+        except _RULE_ERRORS as e:
+            return NamedExit(name, flag(RULE_ERROR, f"{name}: {type(e).__name__}: {e}"))
+
+    freshness = run(
+        "data_freshness", check_data_freshness, bar, now, strategy_rules.stale_bar_seconds,
+        p.risk.max_clock_skew_seconds, calendar,
+    )
+    fresh = freshness.result.code == HOLD
+    close = _close(bar) if fresh else None
+    mark = next_high_water_mark(held, bar) if fresh else held.mark()
+    min_days = getattr(strategy_rules, "min_trading_days_to_expiry", None)
+
+    def priced(name: str, fn: Callable[..., ExitResult], *args: Any) -> NamedExit:
+        if close is None:
+            return NamedExit(name, not_applicable(f"not judged on stale data ({freshness.result.code})"))
+        return run(name, fn, *args)
+
+    results = (
+        freshness,
+        run("option_expiry_cutoff", check_option_expiry_cutoff, held, now,
+            strategy_rules.option_expiry_cutoff_minutes_before_close, calendar),
+        run("option_days_to_expiry", check_option_days_to_expiry, held, now, min_days, calendar),
+        run("end_of_day", check_end_of_day, held, now, strategy_rules.flatten_minutes_before_close, not fresh, calendar),
+        priced("stop_loss", check_stop_loss, held, close, price_rules),
+        priced("trailing_stop", check_trailing_stop, held, close, mark, price_rules),
+        priced("take_profit", check_take_profit, held, close, price_rules),
+        run("max_holding_time", check_max_holding_time, held, now, strategy_rules.max_holding_minutes),
+    )
+    decision = next(
+        (ExitDecision(n.name, n.result.code, n.result.reason, n.result.observed, n.result.limit)
+         for n in results if n.result.fired),
+        None,
+    )
+    return ExitEvaluation(results, decision)
+
+
+def evaluate_exit(
+    position: Any,
+    bar: Any,
+    features: Any,
+    params: TradingParams | Mapping,
+    now: datetime,
+    calendar: SessionCalendar,
+) -> ExitDecision | None:
+    """The exit decision for one position, or None to hold. See `evaluate_exit_rules`."""
+    return evaluate_exit_rules(position, bar, features, params, now, calendar).decision
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    return str(value)
