@@ -69,6 +69,14 @@ def empty_db_url(pg_server) -> str:
 
 
 @pytest.fixture
+def pool(db_url):
+    """A connection pool on the test's own database, as a service holds one."""
+    p = dbmod.make_pool(db_url)
+    yield p
+    p.close()
+
+
+@pytest.fixture
 def conn(db_url):
     with dbmod.connect(db_url) as c:
         yield c

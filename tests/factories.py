@@ -63,3 +63,12 @@ def set_account_state(conn, now: datetime, equity, last_equity, account: str = A
 
 def recommendation(conn, rec_id: int) -> dict:
     return conn.execute("SELECT * FROM dispatch_recommendations WHERE id = %s", (rec_id,)).fetchone()
+
+
+def pinned_params(overrides: dict):
+    """The params provider a test pins: the reviewed document with `overrides` over it, version 1."""
+    from services.common.params import ParamsInForce, as_params
+    from services.dispatcher.main import StaticParams
+
+    p = as_params(overrides)
+    return StaticParams(ParamsInForce(p, "test", "1", p.content_hash()))

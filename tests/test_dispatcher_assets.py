@@ -12,16 +12,13 @@ from __future__ import annotations
 from datetime import timedelta
 from decimal import Decimal
 
-import pytest
 
 from services.common.clock import FixedClock
-from services.common.db import make_pool
-from services.common.params import ParamsInForce, as_params
 from services.adapters.alpaca.client import AlpacaBroker
 from services.domain.broker import client_order_id
-from services.dispatcher.main import Dispatcher, StaticParams
+from services.dispatcher.main import Dispatcher
 from services.adapters.sim.broker import SimBroker
-from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
+from tests.factories import pinned_params, ACCOUNT, add_market, add_recommendation, et, recommendation
 from tests.fake_alpaca import FakeAlpaca, fake_alpaca  # noqa: F401
 from tests.test_alpaca_adapter import SleepRecorder, settings
 
@@ -35,16 +32,8 @@ PINNED = {"max_bar_age_seconds": 180, "max_feature_age_seconds": 300, "min_confi
           "max_equity_pct_per_trade": 0.10, "max_account_state_age_seconds": 600}
 
 
-def params() -> StaticParams:
-    p = as_params(PINNED)
-    return StaticParams(ParamsInForce(p, "test", "1", p.content_hash()))
-
-
-@pytest.fixture
-def pool(db_url):
-    p = make_pool(db_url)
-    yield p
-    p.close()
+def params():
+    return pinned_params(PINNED)
 
 
 def alpaca_dispatcher(pool, fake: FakeAlpaca, clock: FixedClock) -> Dispatcher:

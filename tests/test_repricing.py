@@ -20,12 +20,11 @@ import pytest
 from services.common.clock import FixedClock
 from services.common.db import make_pool
 from services.adapters.postgres import kill_switch
-from services.common.params import ParamsInForce, as_params
 from services.domain.broker import client_order_id
 from services.dispatcher.main import Dispatcher, StaticParams
 from services.adapters.sim.broker import SimBroker
 from tests.broker_doubles import Wrapping
-from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
+from tests.factories import pinned_params, ACCOUNT, add_market, add_recommendation, et, recommendation
 
 NOW = et("2026-11-30", "10:00")
 EXECUTION = {"stock_order_type": "limit", "stock_limit_offset_bps": 0, "reprice_after_seconds": 15,
@@ -33,8 +32,7 @@ EXECUTION = {"stock_order_type": "limit", "stock_limit_offset_bps": 0, "reprice_
 
 
 def params(**execution) -> StaticParams:
-    p = as_params({"execution": {**EXECUTION, **execution}})
-    return StaticParams(ParamsInForce(p, "test", "1", p.content_hash()))
+    return pinned_params({"execution": {**EXECUTION, **execution}})
 
 
 @pytest.fixture
@@ -134,8 +132,8 @@ class DiesBeforeSubmit(Wrapping):
         raise SystemExit("killed before the submit")
 
 
-def test_crash_between_cancel_and_replace_then_a_new_process_sends_the_next_attempt_once(world, conn):
-    dispatcher, clock = world
+def die_after_canceling_for_a_new_price(dispatcher, clock, conn) -> int:
+    """A resting entry whose re-price is due; the process that cancels it dies before recording it."""
     first = dispatcher(max_reprices=3, worker="w1")
     rid = add_recommendation(conn, "AAPL", NOW)
     first.drain()
@@ -143,6 +141,12 @@ def test_crash_between_cancel_and_replace_then_a_new_process_sends_the_next_atte
     dying = dispatcher(DiesAfterCancel, max_reprices=3, worker="w2")
     with pytest.raises(SystemExit):
         dying.reprice_working()
+    return rid
+
+
+def test_crash_between_cancel_and_replace_then_a_new_process_sends_the_next_attempt_once(world, conn):
+    dispatcher, clock = world
+    rid = die_after_canceling_for_a_new_price(dispatcher, clock, conn)
     # The broker canceled attempt 0; the database still shows it working, with the reason.
     assert attempts(conn)[0][1::3] == ("ACCEPTED", "REPRICE")
 
@@ -196,17 +200,24 @@ def test_an_order_that_fills_while_its_cancel_is_on_the_way_is_recorded_as_fille
     assert position(conn)[0] == "OPEN"
 
 
-def test_option_exit_goes_as_a_sell_to_close_limit_priced_from_the_held_contracts_quote(world, conn):
-    dispatcher, clock = world
-    d = dispatcher()
-    occ = "AAPL261204C00200000"
+OCC = "AAPL261204C00200000"
+
+
+def hold_two_calls_and_ask_to_exit(conn) -> int:
+    """An OPEN position of 2 AAPL calls bought at 1.20, quoted 1.00 x 1.10, and an EXIT for it."""
     conn.execute(
         """INSERT INTO active_positions (account_id, ticker, instrument, symbol, side, qty, multiplier, avg_price,
                                          status, opened_at)
-           VALUES (%s, 'AAPL', 'OPTION', %s, 'long', 2, 100, 1.20, 'OPEN', %s)""", (ACCOUNT, occ, NOW))
+           VALUES (%s, 'AAPL', 'OPTION', %s, 'long', 2, 100, 1.20, 'OPEN', %s)""", (ACCOUNT, OCC, NOW))
     conn.execute("INSERT INTO sim_option_marks (symbol, ts, bid, ask) VALUES (%s, %s, 1.00, 1.10)",
-                 (occ, NOW - timedelta(seconds=30)))
-    rid = add_recommendation(conn, "AAPL", NOW, action="EXIT", instrument="OPTION")
+                 (OCC, NOW - timedelta(seconds=30)))
+    return add_recommendation(conn, "AAPL", NOW, action="EXIT", instrument="OPTION")
+
+
+def test_option_exit_goes_as_a_sell_to_close_limit_priced_from_the_held_contracts_quote(world, conn):
+    dispatcher, clock = world
+    d = dispatcher()
+    rid = hold_two_calls_and_ask_to_exit(conn)
 
     d.drain()
 
@@ -241,13 +252,7 @@ def test_entry_limit_order_due_for_a_new_price_after_the_kill_switch_stops_entri
 def test_entry_replacement_left_by_a_crash_is_not_sent_once_the_account_is_halted_and_its_reservation_ends(
         world, conn):
     dispatcher, clock = world
-    first = dispatcher(max_reprices=3, worker="w1")
-    rid = add_recommendation(conn, "AAPL", NOW)
-    first.drain()
-    clock.advance(timedelta(seconds=15))
-    dying = dispatcher(DiesAfterCancel, max_reprices=3, worker="w2")
-    with pytest.raises(SystemExit):
-        dying.reprice_working()  # the cancel for a re-price went out; the process died
+    rid = die_after_canceling_for_a_new_price(dispatcher, clock, conn)
     kill_switch.set_state(conn, ACCOUNT, "HALTED", "operator stop", "operator", NOW)
 
     restarted = dispatcher(max_reprices=3, worker="w3")
@@ -270,19 +275,12 @@ def test_exit_whose_position_changed_between_the_claim_and_taking_it_sells_nothi
 
     dispatcher, clock = world
     d = dispatcher()
-    occ = "AAPL261204C00200000"
-    conn.execute(
-        """INSERT INTO active_positions (account_id, ticker, instrument, symbol, side, qty, multiplier, avg_price,
-                                         status, opened_at)
-           VALUES (%s, 'AAPL', 'OPTION', %s, 'long', 2, 100, 1.20, 'OPEN', %s)""", (ACCOUNT, occ, NOW))
-    conn.execute("INSERT INTO sim_option_marks (symbol, ts, bid, ask) VALUES (%s, %s, 1.00, 1.10)",
-                 (occ, NOW - timedelta(seconds=30)))
-    rid = add_recommendation(conn, "AAPL", NOW, action="EXIT", instrument="OPTION")
+    rid = hold_two_calls_and_ask_to_exit(conn)
     quote = d.orders.quotes
 
     def quote_while_another_exit_ends(symbol, instrument, now):
         with pg.connect(db_url, autocommit=True) as other:
-            other.execute("UPDATE active_positions SET qty = 1, version = version + 2 WHERE symbol = %s", (occ,))
+            other.execute("UPDATE active_positions SET qty = 1, version = version + 2 WHERE symbol = %s", (OCC,))
         return quote(symbol, instrument, now)
 
     d.orders.quotes = quote_while_another_exit_ends

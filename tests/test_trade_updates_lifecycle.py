@@ -12,17 +12,14 @@ from __future__ import annotations
 import time
 from decimal import Decimal
 
-import pytest
 
 from services.common.clock import FixedClock
-from services.common.db import make_pool
-from services.common.params import ParamsInForce, as_params
 from services.adapters.alpaca.client import AlpacaBroker
 from services.domain.broker import OrderResult, TradeUpdate, client_order_id
-from services.dispatcher.main import Dispatcher, StaticParams, start_trade_updates
+from services.dispatcher.main import Dispatcher, start_trade_updates
 from services.adapters.sim.broker import SimBroker
 from tests.broker_doubles import AcceptedFirst
-from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
+from tests.factories import pinned_params, ACCOUNT, add_market, add_recommendation, et, recommendation
 from tests.fake_alpaca import fake_alpaca  # noqa: F401
 from tests.test_alpaca_adapter import SleepRecorder, settings
 
@@ -31,16 +28,8 @@ PINNED = {"max_open_positions": 10, "max_notional_exposure": 10_000, "max_notion
           "max_equity_pct_per_trade": 0.10}
 
 
-def params() -> StaticParams:
-    p = as_params(PINNED)
-    return StaticParams(ParamsInForce(p, "test", "1", p.content_hash()))
-
-
-@pytest.fixture
-def pool(db_url):
-    p = make_pool(db_url)
-    yield p
-    p.close()
+def params():
+    return pinned_params(PINNED)
 
 
 def execution(conn, cid: str) -> dict:
