@@ -136,9 +136,6 @@ class SimBroker:
 
     # --- orders -------------------------------------------------------------------------
 
-    def _quote(self, conn, order: OrderRequest, now: datetime) -> tuple[Decimal, Decimal] | None:
-        return self._quote_of(conn, order.instrument, order.symbol, now)
-
     def quote(self, symbol: str, instrument: str, now: datetime | None = None) -> Quote | None:
         """The simulated market's bid and ask for a symbol at `now`, as re-pricing needs them."""
         with self.pool.connection() as conn:
@@ -182,7 +179,7 @@ class SimBroker:
         multiplier = contract_multiplier(order.instrument)
         with self.pool.connection() as conn, conn.transaction():
             self._ensure_account(conn, now)
-            quote = self._quote(conn, order, now)
+            quote = self._quote_of(conn, order.instrument, order.symbol, now)
             status, price, reject = "filled", None, None
             if quote is None or quote[0] <= 0 or quote[1] <= 0:
                 status, reject = "rejected", f"no market for {order.symbol}"
