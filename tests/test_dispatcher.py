@@ -427,7 +427,8 @@ def test_another_accounts_positions_and_recommendations_are_invisible_to_this_ac
 
 
 def test_daily_loss_trip_latches_through_recovery_and_restart_until_the_next_session(harness, conn):
-    h = harness()
+    # reduce_only: the book is left as it is, so the latch is seen alone (flatten: tests/test_exits_pipeline.py).
+    h = harness(overrides={"risk": {"on_daily_loss": "reduce_only"}})
     d = h.dispatcher()
     add_market(conn, "AAPL", NOW, 200)
     entry = add_recommendation(conn, "AAPL", NOW)

@@ -13,13 +13,14 @@ from services.common.migrate import MigrationError
 # Subcommand groups, each registered by its own module: (module, function). Imported when the
 # parser is built, so `import services.cli` stays cheap.
 _REGISTRARS = [
-    ("services.cli.admin", "register"),                      # migrate, halt, resume, status
+    ("services.cli.admin", "register"),                      # migrate, halt, resume, flatten, status
     ("services.cli.loops", "register_dispatcher"),           # dispatcher
     ("services.cli.loops", "register_demo"),                 # demo
     ("services.cli.params", "register"),                     # params show/validate/diff/push/history
     ("services.cli.loops", "register_signal_engine"),        # signal-engine
     ("services.cli.loops", "register_feature_computer"),     # feature-computer
     ("services.cli.loops", "register_watchlist_engine"),     # watchlist-engine
+    ("services.cli.loops", "register_position_manager"),     # position-manager
     ("services.cli.loops", "register_ingest"),               # load-csv, telemetry
 ]
 

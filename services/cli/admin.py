@@ -1,4 +1,4 @@
-"""Operator commands: migrate, halt, resume, status."""
+"""Operator commands: migrate, halt, resume, flatten, status."""
 
 from __future__ import annotations
 
@@ -39,19 +39,48 @@ def cmd_migrate(args) -> int:
     return 0
 
 
-def _set(args, state: str, reason: str) -> int:
+def _actor(args) -> str:
+    return args.by or f"operator:{getpass.getuser()}"
+
+
+def _set(args, state: str, reason: str, flatten: bool = False) -> int:
     from services.common.db import connect
     from services.adapters.postgres.kill_switch import set_state
 
-    actor = args.by or f"operator:{getpass.getuser()}"
+    actor = _actor(args)
     with connect(_url()) as conn, conn.transaction():
-        set_state(conn, _account(args), state, reason, actor, SystemClock().now())
+        exits = set_state(conn, _account(args), state, reason, actor, SystemClock().now(), flatten=flatten)
     print(f"{_account(args)}: {state} ({reason}) by {actor}")
+    _print_exits(exits)
     return 0
 
 
+def _print_exits(exits: list[dict]) -> None:
+    for e in exits:
+        print(f"  exit {e['id']}: {e['ticker']} position {e['position_id']} ({e['exit_reason']})")
+    if exits:
+        print(f"{len(exits)} exit(s) queued for the dispatcher")
+
+
 def cmd_halt(args) -> int:
-    return _set(args, "HALTED", args.reason)
+    return _set(args, "HALTED", args.reason, flatten=args.flatten)
+
+
+def cmd_flatten(args) -> int:
+    """Close every open position (or one ticker's) without halting: entries go on unless halted."""
+    from services.common.db import connect
+    from services.adapters.postgres import exits_repo
+
+    reason = args.reason or "operator flatten"
+    with connect(_url()) as conn, conn.transaction():
+        exits = exits_repo.flatten(conn, _account(args), exits_repo.OPERATOR_FLATTEN, reason, SystemClock().now(),
+                                   ticker=args.ticker.upper() if args.ticker else None, by=_actor(args))
+    what = args.ticker.upper() if args.ticker else "every open position"
+    print(f"{_account(args)}: flatten {what} ({reason}) by {_actor(args)}")
+    _print_exits(exits)
+    if not exits:
+        print("nothing to close: no OPEN position without an exit already working")
+    return 0
 
 
 def cmd_resume(args) -> int:
@@ -106,7 +135,17 @@ def register(subparsers) -> None:
         p.add_argument("--account", help="account id (default $ACCOUNT_ID or paper-main)")
         p.add_argument("--reason", required=(name == "halt"), help="why, recorded in the history")
         p.add_argument("--by", help="who (default operator:<user>)")
+        if name == "halt":
+            p.add_argument("--flatten", action="store_true",
+                           help="also close every open position (the only orders a halted account lets out)")
         p.set_defaults(handler=handler)
+
+    p = subparsers.add_parser("flatten", help="close every open position (or one ticker's) without halting")
+    p.add_argument("--account", help="account id (default $ACCOUNT_ID or paper-main)")
+    p.add_argument("--ticker", help="only this ticker's position")
+    p.add_argument("--reason", help="why, recorded on each exit")
+    p.add_argument("--by", help="who (default operator:<user>)")
+    p.set_defaults(handler=cmd_flatten)
 
     p = subparsers.add_parser("status", help="kill switch, P&L, exposure, positions, today's decisions")
     p.add_argument("--account", help="account id (default $ACCOUNT_ID or paper-main)")

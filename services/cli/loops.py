@@ -5,6 +5,7 @@ from __future__ import annotations
 from services import demo, ingest
 from services.dispatcher import main as dispatcher
 from services.feature_computer import main as feature_computer
+from services.position_manager import main as position_manager
 from services.signal_engine import main as signal_engine
 from services.watchlist_engine import main as watchlist_engine
 
@@ -13,6 +14,14 @@ def register_dispatcher(subparsers) -> None:
     p = subparsers.add_parser("dispatcher", help="decide and execute pending recommendations")
     p.add_argument("--once", action="store_true", help="decide what is pending, then exit")
     p.set_defaults(handler=lambda args: dispatcher.run_dispatcher(once=args.once))
+
+
+def register_position_manager(subparsers) -> None:
+    p = subparsers.add_parser("position-manager", help="mark open positions and write EXITs by the exit rules")
+    p.add_argument("--once", action="store_true", help="run one cycle and exit")
+    p.add_argument("--account", help="account id (default: ACCOUNT_ID)")
+    p.add_argument("--interval", type=float, default=60.0, help="seconds between cycles")
+    p.set_defaults(handler=position_manager.run_command)
 
 
 def register_demo(subparsers) -> None:

@@ -53,6 +53,9 @@ class RiskParams(_Section):
     # How far into the future another machine's timestamp may lie before it is refused. Small:
     # beyond a few seconds the other clock (or the row) is wrong, not merely ahead.
     max_clock_skew_seconds: int = Field(ge=0, le=60)
+    # What a daily-loss trip does besides stopping entries: `flatten` closes every open position
+    # (once each) and cancels working entry orders; `reduce_only` leaves the book as it is.
+    on_daily_loss: Literal["reduce_only", "flatten"] = "flatten"
 
 
 class TradingHoursParams(_Section):
@@ -244,6 +247,20 @@ class ExitParams(_Section):
         return self.day_trade if strategy == "day_trade" else self.swing_trade
 
 
+class FeeParams(_Section):
+    """Fees charged per fill: per share of stock and per option contract, in dollars.
+
+    Charged on the entry and on the exit; a closed position's realized P&L is net of them. The
+    simulated broker charges the same, so its equity-based daily P&L matches the positions'.
+    """
+
+    per_share: Decimal = Field(default=Decimal(0), ge=0, le=1)
+    per_contract: Decimal = Field(default=Decimal(0), ge=0, le=10)
+
+    def per_unit(self, instrument: str) -> Decimal:
+        return self.per_contract if instrument == "OPTION" else self.per_share
+
+
 class TradingParams(_Section):
     """The whole document. `schema_version` must match this code's."""
 
@@ -258,6 +275,7 @@ class TradingParams(_Section):
     watchlist: WatchlistParams
     execution: ExecutionParams
     exits: ExitParams
+    fees: FeeParams = Field(default_factory=FeeParams)
 
     def content_hash(self) -> str:
         """sha256 of the canonical JSON form: the same limits give the same hash."""

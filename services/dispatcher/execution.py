@@ -128,7 +128,7 @@ class OrderDesk:
             step = next_attempt(row["attempt"], row["submitted_at"], now, quote, execution, side=row["side"], tick=tick)
             if isinstance(step, Wait):
                 return 0
-            stopped = self._stopped_by_kill_switch(row["role"])
+            stopped = self._stopped_by_kill_switch(row["role"], row.get("exit_reason"))
             if stopped is not None and row["role"] != OrderRole.ENTRY:
                 return 0  # a halted account sends nothing; the exit already working stays
             reason = CancelReason.REPRICE if isinstance(step, Replace) and stopped is None else CancelReason.GIVE_UP
@@ -147,7 +147,7 @@ class OrderDesk:
         return 1
 
     def _send_next_attempt(self, row: dict[str, Any], now: datetime) -> int:
-        stopped = self._stopped_by_kill_switch(row["role"])
+        stopped = self._stopped_by_kill_switch(row["role"], row.get("exit_reason"))
         if stopped is not None:
             # The next attempt is a new order: the kill switch decides whether it may go out.
             with self.pool.connection() as conn, conn.transaction():
@@ -178,13 +178,45 @@ class OrderDesk:
         self.record_broker_answer(cid, result)
         return 1
 
-    def _stopped_by_kill_switch(self, role: str) -> str | None:
+    def cancel_entries(self, why: str) -> int:
+        """Cancel every entry order still working (the kill switch flattens the book).
+
+        The reason is committed before each cancel is sent; one already asked is asked again
+        after reprice_after_seconds without an answer. What filled before the cancel opens a
+        position, which the flatten closes in turn. Returns the cancels sent.
+        """
+        now = self.clock.now()
+        wait = timedelta(seconds=self.params.current().params.execution.reprice_after_seconds)
+        with self.pool.connection() as conn:
+            working = orders_repo.working_entries(conn, self.account_id)
+        sent = 0
+        for row in working:
+            cid = row["client_order_id"]
+            if row["cancel_reason"] is None:
+                with self.pool.connection() as conn:
+                    if not orders_repo.request_entry_cancel(conn, self.account_id, cid, now):
+                        continue  # it moved meanwhile (filled, or another dispatcher asked)
+                log.warning("entry order canceled by the kill switch", extra={
+                    "client_order_id": cid, "recommendation_id": row["recommendation_id"], "reason": why})
+            elif row["cancel_reason"] != CancelReason.KILL_SWITCH or now - row["updated_at"] < wait:
+                continue  # a re-pricing cancel (its next attempt is stopped), or asked moments ago
+            sent += self._guarded(self._send_cancel, row)
+        return sent
+
+    def _send_cancel(self, row: dict[str, Any]) -> int:
+        after = self.broker.cancel_order(row["client_order_id"])
+        if after is not None:
+            self.record_broker_answer(row["client_order_id"], after)
+        return 1
+
+    def _stopped_by_kill_switch(self, role: str, exit_reason: str | None = None) -> str | None:
         """The kill switch's reason when it stops a new order of this role (entries unless ACTIVE,
-        everything when HALTED); None when the order may go out. Read fresh from Postgres."""
+        everything when HALTED but the operator's flatten); None when the order may go out.
+        Read fresh from Postgres."""
         with self.pool.connection() as conn:
             switch = kill_switch.read_state(conn, self.account_id)
         result = check_kill_switch(switch["state"] if switch else "ACTIVE",
-                                   "EXIT" if role == OrderRole.EXIT else "BUY")
+                                   "EXIT" if role == OrderRole.EXIT else "BUY", exit_reason)
         return None if result.passed else result.reason
 
     def quote(self, symbol: str, instrument: str, now: datetime) -> Quote | None:

@@ -36,7 +36,7 @@ from services.common.market_calendar import CalendarUnavailable, SessionCalendar
 from services.common.params import ParamsInForce
 from services.adapters.assets import MISSING as MISSING_ASSET
 from services.adapters.assets import AssetCache
-from services.adapters.postgres import kill_switch, orders_repo, queries
+from services.adapters.postgres import exits_repo, kill_switch, orders_repo, queries
 from services.adapters.postgres.asset_records import AssetRecordStore
 from services.adapters.postgres.orders_repo import jsonb
 from services.dispatcher.execution import OrderDesk
@@ -315,7 +315,7 @@ class Dispatcher:
                 if expired:
                     kill_switch.expire_latch(conn, self.account_id, now, session_day)
         rec = {k: row[k] for k in ("id", "account_id", "ticker", "action", "instrument", "strategy",
-                                   "confidence", "bar_ts", "created_at", "reason")}
+                                   "confidence", "bar_ts", "created_at", "reason", "position_id", "exit_reason")}
         return Context(
             recommendation=rec,
             bar=bar,
@@ -405,6 +405,8 @@ class Dispatcher:
             "multiplier": plan.multiplier, "est_price": plan.est_price, "notional": plan.notional,
             "position_side": plan.position_side, "opens_position": plan.opens_position,
             "order_type": plan.order_type, "limit_price": plan.limit_price, "attempt": 0,
+            "fee_per_unit": in_force.params.fees.per_unit(plan.instrument),
+            "strategy": ctx.recommendation.get("strategy"),
             **self._option_columns(plan),
             **self._params_columns(in_force),
         })
@@ -428,7 +430,8 @@ class Dispatcher:
             return et_date(now)
 
     def _trip(self, conn, reason: str, now: datetime) -> None:
-        kill_switch.trip_daily_loss(conn, self.account_id, reason, now, self._session_day(now))
+        kill_switch.trip_daily_loss(conn, self.account_id, reason, now, self._session_day(now),
+                                    self.params.current().params.risk.on_daily_loss)
 
     # --- the order ------------------------------------------------------------------------
 
@@ -527,7 +530,42 @@ class Dispatcher:
         if self._last_reconcile is None or now - self._last_reconcile >= RECONCILE_EVERY:
             self._last_reconcile = now
             self.recover_in_flight()
+        self.enforce_kill_switch()
         self.reprice_working()
+
+    def enforce_kill_switch(self) -> dict[str, int]:
+        """What a kill switch does to orders already out and positions already held.
+
+        HALTED: entry orders still working are canceled. A switch that flattens (a daily-loss
+        trip under `risk.on_daily_loss: flatten`, `halt --flatten`): the same, and every OPEN
+        position without a working exit gets one, while the market is open. The trip itself
+        wrote the first exits; this pass catches a position that opened later (an entry that
+        filled before its cancel) and one whose exit ended unfilled.
+        """
+        now = self.clock.now()
+        with self.pool.connection() as conn:
+            row = kill_switch.read_state(conn, self.account_id)
+            if row is None:
+                return {"exits": 0, "cancels": 0}
+            switch = kill_switch.KillSwitch(row["state"], row["changed_by"], row["tripped_session"], row["flatten"])
+            state, _ = kill_switch.effective_state(switch, self._session_day(now))
+            code = kill_switch.flatten_policy(state, switch.changed_by, switch.flatten,
+                                              self.params.current().params.risk.on_daily_loss)
+            exits = []
+            if code is not None and self._market_open(now):
+                exits = exits_repo.flatten(conn, self.account_id, code, f"kill switch {state}: {row['reason']}", now,
+                                           by=f"dispatcher:{self.worker_id}")
+        if exits:
+            log.warning("kill switch flattens positions", extra={
+                "account_id": self.account_id, "code": code, "positions": [e["ticker"] for e in exits]})
+        cancels = self.orders.cancel_entries(code or state) if state == "HALTED" or code is not None else 0
+        return {"exits": len(exits), "cancels": cancels}
+
+    def _market_open(self, now: datetime) -> bool:
+        try:
+            return self.calendar.is_open(now)
+        except CalendarUnavailable:
+            return False  # no exit written that the market-closed gate would refuse anyway
 
 # --- process wiring ------------------------------------------------------------------------
 

@@ -81,7 +81,8 @@ class Reconciler:
             result = check_daily_loss_limit({"equity": snapshot.equity, "last_equity": snapshot.last_equity},
                                             in_force.params)
             if result.code == "DAILY_LOSS_LIMIT":
-                kill_switch.trip_daily_loss(conn, self.account_id, result.reason, now, self.session_day(now))
+                kill_switch.trip_daily_loss(conn, self.account_id, result.reason, now, self.session_day(now),
+                                            in_force.params.risk.on_daily_loss)
         if force or self._last_orders_reconcile is None or now - self._last_orders_reconcile >= RECONCILE_EVERY:
             self._last_orders_reconcile = now
             self.reconcile_broker_orders()

@@ -45,7 +45,9 @@ def build_broker(pool: ConnectionPool, account_id: str, clock: Clock, in_force: 
     if kind != "sim":
         raise SystemExit(f"OPS_BROKER must be 'sim' or 'alpaca', got {kind!r}")
     log.info("trading mode", extra={"mode": "paper", "reason": "simulated paper broker"})
-    return SimBroker(pool, account_id, clock, slippage_bps=in_force.params.execution.slippage_bps)
+    fees = in_force.params.fees
+    return SimBroker(pool, account_id, clock, slippage_bps=in_force.params.execution.slippage_bps,
+                     fee_per_share=fees.per_share, fee_per_contract=fees.per_contract)
 
 
 def params_provider():
@@ -112,3 +114,15 @@ def build_market(broker: Broker):
     option_data = OptionData(lambda ticker, spot, now, window: market.option_chain(
         ticker, expiration_gte=window[0] if window else None, expiration_lte=window[1] if window else None))
     return option_data, quote
+
+
+def option_quotes_source(broker: Broker):
+    """The held option contracts' quotes, for the position manager's marks: one request for all of them."""
+    if isinstance(broker, SimBroker):
+        return lambda symbols, now: {s: broker.quote(s, "OPTION", now) for s in symbols}
+    from services.adapters.alpaca.client import AlpacaMarketData
+
+    market = AlpacaMarketData(broker.settings, trading_client=broker.trading_client)
+
+    # The snapshots carry their own quote time: an option whose quote stopped is judged stale.
+    return lambda symbols, now: market.option_quotes(list(symbols))

@@ -169,6 +169,13 @@ def _exit(ctx: Context, rec: dict[str, Any], params: TradingParams, now: datetim
     if not passed:
         return _denied(gates)
     pos = ctx.open_position or {}
+    wanted = rec.get("position_id")
+    if wanted is not None and pos and pos.get("id") != wanted:
+        # The position this exit was written for is gone; the ticker's live one is another (a
+        # new entry since): closing it would act on a decision never made about it.
+        gone = GateResult(False, f"EXIT_POSITION_GONE: position {wanted} is no longer live; "
+                                 f"{ctx.ticker}'s live position is {pos.get('id')}", pos.get("id"), wanted)
+        return _denied(gates + [NamedGate("exit_position", gone)])
     qty = to_decimal(pos.get("qty"))
     price = to_decimal(pos.get("market_price")) or to_decimal((ctx.bar or {}).get("close"))
     if pos.get("status") in ("CLOSING", "PENDING"):

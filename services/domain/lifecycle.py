@@ -87,6 +87,7 @@ class CancelReason(StrEnum):
 
     REPRICE = "REPRICE"  # replaced by the next attempt at a new limit price
     GIVE_UP = "GIVE_UP"  # unfilled after the last attempt: the order ends
+    KILL_SWITCH = "KILL_SWITCH"  # an entry canceled because the kill switch flattens the book
 
 
 class OrderRole(StrEnum):
@@ -257,6 +258,8 @@ def transition(order: OrderState, event: Event) -> Transition | Illegal:
     rec, code = _recommendation(new, filled)
     if new is ExecutionStatus.CANCELED and filled == 0 and order.cancel_reason is CancelReason.GIVE_UP:
         code = "ORDER_GIVEN_UP"  # unfilled after its last price
+    if new is ExecutionStatus.CANCELED and order.cancel_reason is CancelReason.KILL_SWITCH:
+        code = "ORDER_CANCELED_KILL_SWITCH"  # what filled before the cancel is a position, flattened in turn
     return Transition(new, filled, _position_action(order.role, new, filled), rec, code)
 
 

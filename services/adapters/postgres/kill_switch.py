@@ -2,7 +2,13 @@
 
 ACTIVE: trading. REDUCING: only risk-reducing orders; a daily-loss trip puts the account here
 and it stays until the next session opens, whatever the P&L does meanwhile and across
-restarts. HALTED: nothing goes out until an operator resumes.
+restarts. HALTED: nothing goes out until an operator resumes, but the exits of a flatten the
+operator asked for.
+
+Flatten: with `risk.on_daily_loss: flatten` a trip writes an EXIT for every open position in
+the transaction that trips it, so it happens once, with the trip; `halt --flatten` does the
+same for the operator and keeps `flatten` set, so a position that opens later (an entry filled
+after the halt) is flattened too. See `flatten_policy`.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from dataclasses import dataclass
 from datetime import date, datetime
 
 import psycopg
+
+from services.adapters.postgres import exits_repo
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +32,21 @@ class KillSwitch:
     state: str
     changed_by: str | None = None
     tripped_session: date | None = None
+    flatten: bool = False
+
+
+def flatten_policy(state: str, changed_by: str | None, flatten: bool, on_daily_loss: str) -> str | None:
+    """The exit reason under which every open position is to be closed now, or None.
+
+    A daily-loss REDUCING with the `flatten` policy: DAILY_LOSS_FLATTEN. A HALTED set with
+    `halt --flatten`: OPERATOR_FLATTEN. Anything else (a REDUCING set by reconciliation or an
+    operator, a plain halt) stops entries and leaves the book alone.
+    """
+    if state == "REDUCING" and changed_by == DAILY_LOSS_ACTOR and on_daily_loss == "flatten":
+        return exits_repo.DAILY_LOSS_FLATTEN
+    if state == "HALTED" and flatten:
+        return exits_repo.OPERATOR_FLATTEN
+    return None
 
 
 def effective_state(switch: KillSwitch | None, session_day: date) -> tuple[str, bool]:
@@ -50,11 +73,11 @@ _PREVIOUS_STATE = "SELECT state FROM kill_switch WHERE account_id = %(account_id
 
 _SET_STATE = """
 WITH upsert AS (
-    INSERT INTO kill_switch (account_id, state, reason, changed_by, changed_at, tripped_session)
-    VALUES (%(account_id)s, %(state)s, %(reason)s, %(by)s, %(now)s, %(tripped_session)s)
+    INSERT INTO kill_switch (account_id, state, reason, changed_by, changed_at, tripped_session, flatten)
+    VALUES (%(account_id)s, %(state)s, %(reason)s, %(by)s, %(now)s, %(tripped_session)s, %(flatten)s)
     ON CONFLICT (account_id) DO UPDATE
     SET state = EXCLUDED.state, reason = EXCLUDED.reason, changed_by = EXCLUDED.changed_by,
-        changed_at = EXCLUDED.changed_at, tripped_session = EXCLUDED.tripped_session
+        changed_at = EXCLUDED.changed_at, tripped_session = EXCLUDED.tripped_session, flatten = EXCLUDED.flatten
     RETURNING account_id
 )
 INSERT INTO kill_switch_history (account_id, from_state, to_state, reason, changed_by, changed_at)
@@ -71,22 +94,45 @@ def set_state(
     changed_by: str,
     now: datetime,
     tripped_session: date | None = None,
-) -> None:
-    """Set the state and append to the history, atomically (joins the caller's transaction)."""
+    flatten: bool = False,
+) -> list[dict]:
+    """Set the state and append to the history, atomically (joins the caller's transaction).
+
+    With `flatten` (HALTED only: `halt --flatten`) every open position gets its exit in the
+    same transaction; returns those exits.
+    """
     if state not in {"ACTIVE", "REDUCING", "HALTED"}:
         raise ValueError(f"unknown kill-switch state {state!r}")
+    if flatten and state != "HALTED":
+        raise ValueError("flatten is set with a halt; a daily-loss trip flattens by its policy")
     args = {"account_id": account_id, "state": state, "reason": reason, "by": changed_by,
-            "now": now, "tripped_session": tripped_session}
+            "now": now, "tripped_session": tripped_session, "flatten": flatten}
+    exits: list[dict] = []
     with conn.transaction():
         previous = conn.execute(_PREVIOUS_STATE, args).fetchone()
         from_state = (previous["state"] if isinstance(previous, dict) else previous[0]) if previous else None
         conn.execute(_SET_STATE, {**args, "from_state": from_state})
-    log.warning("kill switch set", extra={"account_id": account_id, "state": state, "reason": reason, "changed_by": changed_by})
+        if flatten:
+            exits = exits_repo.flatten(conn, account_id, exits_repo.OPERATOR_FLATTEN, reason, now, by=changed_by)
+    log.warning("kill switch set", extra={"account_id": account_id, "state": state, "reason": reason,
+                                          "changed_by": changed_by, "flatten": flatten, "exits": len(exits)})
+    return exits
 
 
-def trip_daily_loss(conn: psycopg.Connection, account_id: str, reason: str, now: datetime, session_day: date) -> bool:
-    """Move an ACTIVE account to REDUCING for the rest of the session. True when it tripped now."""
-    return restrict(conn, account_id, reason, DAILY_LOSS_ACTOR, now, session_day, latch_session=True)
+def trip_daily_loss(conn: psycopg.Connection, account_id: str, reason: str, now: datetime, session_day: date,
+                    on_daily_loss: str = "reduce_only") -> bool:
+    """Move an ACTIVE account to REDUCING for the rest of the session. True when it tripped now.
+
+    With `on_daily_loss="flatten"` the trip writes an EXIT for every open position in the same
+    transaction: the trip happens once, and so do its exits.
+    """
+    with conn.transaction():
+        tripped = restrict(conn, account_id, reason, DAILY_LOSS_ACTOR, now, session_day, latch_session=True)
+        if tripped and on_daily_loss == "flatten":
+            exits = exits_repo.flatten(conn, account_id, exits_repo.DAILY_LOSS_FLATTEN, reason, now, by=DAILY_LOSS_ACTOR)
+            log.warning("daily-loss trip flattens the book", extra={
+                "account_id": account_id, "positions": [e["ticker"] for e in exits]})
+    return tripped
 
 
 def restrict(conn: psycopg.Connection, account_id: str, reason: str, changed_by: str, now: datetime,
@@ -130,6 +176,6 @@ def expire_latch(conn: psycopg.Connection, account_id: str, now: datetime, sessi
 
 def read_state(conn: psycopg.Connection, account_id: str) -> dict | None:
     return conn.execute(
-        "SELECT state, reason, changed_by, changed_at, tripped_session FROM kill_switch WHERE account_id = %s",
+        "SELECT state, reason, changed_by, changed_at, tripped_session, flatten FROM kill_switch WHERE account_id = %s",
         (account_id,),
     ).fetchone()

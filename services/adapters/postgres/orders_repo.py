@@ -148,20 +148,20 @@ WITH reserved AS (
         account_id, recommendation_id, leg, client_order_id, ticker, instrument, symbol, side,
         position_intent, qty, multiplier, est_price, notional, status, submitted_at, updated_at,
         strike, expiration, option_right, premium, quote, greeks, option_gates, role, position_id,
-        order_type, limit_price, attempt)
+        order_type, limit_price, attempt, fee_per_unit)
     SELECT %(account_id)s, rec.id, %(leg)s, %(client_order_id)s, %(ticker)s, %(instrument)s, %(symbol)s,
            %(side)s, %(position_intent)s, %(qty)s, %(multiplier)s, %(est_price)s, %(notional)s,
            'SUBMITTING', %(now)s, %(now)s,
            %(strike)s, %(expiration)s, %(option_right)s, %(premium)s, %(quote)s, %(greeks)s, %(option_gates)s,
            CASE WHEN %(opens_position)s THEN 'ENTRY' ELSE 'EXIT' END, coalesce(%(position_id)s, reserved.id),
-           %(order_type)s, %(limit_price)s, %(attempt)s
+           %(order_type)s, %(limit_price)s, %(attempt)s, %(fee_per_unit)s
     FROM rec, reserved
     RETURNING id, position_id
 ), pos AS (
     INSERT INTO active_positions (id, account_id, ticker, instrument, symbol, side, qty, multiplier, avg_price,
-                                  status, recommendation_id, execution_id, opened_at, updated_at)
+                                  status, recommendation_id, execution_id, opened_at, updated_at, strategy)
     SELECT exec.position_id, %(account_id)s, %(ticker)s, %(instrument)s, %(symbol)s, %(position_side)s, %(qty)s,
-           %(multiplier)s, %(est_price)s, 'PENDING', %(recommendation_id)s, exec.id, %(now)s, %(now)s
+           %(multiplier)s, %(est_price)s, 'PENDING', %(recommendation_id)s, exec.id, %(now)s, %(now)s, %(strategy)s
     FROM exec
     WHERE %(opens_position)s
 )
@@ -184,7 +184,7 @@ def record_intent(conn: psycopg.Connection, **fields: Any) -> int:
 # that two workers applying events to the same order (the stream and a poll) take turns.
 LOAD_ORDER = """
 SELECT e.id, e.status, e.role, e.qty, coalesce(e.filled_qty, 0) AS filled_qty, e.version, e.recommendation_id,
-       e.position_id, e.ticker, e.symbol, e.multiplier, e.cancel_reason,
+       e.position_id, e.ticker, e.symbol, e.multiplier, e.cancel_reason, e.fee_per_unit, r.exit_reason,
        p.status AS position_status, p.qty AS position_qty, p.version AS position_version,
        r.status AS recommendation_status
 FROM dispatch_executions e
@@ -206,11 +206,13 @@ SET status = %(status)s, broker_order_id = coalesce(%(broker_order_id)s, broker_
 WHERE id = %(id)s AND status = %(expected)s AND version = %(version)s
 """
 
-# Position moves, each from the one state it may start in.
+# Position moves, each from the one state it may start in. Each fill adds its fee (the order's
+# fee per share or contract, times the quantity filled); a CLOSED position's realized P&L is the
+# gross of its exit fills less every fee it paid, entry and exit.
 OPEN_POSITION = """
 UPDATE active_positions
 SET status = 'OPEN', qty = %(qty)s, avg_price = %(price)s, market_price = %(price)s, updated_at = %(now)s,
-    version = version + 1
+    high_water_mark = %(price)s, fees = fees + %(qty)s::numeric * %(fee_per_unit)s::numeric, version = version + 1
 WHERE id = %(position_id)s AND status = 'PENDING'
 """
 RELEASE_POSITION = """
@@ -220,13 +222,17 @@ WHERE id = %(position_id)s AND status = 'PENDING'
 CLOSE_POSITION = """
 UPDATE active_positions
 SET status = 'CLOSED', closed_at = %(now)s, close_price = %(price)s, updated_at = %(now)s, version = version + 1,
+    exit_reason = coalesce(%(exit_reason)s, 'MANUAL_EXIT'),
+    fees = fees + qty * %(fee_per_unit)s::numeric,
     realized_pnl = coalesce(realized_pnl, 0)
                    + (%(price)s::numeric - avg_price) * qty * multiplier * CASE WHEN side = 'short' THEN -1 ELSE 1 END
+                   - (fees + qty * %(fee_per_unit)s::numeric)
 WHERE id = %(position_id)s AND status = 'CLOSING'
 """
 REOPEN_POSITION = """
 UPDATE active_positions
 SET status = 'OPEN', qty = qty - %(filled)s::numeric, updated_at = %(now)s, version = version + 1,
+    fees = fees + %(filled)s::numeric * %(fee_per_unit)s::numeric,
     realized_pnl = coalesce(realized_pnl, 0)
                    + (coalesce(%(price)s::numeric, avg_price) - avg_price) * %(filled)s::numeric * multiplier
                      * CASE WHEN side = 'short' THEN -1 ELSE 1 END
@@ -328,7 +334,8 @@ def _move_position(conn: psycopg.Connection, row: dict, result: Transition, fact
         return
     changed = conn.execute(_POSITION_SQL[result.position], {
         "position_id": row["position_id"], "qty": result.filled_qty, "filled": result.filled_qty,
-        "price": facts.filled_avg_price, "now": now,
+        "price": facts.filled_avg_price, "now": now, "fee_per_unit": row["fee_per_unit"],
+        "exit_reason": row["exit_reason"],
     }).rowcount
     if changed != 1:
         raise Conflict(f"position {row['position_id']} changed under this worker")
@@ -347,7 +354,8 @@ def _fill_detail(event: Event, facts: BrokerFacts) -> str:
 # whose cancel was asked for already come too, to ask again when no answer came.
 WORKING_LIMIT_ORDERS = """
 SELECT e.id, e.client_order_id, e.recommendation_id, e.leg, e.attempt, e.side, e.symbol, e.instrument,
-       e.submitted_at, e.updated_at, e.cancel_reason, e.role
+       e.submitted_at, e.updated_at, e.cancel_reason, e.role,
+       (SELECT r.exit_reason FROM dispatch_recommendations r WHERE r.id = e.recommendation_id) AS exit_reason
 FROM dispatch_executions e
 WHERE e.account_id = %(account_id)s AND e.status = 'ACCEPTED' AND e.order_type = 'limit'
 ORDER BY e.id
@@ -367,7 +375,7 @@ WHERE account_id = %(account_id)s AND client_order_id = %(client_order_id)s
 # Attempts canceled for a new price whose next attempt is not recorded yet (the process that
 # canceled may have died in between): the recommendation still waits for it.
 AWAITING_REPLACEMENT = """
-SELECT e.id, e.recommendation_id, e.leg, e.attempt, e.role
+SELECT e.id, e.recommendation_id, e.leg, e.attempt, e.role, r.exit_reason
 FROM dispatch_executions e
 JOIN dispatch_recommendations r ON r.id = e.recommendation_id AND r.status = 'SUBMITTING'
 WHERE e.account_id = %(account_id)s AND e.status = 'CANCELED' AND e.cancel_reason = 'REPRICE'
@@ -386,10 +394,10 @@ RECORD_NEXT_ATTEMPT = """
 INSERT INTO dispatch_executions (
     account_id, recommendation_id, leg, client_order_id, ticker, instrument, symbol, side, position_intent,
     qty, multiplier, est_price, notional, status, submitted_at, updated_at, strike, expiration, option_right,
-    premium, quote, greeks, option_gates, role, position_id, order_type, limit_price, attempt)
+    premium, quote, greeks, option_gates, role, position_id, order_type, limit_price, attempt, fee_per_unit)
 SELECT account_id, recommendation_id, leg, %(client_order_id)s, ticker, instrument, symbol, side, position_intent,
        qty, multiplier, est_price, notional, 'SUBMITTING', %(now)s, %(now)s, strike, expiration, option_right,
-       premium, quote, greeks, option_gates, role, position_id, 'limit', replace_price, attempt + 1
+       premium, quote, greeks, option_gates, role, position_id, 'limit', replace_price, attempt + 1, fee_per_unit
 FROM dispatch_executions
 WHERE id = %(execution_id)s AND status = 'CANCELED' AND cancel_reason = 'REPRICE'
 ON CONFLICT (account_id, recommendation_id, leg, attempt) DO NOTHING
@@ -454,6 +462,33 @@ def request_cancel(conn: psycopg.Connection, account_id: str, client_order_id: s
     }).rowcount == 1
 
 
+# -- working_entries --
+# Entry orders still working at the broker (nothing or part filled), for a kill switch that
+# flattens the book: each is canceled, its cancel reason recorded first.
+WORKING_ENTRIES = """
+SELECT e.id, e.client_order_id, e.recommendation_id, e.cancel_reason, e.updated_at
+FROM dispatch_executions e
+WHERE e.account_id = %(account_id)s AND e.role = 'ENTRY' AND e.status IN ('ACCEPTED', 'PARTIALLY_FILLED')
+ORDER BY e.id
+"""
+REQUEST_ENTRY_CANCEL = """
+UPDATE dispatch_executions
+SET cancel_reason = 'KILL_SWITCH', replace_price = NULL, updated_at = %(now)s, version = version + 1
+WHERE account_id = %(account_id)s AND client_order_id = %(client_order_id)s AND role = 'ENTRY'
+  AND status IN ('ACCEPTED', 'PARTIALLY_FILLED') AND cancel_reason IS NULL
+"""
+
+
+def working_entries(conn: psycopg.Connection, account_id: str) -> list[dict]:
+    return conn.execute(WORKING_ENTRIES, {"account_id": account_id}).fetchall()
+
+
+def request_entry_cancel(conn: psycopg.Connection, account_id: str, client_order_id: str, now: datetime) -> bool:
+    """Record that the kill switch cancels this entry; False when already asked, or the order moved."""
+    return conn.execute(REQUEST_ENTRY_CANCEL, {"account_id": account_id, "client_order_id": client_order_id,
+                                               "now": now}).rowcount == 1
+
+
 def awaiting_replacement(conn: psycopg.Connection, account_id: str) -> list[dict]:
     return conn.execute(AWAITING_REPLACEMENT, {"account_id": account_id}).fetchall()
 
@@ -485,7 +520,8 @@ def _recommendation_still_submitting(conn: psycopg.Connection, execution_id: int
 # A position the broker no longer holds (expired, exercised, assigned, closed by hand), by id,
 # only while it is still OPEN.
 CLOSE_VANISHED = """
-UPDATE active_positions SET status = 'CLOSED', closed_at = %(now)s, updated_at = %(now)s, version = version + 1
+UPDATE active_positions SET status = 'CLOSED', closed_at = %(now)s, updated_at = %(now)s, version = version + 1,
+    exit_reason = 'GONE_AT_BROKER'
 WHERE account_id = %(account_id)s AND id = ANY(%(ids)s) AND status = 'OPEN'
 RETURNING id, symbol
 """

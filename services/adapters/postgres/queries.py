@@ -19,7 +19,7 @@ WITH claimed AS (
     FOR UPDATE SKIP LOCKED
 )
 SELECT c.id, c.account_id, c.ticker, c.action, c.instrument, c.strategy, c.confidence,
-       c.bar_ts, c.created_at, c.reason,
+       c.bar_ts, c.created_at, c.reason, c.position_id, c.exit_reason,
        b.ts AS bar_ts_latest, b.open AS bar_open, b.high AS bar_high, b.low AS bar_low,
        b.close AS bar_close, b.volume AS bar_volume,
        f.ts AS features_ts,

@@ -118,6 +118,8 @@ class SimBroker:
         starting_cash: Decimal = Decimal("100000"),
         calendar: SessionCalendar | None = None,
         universe: Collection[str] | None = None,
+        fee_per_share: Decimal = Decimal(0),
+        fee_per_contract: Decimal = Decimal(0),
     ):
         self.pool = pool
         self.account_id = account_id
@@ -125,6 +127,10 @@ class SimBroker:
         self.slippage = Decimal(str(slippage_bps)) * _BPS
         self.half_spread = Decimal(str(half_spread_bps)) * _BPS
         self.starting_cash = starting_cash
+        # Charged on every fill, as the params' fees say: the equity-based daily P&L then
+        # matches the positions' realized P&L, which is net of the same fees.
+        self.fee_per_share = Decimal(fee_per_share)
+        self.fee_per_contract = Decimal(fee_per_contract)
         self.calendar = calendar or nyse_calendar()
         self._account_created = False
         self.universe = frozenset(universe) if universe is not None else None
@@ -167,9 +173,10 @@ class SimBroker:
 
     def _book_fill(self, conn, side: str, qty: Decimal, price: Decimal, multiplier: int, now: datetime) -> None:
         cash_flow = Decimal(qty) * price * multiplier
+        fee = Decimal(qty) * (self.fee_per_contract if multiplier > 1 else self.fee_per_share)
         conn.execute(
             "UPDATE sim_account SET cash = cash + %(flow)s, updated_at = %(now)s WHERE account_id = %(a)s",
-            {"flow": -cash_flow if side == "buy" else cash_flow, "now": now, "a": self.account_id},
+            {"flow": (-cash_flow if side == "buy" else cash_flow) - fee, "now": now, "a": self.account_id},
         )
 
     def submit_order(self, order: OrderRequest) -> OrderResult:

@@ -246,11 +246,19 @@ def check_market_open_for_exit(
 # --- Gates on the recommendation, its data and the ticker ------------------------------------
 
 
-def check_kill_switch(state: Any, action: Any) -> GateResult:
-    """ACTIVE passes; REDUCING passes only risk-reducing orders (EXIT); HALTED passes nothing."""
+# The exit reason of the flatten an operator asks for (`halt --flatten`, `flatten`): the one
+# kind of order a HALTED account lets out.
+OPERATOR_FLATTEN = "OPERATOR_FLATTEN"
+
+
+def check_kill_switch(state: Any, action: Any, exit_reason: Any = None) -> GateResult:
+    """ACTIVE passes; REDUCING passes only risk-reducing orders (EXIT); HALTED passes nothing
+    but the exits of a flatten the operator asked for (exit reason OPERATOR_FLATTEN)."""
     if state not in KILL_SWITCH_STATES:
         return deny("NO_KILL_SWITCH_STATE", f"state={state!r}", state, "ACTIVE")
     if state == "HALTED":
+        if action == "EXIT" and exit_reason == OPERATOR_FLATTEN:
+            return ok("state=HALTED: the operator's flatten goes out", state, "ACTIVE")
         return deny("KILL_SWITCH_HALTED", "account halted by operator", state, "ACTIVE")
     if state == "REDUCING" and action != "EXIT":
         return deny("KILL_SWITCH_REDUCING", f"only risk-reducing orders; action={action}", state, "ACTIVE")
@@ -576,14 +584,23 @@ def evaluate_all_gates(
             return NamedGate(name, GateResult(True, _RISK_REDUCING_NA, None, None))
         return run(name, fn, *args)
 
+    def exit_informed(name: str, fn, *args) -> NamedGate:
+        # A stale or unusable bar stops an entry; an exit still goes (it is sized from the
+        # position, and a position whose data stopped is the one to close), with the finding kept.
+        gate = run(name, fn, *args)
+        if is_exit and not gate.result.passed:
+            return NamedGate(name, GateResult(True, f"{_RISK_REDUCING_NA}: {gate.result.reason}",
+                                              gate.result.observed, gate.result.limit))
+        return gate
+
     gates = [
-        run("kill_switch", check_kill_switch, kill_switch_state, action),
+        run("kill_switch", check_kill_switch, kill_switch_state, action, _field(recommendation, "exit_reason")),
         run("action_allowed", check_action_allowed, action, instrument, params),
-        run("instrument_allowed", check_instrument_allowed, instrument, params),
+        exit_informed("instrument_allowed", check_instrument_allowed, instrument, params),
         entry_only("confidence", check_confidence, _field(recommendation, "confidence"), _field(recommendation, "strategy"), params),
         run("recommendation_age", check_recommendation_age, _field(recommendation, "created_at"), now, params,
             _field(recommendation, "bar_ts")),
-        run("bar_freshness", check_bar_freshness, bar, now, params),
+        exit_informed("bar_freshness", check_bar_freshness, bar, now, params),
         run("asset", check_asset, _field(recommendation, "ticker"), asset, action, instrument,
             proposed_order.qty if proposed_order is not None else None),
         entry_only("feature_freshness", check_feature_freshness, features, now, params),
