@@ -33,5 +33,9 @@ CREATE UNIQUE INDEX dispatch_recommendations_one_live_exit
     WHERE action = 'EXIT' AND position_id IS NOT NULL AND status IN ('PENDING', 'SUBMITTING');
 
 ALTER TABLE dispatch_executions ADD COLUMN fee_per_unit numeric NOT NULL DEFAULT 0;
+-- KILL_SWITCH: an entry order canceled because the kill switch flattens the book or halted it.
+ALTER TABLE dispatch_executions DROP CONSTRAINT execution_cancel_reason;
+ALTER TABLE dispatch_executions ADD CONSTRAINT execution_cancel_reason
+    CHECK (cancel_reason IS NULL OR cancel_reason IN ('REPRICE', 'GIVE_UP', 'KILL_SWITCH'));
 
 ALTER TABLE kill_switch ADD COLUMN flatten boolean NOT NULL DEFAULT false;

@@ -442,6 +442,21 @@ def test_kill_switch(state, action, passed, code):
     assert result.limit == "ACTIVE"
 
 
+@pytest.mark.parametrize(
+    "state, action, exit_reason, passed, code",
+    [
+        ("HALTED", "EXIT", "OPERATOR_FLATTEN", True, "OK"),  # the flatten the operator asked for
+        ("HALTED", "EXIT", "STOP_LOSS", False, "KILL_SWITCH_HALTED"),  # a rule's exit waits for resume
+        ("HALTED", "EXIT", "DAILY_LOSS_FLATTEN", False, "KILL_SWITCH_HALTED"),
+        ("HALTED", "EXIT", None, False, "KILL_SWITCH_HALTED"),
+        ("HALTED", "BUY", "OPERATOR_FLATTEN", False, "KILL_SWITCH_HALTED"),  # the reason lets out exits only
+        ("REDUCING", "EXIT", "DAILY_LOSS_FLATTEN", True, "OK"),
+    ],
+)
+def test_kill_switch_lets_out_only_the_operators_flatten_while_halted(state, action, exit_reason, passed, code):
+    assert_gate(check_kill_switch(state, action, exit_reason), passed, code)
+
+
 # --- check_action_allowed / check_instrument_allowed --------------------------------------------
 
 
@@ -1001,6 +1016,17 @@ def test_all_gates_without_account_state_deny_daily_loss_and_sizing():
     assert not passed
     denied = {g.name: g.result.code for g in gates if not g.result.passed}
     assert denied == {"daily_loss": "NO_ACCOUNT_STATE", "max_exposure": "NO_SIZE_INPUTS"}
+
+
+def test_exit_with_a_stale_bar_passes_bar_freshness_with_the_finding_kept():
+    stale = {"ts": NOW - timedelta(hours=2), "open": 100, "high": 100, "low": 100, "close": 100}
+    rec = {**good_context()["recommendation"], "action": "EXIT"}
+    passed, gates = run_gates(recommendation=rec, bar=stale, has_open_position=True)
+    freshness = by_name(gates)["bar_freshness"]
+    assert passed and freshness.passed
+    assert freshness.reason.startswith("OK: not applicable to a risk-reducing EXIT: STALE_BAR")
+    entry_passed, entry_gates = run_gates(bar=stale)
+    assert not entry_passed and by_name(entry_gates)["bar_freshness"].code == "STALE_BAR"
 
 
 def test_exit_under_halted_is_denied():

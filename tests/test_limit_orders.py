@@ -234,6 +234,21 @@ def test_option_exit_is_a_sell_to_close_limit_from_the_held_contracts_quote():
         "sell", "sell_to_close", "limit", D("1.02"))
 
 
+@pytest.mark.parametrize("reason", ["EXPIRY_CUTOFF", "END_OF_DAY", "DAILY_LOSS_FLATTEN", "OPERATOR_FLATTEN"])
+def test_option_exit_with_a_deadline_is_priced_at_the_bid(reason):
+    ctx = exit_context()
+    ctx = Context(**{**ctx.__dict__, "recommendation": {**ctx.recommendation, "exit_reason": reason}})
+    d = decide(ctx, as_params({}), NOW, None, exit_quote=Quote(D("1.00"), D("1.10")))
+    assert (d.plan.order_type, d.plan.limit_price) == ("limit", D("1.00"))
+
+
+def test_option_exit_by_a_price_rule_keeps_the_configured_aggressiveness():
+    ctx = exit_context()
+    ctx = Context(**{**ctx.__dict__, "recommendation": {**ctx.recommendation, "exit_reason": "STOP_LOSS"}})
+    d = decide(ctx, as_params({}), NOW, None, exit_quote=Quote(D("1.00"), D("1.10")))
+    assert d.plan.limit_price == D("1.02")
+
+
 def test_option_exit_without_a_quote_goes_at_market_and_says_why():
     d = decide(exit_context(), as_params({}), NOW, None)
     assert (d.plan.order_type, d.plan.limit_price) == ("market", None)

@@ -187,7 +187,7 @@ def _exit(ctx: Context, rec: dict[str, Any], params: TradingParams, now: datetim
     side = "sell" if long else "buy"
     info: dict[str, Any] = {}
     if pos["instrument"] == "OPTION":
-        priced = _exit_option_limit(side, quote, params)
+        priced = _exit_option_limit(side, quote, params, rec.get("exit_reason"))
         if priced.price is None:
             # An exit reduces risk: it is not held back for want of a quote to price a limit.
             info["order_type"] = f"market: {priced.reason}"
@@ -206,10 +206,19 @@ def _exit(ctx: Context, rec: dict[str, Any], params: TradingParams, now: datetim
     return Decision("ORDER_PLANNED", f"exit {plan.qty} {plan.symbol}", gates, plan, info)
 
 
-def _exit_option_limit(side: str, quote: Quote | None, params: TradingParams) -> LimitPrice:
+# Exits with a deadline: the last trading day's cut-off, the flatten before the close, a kill
+# switch's flatten. They are priced at the touch (the bid for a sale) from the first attempt:
+# filling before the deadline is worth more than the half-spread, and re-pricing toward the bid
+# would spend the minutes the deadline leaves.
+DEADLINE_EXITS = frozenset({"EXPIRY_CUTOFF", "EXPIRY_APPROACHING", "END_OF_DAY", "DAILY_LOSS_FLATTEN",
+                            "OPERATOR_FLATTEN"})
+
+
+def _exit_option_limit(side: str, quote: Quote | None, params: TradingParams, exit_reason: str | None = None) -> LimitPrice:
     if quote is None:
         return LimitPrice(None, "NO_QUOTE", "NO_QUOTE: no quote gathered for the exit")
-    return limit_price(side, quote.bid, quote.ask, params.execution.option_limit_aggressiveness)
+    aggressiveness = 1 if exit_reason in DEADLINE_EXITS else params.execution.option_limit_aggressiveness
+    return limit_price(side, quote.bid, quote.ask, aggressiveness)
 
 
 @dataclass(frozen=True)
