@@ -90,6 +90,13 @@ def _is_occ(symbol: str) -> bool:
     return len(symbol) >= 16 and symbol[-9] in "CP" and symbol[-8:].isdigit() and symbol[-15:-9].isdigit()
 
 
+def _expires_within(occ: str, q: dict[str, str]) -> bool:
+    """The chain's expiration_date_gte/lte filters, as Alpaca applies them (ISO dates compare as text)."""
+    expiration = f"20{occ[-15:-13]}-{occ[-13:-11]}-{occ[-11:-9]}"
+    return (not q.get("expiration_date_gte") or expiration >= q["expiration_date_gte"]) and (
+        not q.get("expiration_date_lte") or expiration <= q["expiration_date_lte"])
+
+
 @dataclass
 class RecordedRequest:
     """One request as the server received it (query values: the last one of each name)."""
@@ -863,7 +870,7 @@ class FakeAlpaca:
                     return 200, {
                         "snapshots": {
                             s: snap for s, snap in self.snapshots.items()
-                            if _is_occ(s) and s[:-15] == underlying
+                            if _is_occ(s) and s[:-15] == underlying and _expires_within(s, q)
                         },
                         "next_page_token": None,
                     }
