@@ -29,7 +29,7 @@ submit, fill and partial_fill, canceled, rejected), sent as binary frames of JSO
 next upgrades with HTTP 429, as Alpaca answers a connection over the account's limit.
 
 Responses carry the field names alpaca-py parses (Order, TradeAccount, Clock, Calendar,
-Position, Asset, OptionContractsResponse, OptionsSnapshot, BarSet). GET /v2/assets/{symbol} answers
+Position, Asset, OptionContractsResponse, OptionsSnapshot, BarSet, NewsSet). GET /v2/assets/{symbol} answers
 for the assets a test registered with `add_asset` and 404s every other symbol, as Alpaca does. Market data responses carry exactly
 one payload key plus "next_page_token": null, or the SDK keeps paging.
 """
@@ -88,6 +88,13 @@ def _is_data_path(path: str) -> bool:
 
 def _is_occ(symbol: str) -> bool:
     return len(symbol) >= 16 and symbol[-9] in "CP" and symbol[-8:].isdigit() and symbol[-15:-9].isdigit()
+
+
+def _expires_within(occ: str, q: dict[str, str]) -> bool:
+    """The chain's expiration_date_gte/lte filters, as Alpaca applies them (ISO dates compare as text)."""
+    expiration = f"20{occ[-15:-13]}-{occ[-13:-11]}-{occ[-11:-9]}"
+    return (not q.get("expiration_date_gte") or expiration >= q["expiration_date_gte"]) and (
+        not q.get("expiration_date_lte") or expiration <= q["expiration_date_lte"])
 
 
 @dataclass
@@ -266,6 +273,7 @@ class FakeAlpaca:
         self.snapshots: dict[str, dict] = {}
         self.bars: dict[str, list[dict]] = {}
         self.assets: dict[str, dict] = {}  # by symbol
+        self.news: list[dict] = []  # articles in Alpaca's shape (GET /v1beta1/news)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._streams: list[_StreamConnection] = []
@@ -604,6 +612,47 @@ class FakeAlpaca:
                 snap["dailyBar"] = {"t": ts, "o": 1.0, "h": 1.2, "l": 0.9, "c": 1.05, "v": volume, "n": 40, "vw": 1.04}
             self.snapshots[symbol] = snap
 
+    def add_news(
+        self,
+        headline: str,
+        symbols: list[str],
+        created_at: datetime,
+        *,
+        summary: str = "",
+        article_id: int | None = None,
+        updated_at: datetime | None = None,
+        source: str = "benzinga",
+    ) -> dict:
+        """A news article as GET /v1beta1/news returns it; the same id again replaces it (an update)."""
+        with self._lock:
+            article_id = article_id if article_id is not None else 40_000_000 + len(self.news)
+            article = {
+                "id": article_id, "headline": headline, "summary": summary, "author": "Fake Newsroom",
+                "created_at": _iso(created_at), "updated_at": _iso(updated_at or created_at),
+                "url": f"https://news.example/{article_id}", "content": "", "symbols": list(symbols),
+                "source": source, "images": [],
+            }
+            self.news = [a for a in self.news if a["id"] != article_id] + [article]
+            return article
+
+    def _news(self, q: dict[str, str]) -> dict:
+        """Articles naming any of `symbols`, created in [start, end], a page of `limit` (50 at most)."""
+        symbols = {s for s in q.get("symbols", "").split(",") if s}
+        start = _parse_ts(q["start"]) if q.get("start") else None
+        end = _parse_ts(q["end"]) if q.get("end") else None
+        with self._lock:
+            rows = [
+                a for a in self.news
+                if (not symbols or symbols & set(a["symbols"]))
+                and (start is None or _parse_ts(a["created_at"]) >= start)
+                and (end is None or _parse_ts(a["created_at"]) <= end)
+            ]
+        rows.sort(key=lambda a: (a["created_at"], a["id"]), reverse=q.get("sort", "desc") == "desc")
+        size = min(int(q.get("limit") or 10), 50)
+        offset = int(q.get("page_token") or 0)
+        more = offset + size < len(rows)
+        return {"news": rows[offset : offset + size], "next_page_token": str(offset + size) if more else None}
+
     def add_bar(self, symbol: str, ts: datetime, o: float, h: float, low: float, c: float, v: int) -> None:
         self.bars.setdefault(symbol, []).append(
             {"t": _iso(ts), "o": o, "h": h, "l": low, "c": c, "v": v, "n": 10, "vw": (h + low) / 2}
@@ -863,10 +912,12 @@ class FakeAlpaca:
                     return 200, {
                         "snapshots": {
                             s: snap for s, snap in self.snapshots.items()
-                            if _is_occ(s) and s[:-15] == underlying
+                            if _is_occ(s) and s[:-15] == underlying and _expires_within(s, q)
                         },
                         "next_page_token": None,
                     }
+                if path == "/v1beta1/news":
+                    return 200, self._news(q)
                 if path == "/v2/stocks/bars":
                     symbols = [s for s in q.get("symbols", "").split(",") if s]
                     return 200, {

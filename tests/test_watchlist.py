@@ -76,11 +76,13 @@ def test_hysteresis_when_challenger_slightly_better_then_incumbent_kept(challeng
     assert fresh["NEW"].selected and not fresh["INC"].selected
 
 
-def test_components_when_scored_then_every_term_and_weight_recorded():
+def test_components_when_scored_then_every_term_and_weight_recorded_and_absent_inputs_missing():
     [s] = score_watchlist([cand("A", -0.8, 1e6, None, None, trend=-1, distance=-0.01, vol_ratio=None)], default_params())
     c = s.components
     assert c["sentiment_momentum"] == pytest.approx(0.8)   # a strong negative is strong news too
-    assert c["liquidity_spread"] == 0.0 and c["liquidity_open_interest"] == 0.0
+    # Absent inputs are credited nothing and stored as "missing", never as a 0 that looks measured.
+    assert c["liquidity_spread"] == "missing" and c["liquidity_open_interest"] == "missing"
+    assert c["option_liquidity"]["status"] == "missing"
     assert c["liquidity"] == pytest.approx(0.5)
     assert c["technical"] == pytest.approx(1.0) and c["volatility"] == 0.0
     assert set(c["missing"]) == {"spread_quality", "oi_proxy", "vol_ratio"}

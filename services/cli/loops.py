@@ -5,6 +5,7 @@ from __future__ import annotations
 from services import demo, ingest
 from services.dispatcher import main as dispatcher
 from services.feature_computer import main as feature_computer
+from services.news import main as news
 from services.position_manager import main as position_manager
 from services.signal_engine import main as signal_engine
 from services.watchlist_engine import main as watchlist_engine
@@ -68,3 +69,11 @@ def register_ingest(subparsers) -> None:
     t.add_argument("--tickers", help="comma-separated tickers (default: every selected watchlist ticker)")
     t.add_argument("--interval", type=float, default=15.0, help="seconds between fetches")
     t.set_defaults(handler=ingest.telemetry_command)
+
+
+def register_news(subparsers) -> None:
+    p = subparsers.add_parser("news", help="score Alpaca news articles into the sentiment table")
+    p.add_argument("--once", action="store_true", help="run one fetch and exit")
+    p.add_argument("--tickers", help="comma-separated tickers (default: the watchlists' candidates)")
+    p.add_argument("--interval", type=float, default=60.0, help="seconds between fetches")
+    p.set_defaults(handler=news.run_command)

@@ -2,16 +2,19 @@
 
 Inputs, gathered in one round trip:
 - candidates: every ticker with bars in the last AVG_VOLUME_LOOKBACK (10 calendar days);
-- average daily volume from lane_telemetry: the mean of the per-ET-day volume sums of the
-  days BEFORE today's ET date (complete sessions); a ticker with bars only today uses today's
-  volume so far;
+- average daily volume and dollar volume (sum of volume * close) from lane_telemetry: the mean
+  of the per-ET-day sums of the days BEFORE today's ET date (complete sessions); a ticker with
+  bars only today uses today's so far;
+- its latest close (the spot its option liquidity is measured around);
 - the latest features complete by `now` (trend_state, distance_sma20, vol_ratio);
 - the confidence-weighted mean sentiment over params.signal.sentiment_lookback_minutes;
 - the account's current selection (for hysteresis).
-Spread quality and the option open-interest proxy are not in the database: the caller passes
-them as `liquidity_inputs` ({ticker: {"spread_quality": x, "oi_proxy": y}}, higher is better,
-any scale), e.g. from the option chain or the simulated market. A ticker missing from it
-scores 0 on those two liquidity terms (and says so in its components).
+Spread quality and the option open-interest proxy are not in the database. Either the caller
+passes them as `liquidity_inputs` ({ticker: {"spread_quality": x, "oi_proxy": y}}, higher is
+better, any scale), or a `liquidity_source` fetches them from the option chains, after the
+gather and outside any transaction (`services/adapters/option_liquidity.py`: cached, within
+the rate budget, failing closed per ticker). A ticker without them gets no credit for those
+two terms, and its components say "missing" and why.
 
 Every candidate's row is upserted with its score, rank, components and selected flag; rows of
 the account's tickers that are no longer candidates are deselected. One transaction.
@@ -21,8 +24,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -36,28 +40,39 @@ log = logging.getLogger(__name__)
 
 AVG_VOLUME_LOOKBACK = timedelta(days=10)
 BAR = timedelta(minutes=1)
+# {ticker: spot} at `now` -> {ticker: {"spread_quality", "oi_proxy", "detail"}}; see the module doc.
+LiquiditySource = Callable[[Mapping[str, Decimal | None], datetime], Mapping[str, Mapping[str, Any]]]
 
 # -- gather_watchlist_inputs --
-# Per candidate (a ticker with bars since %(since)s): the average daily volume of complete ET
-# days (today's partial day only when there is no earlier day), the latest features complete
-# by now, the weighted sentiment over the lookback, and whether the account holds it selected.
+# Per candidate (a ticker with bars since %(since)s): the average daily volume and dollar volume
+# of complete ET days (today's partial day only when there is no earlier day), the latest
+# complete bar's close, the latest features complete by now, the weighted sentiment over the
+# lookback, and whether the account holds it selected.
 GATHER_WATCHLIST_INPUTS = """
 WITH daily AS (
-    SELECT b.ticker, (b.ts AT TIME ZONE 'America/New_York')::date AS day, sum(b.volume) AS volume
+    SELECT b.ticker, (b.ts AT TIME ZONE 'America/New_York')::date AS day, sum(b.volume) AS volume,
+           sum(b.volume * b.close) AS dollar_volume
     FROM lane_telemetry b
     WHERE b.ts >= %(since)s AND b.ts <= %(now)s
     GROUP BY 1, 2
 ),
 candidates AS (
     SELECT d.ticker,
-           coalesce(avg(d.volume) FILTER (WHERE d.day < %(today)s), avg(d.volume)) AS avg_daily_volume
+           coalesce(avg(d.volume) FILTER (WHERE d.day < %(today)s), avg(d.volume)) AS avg_daily_volume,
+           coalesce(avg(d.dollar_volume) FILTER (WHERE d.day < %(today)s), avg(d.dollar_volume))
+               AS avg_daily_dollar_volume
     FROM daily d
     GROUP BY d.ticker
 )
-SELECT c.ticker, c.avg_daily_volume, f.trend_state, f.distance_sma20, f.vol_ratio,
+SELECT c.ticker, c.avg_daily_volume, c.avg_daily_dollar_volume, spot.close AS spot,
+       f.trend_state, f.distance_sma20, f.vol_ratio,
        s.score AS sentiment_score,
        coalesce(w.selected, false) AS incumbent
 FROM candidates c
+LEFT JOIN LATERAL (
+    SELECT b.close FROM lane_telemetry b
+    WHERE b.ticker = c.ticker AND b.ts <= %(cutoff)s ORDER BY b.ts DESC LIMIT 1
+) spot ON true
 LEFT JOIN LATERAL (
     SELECT f.trend_state, f.distance_sma20, f.vol_ratio FROM lane_features f
     WHERE f.ticker = c.ticker AND f.ts <= %(cutoff)s ORDER BY f.ts DESC LIMIT 1
@@ -95,7 +110,8 @@ def _params(params: ParamsInForce | TradingParams | Mapping[str, Any]) -> Tradin
 
 def run_watchlist_cycle(conn: psycopg.Connection, account_id: str,
                         params: ParamsInForce | TradingParams | Mapping[str, Any], now: datetime, *,
-                        liquidity_inputs: Mapping[str, Mapping[str, Any]] | None = None) -> list[WatchlistScore]:
+                        liquidity_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+                        liquidity_source: LiquiditySource | None = None) -> list[WatchlistScore]:
     """Score the candidates at `now`, store them for the account, return them by rank."""
     if not account_id:
         raise ValueError("account_id is required")
@@ -107,6 +123,8 @@ def run_watchlist_cycle(conn: psycopg.Connection, account_id: str,
         "account_id": account_id, "now": now, "cutoff": now - BAR, "since": now - AVG_VOLUME_LOOKBACK,
         "today": et_date(now), "sentiment_since": now - timedelta(minutes=p.signal.sentiment_lookback_minutes),
     }).fetchall()
+    if liquidity_source is not None:
+        liquidity_inputs = {**liquidity_source({r["ticker"]: r["spot"] for r in rows}, now), **liquidity_inputs}
     candidates = [
         WatchlistInput(
             ticker=r["ticker"],
@@ -117,6 +135,8 @@ def run_watchlist_cycle(conn: psycopg.Connection, account_id: str,
             trend_state=r["trend_state"],
             distance_sma20=as_float(r["distance_sma20"]),
             vol_ratio=as_float(r["vol_ratio"]),
+            avg_daily_dollar_volume=as_float(r["avg_daily_dollar_volume"]),
+            liquidity_detail=liquidity_inputs.get(r["ticker"], {}).get("detail"),
         )
         for r in rows
     ]
@@ -134,6 +154,31 @@ def run_watchlist_cycle(conn: psycopg.Connection, account_id: str,
     return scores
 
 
+def liquidity_source_from_settings(conninfo: str, account_id: str):
+    """Option liquidity from Alpaca's chains when OPS_BROKER=alpaca, else from the simulated market.
+
+    Alpaca's contract lookups spend the account's request budget shared through Postgres with
+    its dispatchers, whose reads leave a reserve to orders; the snapshots spend the data API's.
+    """
+    import os
+
+    from services.adapters.option_liquidity import OptionLiquiditySource
+
+    if os.environ.get("OPS_BROKER", "sim") == "alpaca":
+        from services.adapters.alpaca.client import AlpacaMarketData, postgres_trading_budget
+        from services.adapters.alpaca.settings import AlpacaSettings
+
+        settings = AlpacaSettings()
+        market = AlpacaMarketData(settings, trading_budget=postgres_trading_budget(settings, conninfo, account_id))
+        return OptionLiquiditySource(
+            lambda ticker, spot, now, window: market.option_chain(
+                ticker, expiration_gte=window[0], expiration_lte=window[1]),
+            source="alpaca option snapshots and contracts")
+    from services.adapters.sim.market import SimOptionMarket
+
+    return OptionLiquiditySource(SimOptionMarket(None).near_chain, source="simulated option market")
+
+
 def run_command(args: argparse.Namespace) -> int:
     from services.common.clock import SystemClock
     from services.common.params import ParamsError
@@ -141,7 +186,9 @@ def run_command(args: argparse.Namespace) -> int:
 
     _, account_id, url, provider = bootstrap(args.account)
     clock = SystemClock()
+    liquidity = liquidity_source_from_settings(url, account_id)
     return run_periodic(
         "watchlist-engine", url,
-        lambda conn: run_watchlist_cycle(conn, account_id, provider.current(), clock.now()),
+        lambda conn: run_watchlist_cycle(conn, account_id, provider.current(), clock.now(),
+                                         liquidity_source=liquidity),
         interval=args.interval, once=args.once, stop=stop_on_sigterm(), retry_on=(ParamsError,))

@@ -6,10 +6,16 @@
 (the weights come from params.watchlist). Every term is in [0, 1].
 
 Normalisation, `norm`: the percentile rank among the candidates that have the input,
-rank / n with ties sharing the higher rank; a candidate without the input gets 0. It is
+rank / n with ties sharing the higher rank; a candidate without the input gets no credit for
+it (0 in the sum) and its component says "missing", with the reason when the caller knows it
+(`liquidity_detail`): a market we could not see is not taken for a liquid one, nor reported as
+one that was seen and found wanting. It is
 bounded, needs no scale, and one huge value (an index ETF's volume next to mid-caps) only
 takes the top rank: min-max scaling would squash every other ticker to ~0, and a
 log-winsorized scale would need thresholds to tune. The lowest present value scores 1/n, not 0.
+
+The volume input is the average daily dollar volume when the caller has it (the cycle always
+does: 10,000 shares of a $5 stock are not 10,000 of a $500 one), else the share volume.
 
 Terms:
 - sentiment_momentum = |confidence-weighted mean sentiment score| over the lookback, in [0, 1]:
@@ -46,6 +52,8 @@ class WatchlistInput:
     trend_state: int | None = None
     distance_sma20: float | None = None
     vol_ratio: float | None = None
+    avg_daily_dollar_volume: float | None = None  # sum(volume * close) per session
+    liquidity_detail: Mapping[str, Any] | None = None  # where spread quality and OI came from, or why not
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,7 @@ def score_watchlist(candidates: Iterable[WatchlistInput], params: TradingParams 
     w = as_params(params).watchlist
     cands: Sequence[WatchlistInput] = list(candidates)
     held = set(incumbents)
-    volume_n = percentile_ranks({c.ticker: c.avg_daily_volume for c in cands})
+    volume_n = percentile_ranks({c.ticker: _volume_input(c) for c in cands})
     spread_n = percentile_ranks({c.ticker: c.spread_quality for c in cands})
     oi_n = percentile_ranks({c.ticker: c.oi_proxy for c in cands})
     distance_n = percentile_ranks({c.ticker: abs(finite_float(c.distance_sma20)) if finite_float(c.distance_sma20) is not None
@@ -106,9 +114,12 @@ def score_watchlist(candidates: Iterable[WatchlistInput], params: TradingParams 
         components = {
             "sentiment_momentum": sentiment_momentum, "sentiment_score": sentiment,
             "liquidity": liquidity,
-            "liquidity_volume": volume_n[c.ticker], "avg_daily_volume": finite_float(c.avg_daily_volume),
-            "liquidity_spread": spread_n[c.ticker], "spread_quality": finite_float(c.spread_quality),
-            "liquidity_open_interest": oi_n[c.ticker], "oi_proxy": finite_float(c.oi_proxy),
+            "liquidity_volume": _term(volume_n[c.ticker], _volume_input(c)),
+            "avg_daily_volume": finite_float(c.avg_daily_volume),
+            "avg_daily_dollar_volume": finite_float(c.avg_daily_dollar_volume),
+            "liquidity_spread": _term(spread_n[c.ticker], c.spread_quality), "spread_quality": finite_float(c.spread_quality),
+            "liquidity_open_interest": _term(oi_n[c.ticker], c.oi_proxy), "oi_proxy": finite_float(c.oi_proxy),
+            "option_liquidity": _liquidity_detail(c),
             "technical": technical, "trend_state": c.trend_state, "distance_sma20_norm": distance_n[c.ticker],
             "volatility": volatility, "vol_ratio": finite_float(c.vol_ratio),
             "weights": {"sentiment_momentum": w.weight_sentiment_momentum, "liquidity": w.weight_liquidity,
@@ -126,6 +137,27 @@ def score_watchlist(candidates: Iterable[WatchlistInput], params: TradingParams 
     chosen = {s[0] for s in by_effective[:w.top_n]}
     return [WatchlistScore(t, score, components, rank, t in chosen)
             for rank, (t, score, components) in enumerate(by_score, start=1)]
+
+
+MISSING = "missing"
+
+
+def _volume_input(c: WatchlistInput) -> float | None:
+    dollars = finite_float(c.avg_daily_dollar_volume)
+    return dollars if dollars is not None else finite_float(c.avg_daily_volume)
+
+
+def _term(normed: float, raw: Any) -> float | str:
+    """A liquidity term as stored: its normalised value, or "missing" when the input was absent."""
+    return normed if finite_float(raw) is not None else MISSING
+
+
+def _liquidity_detail(c: WatchlistInput) -> Mapping[str, Any]:
+    if c.liquidity_detail is not None:
+        return dict(c.liquidity_detail)
+    if finite_float(c.spread_quality) is None and finite_float(c.oi_proxy) is None:
+        return {"status": MISSING, "reason": "NO_SOURCE: no option liquidity inputs were supplied"}
+    return {"status": "supplied"}
 
 
 def as_float(value: Decimal | float | int | None) -> float | None:

@@ -72,6 +72,7 @@ from services.common.clock import Clock, SystemClock
 from services.common.logs import register_secret
 from services.common.market_calendar import ET, Session
 from services.domain.market_data import MarketClock, OptionQuote, parse_occ_symbol
+from services.domain.news import NewsArticle
 from services.adapters.alpaca.settings import AlpacaSettings
 from services.domain.broker import (
     AccountSnapshot,
@@ -1012,3 +1013,75 @@ class AlpacaMarketData:
                 )
         rows.sort(key=lambda r: (r["ticker"], r["ts"]))
         return rows
+
+
+# --------------------------------------------------------------------------------------------
+# News
+
+
+class AlpacaNewsFeed:
+    """Articles from Alpaca's news API (GET /v1beta1/news) through alpaca-py's NewsClient."""
+
+    def __init__(
+        self,
+        settings: AlpacaSettings,
+        *,
+        data_budget: RequestBudget | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        from alpaca.data.historical.news import NewsClient
+
+        key = settings.api_key.get_secret_value()
+        secret = settings.secret_key.get_secret_value()
+        register_secret(key)
+        register_secret(secret)
+        self.settings = settings
+        self._retrying = _Retrying(
+            settings.read_attempts,
+            settings.retry_backoff_seconds,
+            settings.retry_backoff_max_seconds,
+            sleep,
+            retry_after_max=settings.retry_after_max_seconds,
+        )
+        self._client = NewsClient(key, secret, url_override=settings.data_url)
+        # The data API's limit, not the account's trading budget: news is never an order's rival.
+        _harden(
+            self._client,
+            settings.timeout_seconds,
+            data_budget or LocalRequestBudget(settings.trading_requests_per_minute, settings.trading_burst),
+            sleep=sleep,
+        )
+
+    def __repr__(self) -> str:
+        return f"AlpacaNewsFeed(data_url={_url(self._client)})"
+
+    __str__ = __repr__
+
+    def articles(self, symbols: Sequence[str], start: datetime, end: datetime, *, limit: int = 1000) -> list[NewsArticle]:
+        """Articles naming any of `symbols` created in [start, end], oldest first, at most `limit`.
+
+        The SDK follows next_page_token itself (50 a page) until `limit` articles are read.
+        """
+        if start.tzinfo is None or end.tzinfo is None:
+            raise ValueError("start and end must be aware")
+        symbols = sorted(set(symbols))
+        if not symbols:
+            return []
+        from alpaca.data.requests import NewsRequest
+
+        request = NewsRequest(start=start.astimezone(UTC), end=end.astimezone(UTC), symbols=",".join(symbols),
+                              sort="asc", limit=limit)
+        news = self._retrying.read("news", lambda: self._client.get_news(request))
+        out = [
+            NewsArticle(
+                article_id=str(a.id),
+                headline=a.headline or "",
+                summary=a.summary or "",
+                symbols=tuple(a.symbols or ()),
+                created_at=_utc(a.created_at),
+                updated_at=_utc(a.updated_at),
+                source=a.source or "",
+            )
+            for a in news.data.get("news", [])
+        ]
+        return sorted(out, key=lambda a: (a.created_at, a.article_id))

@@ -155,6 +155,13 @@ class SimOptionMarket:
             cur.executemany(UPSERT_OPTION_MARKS, marks)
         return chain
 
+    def near_chain(self, ticker: str, spot, now: datetime, window) -> list:
+        """The chain inside `window` (first, last expiration) without publishing its marks: what
+        the watchlist's liquidity inputs read. No spot, no simulated chain."""
+        if spot is None:
+            return []
+        return [q for q in self._chain(ticker, spot, now) if window[0] <= q.expiration <= window[1]]
+
     def mark_held(self, conn, now: datetime) -> int:
         held = conn.execute(HELD_OPTIONS, {"now": now}).fetchall()
         marks = []
