@@ -1089,3 +1089,68 @@ def test_sigterm_then_the_service_exits_zero(db_url):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- batches -----------------------------------------------------------------------------------------
+
+
+def test_a_single_recommendation_on_an_idle_queue_is_claimed_alone_at_once(harness, conn):
+    h = harness()
+    d = h.dispatcher()
+    add_market(conn, "AAPL", NOW, 200)
+    rec = add_recommendation(conn, "AAPL", NOW)
+    d.refresh_account(force=True)
+    assert [o.recommendation_id for o in d.drain()] == [rec]
+    assert list(d.claims) == [1]  # not held back waiting for a batch to fill
+
+
+def test_a_deep_queue_is_claimed_in_growing_batches_and_decided_in_created_order(harness, conn):
+    h = harness(overrides={"max_trades_per_ticker_per_day": 1000})
+    d = h.dispatcher()
+    add_market(conn, "AAPL", NOW, 200)
+    made = [add_recommendation(conn, "AAPL", NOW - timedelta(seconds=200 - i)) for i in range(150)]
+    d.refresh_account(force=True)
+    outcomes = d.drain()
+    assert [o.recommendation_id for o in outcomes] == made
+    assert list(d.claims) == [1, 4, 16, 64, 64, 1]  # 149 after the first; the last claim finds the queue short
+    assert [o.status for o in outcomes].count("EXECUTED") == 1  # the rest: AAPL is held
+    assert count(conn, "SELECT count(*) AS n FROM dispatch_recommendations WHERE status = 'PENDING'") == 0
+
+
+def test_a_batch_that_straddles_the_position_limit_gives_the_fifth_position_to_exactly_one(harness, conn):
+    h = harness()  # max_open_positions 5
+    d = h.dispatcher()
+    for t in ("HA", "HB", "HC", "HD"):
+        add_position(conn, t, 1, 100)
+    tickers = [f"N{chr(65 + i)}" for i in range(12)]
+    recs = []
+    for t in tickers:
+        add_market(conn, t, NOW, 50)
+        recs.append(add_recommendation(conn, t, NOW))
+    d.refresh_account(force=True)
+    outcomes = d.process_batch(12)
+    assert list(d.claims) == [12]
+    assert [o.status for o in outcomes] == ["EXECUTED"] + ["SKIPPED"] * 11
+    assert {o.code for o in outcomes[1:]} == {"MAX_POSITIONS"}
+    denied = recommendation(conn, recs[1])
+    assert denied["decision"]["capacity"] == "denied on recheck under the account lock"
+    assert gate(denied, "max_positions")["observed"] == 6  # the 5 held, the batch's included, plus this one
+    assert count(conn, "SELECT count(*) AS n FROM active_positions WHERE status IN ('PENDING', 'OPEN')") == 5
+
+
+def test_a_batch_with_a_recommendation_that_breaks_the_decision_is_decided_again_one_at_a_time(harness, conn):
+    h = harness()
+    d = h.dispatcher(option_data=CorruptOptionData())
+    add_market(conn, "AAPL", NOW, 200)
+    add_market(conn, "MSFT", NOW, 300)
+    good_first = add_recommendation(conn, "MSFT", NOW - timedelta(seconds=2))
+    bad = add_recommendation(conn, "AAPL", NOW - timedelta(seconds=1), instrument="OPTION")
+    skip = add_recommendation(conn, "MSFT", NOW)
+    d.refresh_account(force=True)
+    outcomes = d.process_batch(3)
+    assert [(o.recommendation_id, o.status) for o in outcomes] == [(good_first, "EXECUTED")]
+    rest = d.drain()
+    assert [(o.recommendation_id, o.status, o.code) for o in rest] == [
+        (bad, "FAILED", "DECISION_ERROR"), (skip, "SKIPPED", "TICKER_COOLDOWN")]
+    assert list(d.claims)[:2] == [3, 1]  # the failed batch of 3, then the same rows one by one
+    assert count(conn, "SELECT count(*) AS n FROM dispatch_executions") == 1

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -76,6 +77,9 @@ FILL_REFRESH_SECONDS = 1.0
 # A decision whose network inputs (asset record, option chain) are not cached lets its claim go,
 # fetches them and claims again (maybe another row, when other dispatchers took that one).
 MAX_FETCHES = 20
+# The most recommendations one claim takes when the queue is deep. The account's capacity lock
+# is held until the batch commits, so a batch is also how long another dispatcher's order waits.
+MAX_BATCH = 64
 # An option exit is priced from a quote at most this old.
 EXIT_QUOTE_FRESH = timedelta(seconds=5)
 # SIGTERM: the recommendation in hand gets this long; then its order is left SUBMITTING for recovery.
@@ -98,6 +102,10 @@ class StaticParams:
     def status(self) -> dict[str, Any]:
         p = self._in_force
         return {"source": p.source, "version": p.version, "hash": p.content_hash, "last_error": None}
+
+
+# A batch that failed is decided again one recommendation at a time.
+_ONE_AT_A_TIME = object()
 
 
 class _FetchFirst(Exception):
@@ -158,6 +166,8 @@ class Dispatcher:
         self._chain_errors: dict[str, str] = {}
         self._asset_errors: dict[str, AssetUnavailable] = {}
         self._exit_quotes: dict[str, tuple[datetime, Quote | None]] = {}
+        # The size of each claim, in order (bounded): how the batches adapt to the queue's depth.
+        self.claims: deque[int] = deque(maxlen=1000)
 
     @property
     def calendar(self) -> SessionCalendar:
@@ -191,84 +201,131 @@ class Dispatcher:
 
     def process_next(self) -> Outcome | None:
         """Decide the oldest pending recommendation; None when there is none."""
+        outcomes = self.process_batch(1)
+        return outcomes[0] if outcomes else None
+
+    def process_batch(self, size: int) -> list[Outcome] | None:
+        """Decide up to `size` of the oldest pending recommendations, in order; None when none is pending.
+
+        One transaction claims them (SKIP LOCKED) with every gate input, decides each in created
+        order, records each order's intent as it is decided (so the capacity recheck of the next
+        one, under the account lock, counts it), records every skip in one statement and commits
+        once; the orders leave after that commit, in order. A batch that fails for a reason that
+        is not the database's is decided again one recommendation at a time, where the failing
+        one is recorded alone.
+        """
         for _ in range(MAX_FETCHES):
-            outcome = self._process_once()
+            outcome = self._process_batch(size)
+            if outcome is _ONE_AT_A_TIME:
+                size = 1
+                continue
             if not isinstance(outcome, _FetchFirst):
                 return outcome
             outcome.fetch()  # the claim was let go: fetch with no transaction open, then claim again
-        # Each pass cached what the row it claimed needed; other dispatchers kept taking those rows.
+        # Each pass cached what the rows it claimed needed; other dispatchers kept taking those rows.
         log.warning("no decision after fetching inputs; yielding", extra={"account_id": self.account_id,
                                                                             "fetches": MAX_FETCHES})
-        return None
+        return []
 
-    def _process_once(self) -> Outcome | _FetchFirst | None:
+    def _process_batch(self, size: int) -> list[Outcome] | _FetchFirst | object | None:
         now = self.clock.now()
         in_force = self.params.current()
         day_start, day_end = et_day_bounds(et_date(now))
         rec_id: int | None = None
-        decision: Decision | None = None
-        ctx: Context | None = None
+        decided: list[tuple[Context, Decision, str]] = []
         try:
             with self.pool.connection() as conn, conn.transaction():
-                row = conn.execute(
+                rows = conn.execute(
                     queries.CLAIM_AND_GATHER,
-                    {"account_id": self.account_id, "now": now, "day_start": day_start, "day_end": day_end},
-                ).fetchone()
-                if row is None:
+                    {"account_id": self.account_id, "now": now, "day_start": day_start, "day_end": day_end,
+                     "limit": size},
+                ).fetchall()
+                if not rows:
                     return None
-                rec_id = row["id"]
-                ctx = self._context(conn, row, now)
-                option_inputs = None
-                if is_option_entry(ctx.recommendation):
-                    option_inputs = self._gather_options(conn, ctx, in_force, now)
-                    if option_inputs is None:  # rolls the claim back: nothing recorded
-                        raise _FetchFirst(f"option chain {ctx.ticker}", lambda: self._fetch_chain(ctx))
-                exit_quote = None
-                if ctx.action == "EXIT" and (ctx.open_position or {}).get("instrument") == "OPTION":
-                    exit_quote = self._exit_quote(ctx.open_position["symbol"], now)
-                decision = decide(ctx, in_force.params, now, self._calendar, option_inputs, exit_quote=exit_quote)
-                decision = live_trading_check(decision, not self.broker.paper, in_force.params)
-                position_id = None
-                if decision.is_order and decision.plan.opens_position:
-                    conn.execute(queries.CAPACITY_LOCK, {"account_id": self.account_id})
-                    fresh = conn.execute(
-                        queries.CAPACITY_RECHECK, {"account_id": self.account_id, "ticker": ctx.ticker}
-                    ).fetchone()
-                    decision = recheck_capacity(decision, ctx, fresh, in_force.params)
-                elif decision.is_order:
-                    # An exit takes its position by id, under the row lock, or finds another exit has.
-                    position_id = (ctx.open_position or {}).get("id")
-                    taken = position_id is not None and orders_repo.take_position(
-                        conn, self.account_id, position_id, ctx.open_position.get("version"), now)
-                    if not taken:
-                        decision = exit_unavailable(decision, "CLOSING")
-                cid = client_order_id(self.account_id, rec_id)
-                if decision.is_order:
-                    self._record_intent(conn, ctx, decision, cid, in_force, now, position_id)
-                else:
-                    self._record_skip(conn, rec_id, decision, in_force, now)
-                    loss = next((g.result for g in decision.gates if g.result.code == "DAILY_LOSS_LIMIT"), None)
-                    if loss is not None:  # whichever gate failed first, the loss trips the switch
-                        self._trip(conn, loss.reason, now)
+                self.claims.append(len(rows))
+                prepared, fetches = [], []
+                for row in rows:
+                    rec_id = row["id"]
+                    try:
+                        prepared.append(self._prepare(conn, row, in_force, now))
+                    except _FetchFirst as fetch:
+                        fetches.append(fetch)
+                if fetches:  # rolls the whole claim back: nothing recorded; every fetch, then claim again
+                    raise _FetchFirst(", ".join(str(f) for f in fetches), lambda: [f.fetch() for f in fetches])
+                loss: str | None = None
+                for ctx, option_inputs, exit_quote in prepared:
+                    rec_id = ctx.recommendation["id"]
+                    decision, position_id = self._decide(conn, ctx, in_force, now, option_inputs, exit_quote)
+                    cid = client_order_id(self.account_id, rec_id)
+                    if decision.is_order:
+                        self._record_intent(conn, ctx, decision, cid, in_force, now, position_id)
+                    elif loss is None:
+                        # Whichever gate failed first, the loss trips the switch (once a batch).
+                        loss = next((g.result.reason for g in decision.gates if g.result.code == "DAILY_LOSS_LIMIT"), None)
+                    decided.append((ctx, decision, cid))
+                self._record_skips(conn, [(ctx, d) for ctx, d, _ in decided if not d.is_order], in_force, now)
+                if loss is not None:
+                    self._trip(conn, loss, now)
         except _FetchFirst as fetch:
             return fetch
         except (psycopg.OperationalError, psycopg.InterfaceError):
             raise  # the database is down: the loop backs off; nothing was committed
         except Exception as e:  # a bug or bad data: recorded, rolled back, and the loop goes on
+            if size > 1:
+                log.warning("batch failed; deciding its recommendations one at a time", extra={
+                    "account_id": self.account_id, "size": size, "error": f"{type(e).__name__}: {e}"})
+                return _ONE_AT_A_TIME
             log.exception("decision failed", extra={"recommendation_id": rec_id, "account_id": self.account_id})
             if rec_id is None:
                 # The claimed row could not even be loaded (a value the driver cannot decode):
                 # claim it again by id alone and fail it, or every dispatcher would stop on it.
-                return self._fail_unloadable(e, now)
+                return [o for o in [self._fail_unloadable(e, now)] if o is not None] or None
             detail = f"DECISION_ERROR: {type(e).__name__}: {e}"
             with self.pool.connection() as conn:
                 failed = orders_repo.fail_pending(conn, self.account_id, rec_id, "DECISION_ERROR", detail, now,
                                                   self.worker_id)
             if not failed:  # another worker holds it now: it is that worker's to finish
-                return Outcome(rec_id, "PENDING", "DECISION_ERROR_NOT_RECORDED", str(e))
-            return Outcome(rec_id, "FAILED", "DECISION_ERROR", str(e))
+                return [Outcome(rec_id, "PENDING", "DECISION_ERROR_NOT_RECORDED", str(e))]
+            return [Outcome(rec_id, "FAILED", "DECISION_ERROR", str(e))]
 
-        assert ctx is not None and decision is not None
+        return [self._after_commit(ctx, decision, cid, now) for ctx, decision, cid in decided]
+
+    def _prepare(self, conn, row: dict[str, Any], in_force: ParamsInForce, now: datetime):
+        """The context of one claimed row and its network inputs from the caches; _FetchFirst: fetch first."""
+        ctx = self._context(conn, row, now)
+        option_inputs = None
+        if is_option_entry(ctx.recommendation):
+            option_inputs = self._gather_options(conn, ctx, in_force, now)
+            if option_inputs is None:
+                raise _FetchFirst(f"option chain {ctx.ticker}", lambda: self._fetch_chain(ctx))
+        exit_quote = None
+        if ctx.action == "EXIT" and (ctx.open_position or {}).get("instrument") == "OPTION":
+            exit_quote = self._exit_quote(ctx.open_position["symbol"], now)
+        return ctx, option_inputs, exit_quote
+
+    def _decide(self, conn, ctx: Context, in_force: ParamsInForce, now: datetime, option_inputs,
+                exit_quote) -> tuple[Decision, int | None]:
+        """The decision, with capacity re-checked under the account lock (entries) or the position taken (exits)."""
+        decision = decide(ctx, in_force.params, now, self._calendar, option_inputs, exit_quote=exit_quote)
+        decision = live_trading_check(decision, not self.broker.paper, in_force.params)
+        position_id = None
+        if decision.is_order and decision.plan.opens_position:
+            conn.execute(queries.CAPACITY_LOCK, {"account_id": self.account_id})
+            fresh = conn.execute(
+                queries.CAPACITY_RECHECK, {"account_id": self.account_id, "ticker": ctx.ticker}
+            ).fetchone()
+            decision = recheck_capacity(decision, ctx, fresh, in_force.params)
+        elif decision.is_order:
+            # An exit takes its position by id, under the row lock, or finds another exit has.
+            position_id = (ctx.open_position or {}).get("id")
+            taken = position_id is not None and orders_repo.take_position(
+                conn, self.account_id, position_id, ctx.open_position.get("version"), now)
+            if not taken:
+                decision = exit_unavailable(decision, "CLOSING")
+        return decision, position_id
+
+    def _after_commit(self, ctx: Context, decision: Decision, cid: str, now: datetime) -> Outcome:
+        rec_id = ctx.recommendation["id"]
         if not decision.is_order:
             self._log_decision(ctx, "SKIPPED", decision.code, decision.detail)
             return Outcome(rec_id, "SKIPPED", decision.code, decision.detail, ctx.ticker, ctx.action)
@@ -384,13 +441,13 @@ class Dispatcher:
     def _params_columns(self, in_force: ParamsInForce) -> dict[str, Any]:
         return {"params_source": in_force.source, "params_version": in_force.version, "params_hash": in_force.content_hash}
 
-    def _record_skip(self, conn, rec_id: int, decision: Decision, in_force: ParamsInForce, now: datetime) -> None:
-        orders_repo.record_outcome(conn, **{
-            "id": rec_id, "account_id": self.account_id, "status": "SKIPPED", "now": now, "worker": self.worker_id,
-            "code": decision.code, "detail": decision.detail,
-            "gates": jsonb(decision.gates_json()), "decision": jsonb(decision.info),
-            **self._params_columns(in_force),
-        })
+    def _record_skips(self, conn, skips: list[tuple[Context, Decision]], in_force: ParamsInForce,
+                      now: datetime) -> None:
+        if not skips:
+            return
+        orders_repo.record_skips(conn, self.account_id, [
+            {"id": ctx.recommendation["id"], "code": d.code, "detail": d.detail, "gates": d.gates_json(),
+             "decision": d.info} for ctx, d in skips], now, self.worker_id, **self._params_columns(in_force))
 
     def _record_intent(self, conn, ctx: Context, decision: Decision, cid: str, in_force: ParamsInForce, now: datetime,
                        position_id: int | None) -> None:
@@ -476,11 +533,15 @@ class Dispatcher:
     def drain(self, stop: threading.Event | None = None, limit: int | None = None) -> list[Outcome]:
         """Decide pending recommendations until none is left (or `stop`, or `limit`)."""
         outcomes: list[Outcome] = []
+        size = 1  # an idle queue's recommendation is claimed alone, at once
         while not (stop and stop.is_set()) and (limit is None or len(outcomes) < limit):
-            outcome = self.process_next()
-            if outcome is None:
+            want = size if limit is None else min(size, limit - len(outcomes))
+            batch = self.process_batch(want)
+            if batch is None:
                 break
-            outcomes.append(outcome)
+            outcomes.extend(batch)
+            # A full claim means a deep queue: claim more next time (throughput); a short one, one.
+            size = min(size * 4, MAX_BATCH) if len(batch) >= want else 1
         return outcomes
 
     def run_forever(self, conninfo: str, stop: threading.Event) -> None:

@@ -51,22 +51,26 @@ def jsonb(value: Any) -> Jsonb:
 
 # --- recommendations ------------------------------------------------------------------------
 
-# -- record_outcome --
-# A recommendation decided without an order: its terminal status with every gate result. Only
-# from PENDING, under the claim's row lock.
-RECORD_OUTCOME = """
-UPDATE dispatch_recommendations
-SET status = %(status)s, decided_at = %(now)s, claimed_by = %(worker)s, claimed_at = coalesce(claimed_at, %(now)s),
-    outcome_code = %(code)s, outcome_detail = %(detail)s, gate_results = %(gates)s, decision = %(decision)s,
+# -- record_skips --
+# A batch's recommendations decided without an order, in one statement, each only from PENDING
+# under the claim's row lock.
+RECORD_SKIPS = """
+UPDATE dispatch_recommendations r
+SET status = 'SKIPPED', decided_at = %(now)s, claimed_by = %(worker)s, claimed_at = coalesce(r.claimed_at, %(now)s),
+    outcome_code = s.code, outcome_detail = s.detail, gate_results = s.gates, decision = s.decision,
     params_source = %(params_source)s, params_version = %(params_version)s, params_hash = %(params_hash)s,
-    version = version + 1
-WHERE id = %(id)s AND account_id = %(account_id)s AND status = 'PENDING'
+    version = r.version + 1
+FROM jsonb_to_recordset(%(skips)s) AS s(id bigint, code text, detail text, gates jsonb, decision jsonb)
+WHERE r.id = s.id AND r.account_id = %(account_id)s AND r.status = 'PENDING'
 """
 
 
-def record_outcome(conn: psycopg.Connection, **fields: Any) -> None:
-    if conn.execute(RECORD_OUTCOME, fields).rowcount != 1:
-        raise Conflict(f"recommendation {fields['id']} is no longer PENDING")
+def record_skips(conn: psycopg.Connection, account_id: str, skips: list[dict[str, Any]], now: datetime,
+                 worker: str, **params_columns: Any) -> None:
+    changed = conn.execute(RECORD_SKIPS, {"account_id": account_id, "skips": jsonb(skips), "now": now,
+                                          "worker": worker, **params_columns}).rowcount
+    if changed != len(skips):
+        raise Conflict(f"{len(skips) - changed} of {len(skips)} recommendations are no longer PENDING")
 
 
 # -- fail_pending --

@@ -5,8 +5,8 @@ not the injected clock, and CURRENT_DATE is a UTC date.
 """
 
 # -- claim_and_gather --
-# Claims the oldest PENDING recommendation of one account and gathers every input its gates
-# need, in one round trip. FOR UPDATE SKIP LOCKED: a row another dispatcher is deciding is
+# Claims the oldest PENDING recommendations of one account (up to `limit`, a batch) and gathers
+# every input their gates need, in one round trip. FOR UPDATE SKIP LOCKED: a row another dispatcher is deciding is
 # skipped, not waited for; the lock lasts until this dispatcher's transaction ends.
 # The LATERAL subqueries use the (ticker, ts) keys and the per-account partial indexes.
 CLAIM_AND_GATHER = """
@@ -15,7 +15,7 @@ WITH claimed AS (
     FROM dispatch_recommendations r
     WHERE r.account_id = %(account_id)s AND r.status = 'PENDING'
     ORDER BY r.created_at, r.id
-    LIMIT 1
+    LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
 SELECT c.id, c.account_id, c.ticker, c.action, c.instrument, c.strategy, c.confidence,
@@ -50,6 +50,7 @@ CROSS JOIN LATERAL (
     WHERE p.account_id = c.account_id AND p.status IN ('PENDING', 'OPEN', 'CLOSING')) cap
 LEFT JOIN account_state a ON a.account_id = c.account_id
 LEFT JOIN kill_switch k ON k.account_id = c.account_id
+ORDER BY c.created_at, c.id
 """
 
 # -- capacity_lock --
