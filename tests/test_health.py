@@ -30,6 +30,7 @@ from services.common.market_calendar import nyse_calendar
 from services.dispatcher.main import Dispatcher
 from services.runtime import run_periodic
 from tests.factories import ACCOUNT, add_bar, add_market, add_recommendation, et, recommendation
+from tests.fake_alpaca import fake_alpaca  # noqa: F401
 from tests.test_dispatcher import params_in_force
 
 NOW = et("2026-11-30", "10:00")  # a Monday session
@@ -278,3 +279,31 @@ def test_a_bad_port_is_refused_by_its_variable_name(monkeypatch, raw):
     monkeypatch.setenv("OPS_METRICS_PORT", raw)
     with pytest.raises(HealthConfigError, match="^OPS_METRICS_PORT must be a port number"):
         port_from_env()
+
+
+# --- the Alpaca adapter's requests and errors -------------------------------------------------------
+
+
+def test_alpaca_requests_are_counted_by_endpoint_and_failures_by_kind_without_ids_in_labels(fake_alpaca):
+    from tests.fake_alpaca import Fault
+    from tests.test_alpaca_adapter import broker, option_order
+
+    before = samples(metrics_text())
+    fake_alpaca.inject(Fault(path="/v2/account", status=500, times=1))
+    adapter = broker(fake_alpaca)
+
+    adapter.get_account()  # one 500, then the retry answers
+    adapter.submit_order(option_order())
+    assert adapter.get_order_by_client_id("ops-1-0-abc") is not None
+
+    after = samples(metrics_text())
+
+    def delta(name: str, **labels) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("ops_broker_requests_total", broker="alpaca", endpoint="account") == 2
+    assert delta("ops_broker_requests_total", broker="alpaca", endpoint="orders") == 2
+    assert delta("ops_broker_errors_total", broker="alpaca", kind="http_5xx") == 1
+    endpoints = {dict(labels).get("endpoint") for (name, labels) in after if name == "ops_broker_requests_total"}
+    assert endpoints <= {"orders", "account", "positions", "clock", "calendar", "assets", "options", "stocks",
+                         "news", "other"}

@@ -144,4 +144,5 @@ def run_command(args: argparse.Namespace) -> int:
     return run_periodic(
         "watchlist-engine", url,
         lambda conn: run_watchlist_cycle(conn, account_id, provider.current(), clock.now()),
-        interval=args.interval, once=args.once, stop=stop_on_sigterm(), retry_on=(ParamsError,))
+        interval=args.interval, once=args.once, stop=stop_on_sigterm(), retry_on=(ParamsError,),
+        health_checks={"params": provider})

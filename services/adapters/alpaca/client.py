@@ -200,7 +200,8 @@ _ENDPOINTS = {"orders", "account", "positions", "clock", "calendar", "assets", "
 
 def _endpoint(url: str) -> str:
     parts = [p for p in urlsplit(str(url)).path.split("/") if p]
-    resource = parts[1] if len(parts) > 1 and parts[0] in ("v1", "v2", "v1beta1", "v1beta3") else ""
+    # /v2/orders:by_client_order_id is an orders request.
+    resource = parts[1].split(":", 1)[0] if len(parts) > 1 and parts[0] in ("v1", "v2", "v1beta1", "v1beta3") else ""
     return resource if resource in _ENDPOINTS else "other"
 
 
