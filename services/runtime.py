@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import psycopg
 
+from services.common import metrics
 from services.common.db import connect
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,26 @@ def stop_on_sigterm() -> threading.Event:
     return stop
 
 
+def loop_max_age(interval: float) -> float:
+    """How long /healthz tolerates no iteration: three intervals, and never under a minute."""
+    return max(60.0, 3 * interval)
+
+
+def serve_health(service: str, conninfo: str, *, interval: float, **checks):
+    """Serve /healthz, /readyz and /metrics on OPS_METRICS_PORT (unset: nothing is started).
+
+    `checks`: account_id (account gauges), params (a provider: checked valid), broker (reachable).
+    The loop then calls `metrics.beat(service)` once per iteration. Returns the server, or None.
+    """
+    from services.adapters.health import serve
+
+    return serve(service, conninfo, max_loop_age=loop_max_age(interval), **checks)
+
+
+# The issue names these two cycles' durations; every loop also has ops_loop_cycle_seconds.
+_CYCLE_HISTOGRAMS = {"feature-computer": metrics.FEATURE_CYCLE, "signal-engine": metrics.SIGNAL_CYCLE}
+
+
 def run_periodic(
     name: str,
     conninfo: str,
@@ -53,21 +74,31 @@ def run_periodic(
     once: bool = False,
     stop: threading.Event | None = None,
     retry_on: tuple[type[BaseException], ...] = (),
+    health_checks: dict | None = None,
 ) -> int:
-    """Run `cycle(conn)` every `interval` seconds. Exit code: with `once`, 1 when the cycle failed."""
+    """Run `cycle(conn)` every `interval` seconds. Exit code: with `once`, 1 when the cycle failed.
+
+    Unless `once`, the health server is started when OPS_METRICS_PORT is set, with
+    `health_checks` (see serve_health) beside the database checks.
+    """
     stop = stop or threading.Event()
     errors = (psycopg.Error, *retry_on)
     conn: psycopg.Connection | None = None
+    health = None if once else serve_health(name, conninfo, interval=interval, **(health_checks or {}))
+    cycle_seconds = _CYCLE_HISTOGRAMS.get(name, metrics.LOOP_CYCLE.labels(service=name))
     try:
         while True:
+            metrics.beat(name)
             started = time.monotonic()
             status = 0
             try:
                 if conn is None or conn.closed:
                     conn = connect(conninfo, application_name=name)
                 cycle(conn)
+                cycle_seconds.observe(time.monotonic() - started)
             except errors as e:
                 log.error("cycle failed", extra={"service": name, "error": str(e)})
+                metrics.LOOP_FAILURES.labels(service=name).inc()
                 status = 1
                 if conn is not None:
                     conn.close()
@@ -79,3 +110,5 @@ def run_periodic(
     finally:
         if conn is not None:
             conn.close()
+        if health is not None:
+            health.stop()

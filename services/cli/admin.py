@@ -8,7 +8,6 @@ import sys
 from typing import Any
 
 from services.common.clock import SystemClock
-from services.adapters.postgres.status import status_report
 
 DEFAULT_ACCOUNT = "paper-main"
 
@@ -113,16 +112,6 @@ def format_status(report: dict[str, Any], params_status: dict[str, Any] | None =
     return "\n".join(lines)
 
 
-def cmd_status(args) -> int:
-    from services.common.db import connect
-    from services.dispatcher.main import params_provider
-
-    with connect(_url()) as conn:
-        report = status_report(conn, _account(args), SystemClock().now())
-    print(format_status(report, params_provider().status()))
-    return 0
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("migrate", help="apply pending database migrations")
     p.set_defaults(handler=cmd_migrate)
@@ -147,6 +136,6 @@ def register(subparsers) -> None:
     p.add_argument("--by", help="who (default operator:<user>)")
     p.set_defaults(handler=cmd_flatten)
 
-    p = subparsers.add_parser("status", help="kill switch, P&L, exposure, positions, today's decisions")
-    p.add_argument("--account", help="account id (default $ACCOUNT_ID or paper-main)")
-    p.set_defaults(handler=cmd_status)
+    from services.cli import status
+
+    status.register(subparsers)

@@ -116,8 +116,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     try:
         current = _get_current(_client(args, settings), name)
     except (BotoCoreError, ClientError) as e:
-        print(f"error: ssm:{name}: {e}", file=sys.stderr)
-        return 2
+        return _aws_failed(name, e)
     _print_diff(name, current, params)
     return 0
 
@@ -154,8 +153,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             return 1
         response = client.put_parameter(Name=name, Value=value, Type="String", Overwrite=True)
     except (BotoCoreError, ClientError) as e:
-        print(f"error: ssm:{name}: {e}", file=sys.stderr)
-        return 2
+        return _aws_failed(name, e)
     print(f"pushed ssm:{name} version {response['Version']} hash {params.content_hash()}")
     return 0
 
@@ -174,11 +172,9 @@ def cmd_history(args: argparse.Namespace) -> int:
         if e.response.get("Error", {}).get("Code") == "ParameterNotFound":
             print(f"ssm:{name}: no such parameter")
             return 1
-        print(f"error: ssm:{name}: {e}", file=sys.stderr)
-        return 2
+        return _aws_failed(name, e)
     except BotoCoreError as e:
-        print(f"error: ssm:{name}: {e}", file=sys.stderr)
-        return 2
+        return _aws_failed(name, e)
     rows.sort(key=lambda r: int(r["Version"]))
     print(f"ssm:{name}: {len(rows)} version(s)")
     print(f"{'VERSION':>7}  {'LAST MODIFIED (UTC)':<25}  {'BY':<20}  DOCUMENT")
@@ -213,6 +209,14 @@ def _read_valid(path: Path) -> TradingParams:
         if errors and errors[0].startswith("<document>: Expecting value") and ":" in text.split("\n", 1)[0]:
             errors.append("<document>: the params document must be JSON (YAML is not accepted)")
         raise _Refused(f"{path}: invalid ({len(e.errors)} error(s))", errors) from e
+
+
+def _aws_failed(name: str, error: Exception) -> int:
+    """One line on stderr, exit 2: a missing region or credentials said as such, else SSM's answer."""
+    from services.cli.config_errors import aws_error_line
+
+    print(aws_error_line(error) or f"error: ssm:{name}: {error}", file=sys.stderr)
+    return 2
 
 
 def _print_errors(headline: str, errors: list[str]) -> None:

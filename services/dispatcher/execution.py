@@ -18,6 +18,7 @@ from psycopg_pool import ConnectionPool
 
 from services.adapters.postgres import kill_switch, orders_repo, queries
 from services.adapters.postgres.orders_repo import BrokerFacts
+from services.common import metrics
 from services.common.clock import Clock
 from services.domain.broker import (
     Broker,
@@ -74,6 +75,9 @@ class OrderDesk:
                 row = conn.execute(queries.RECOMMENDATION_STATUS_BY_ORDER,
                                    {"account_id": self.account_id, "client_order_id": cid}).fetchone()
             return row["status"] if row else "UNKNOWN"
+        filled = applied.transition.changed and applied.transition.execution == "FILLED"
+        if filled and result is not None and result.submitted_at and result.filled_at:
+            metrics.SUBMIT_TO_FILL.observe(max(0.0, (result.filled_at - result.submitted_at).total_seconds()))
         return applied.transition.recommendation.value
 
     def on_trade_update(self, update: TradeUpdate) -> None:

@@ -32,6 +32,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from services.common import metrics
 from services.common.clock import Clock, SystemClock
 from services.common.market_calendar import CalendarUnavailable, SessionCalendar, et_date, et_day_bounds, nyse_calendar
 from services.common.params import ParamsInForce
@@ -502,6 +503,7 @@ class Dispatcher:
         )
         try:
             result = submit_exactly_once(self.broker, order)
+            metrics.COMMIT_TO_SUBMIT.observe((self.clock.now() - now).total_seconds())
         except BrokerRejected as e:
             self.record_broker_answer(cid, None, rejected=str(e))
             self._log_decision(ctx, "REJECTED", "BROKER_REJECTED", str(e))
@@ -522,6 +524,7 @@ class Dispatcher:
 
     def _log_decision(self, ctx: Context, status: str, code: str, detail: str) -> None:
         level = logging.INFO if status == "EXECUTED" else logging.WARNING
+        metrics.record_decision(status, code)
         log.log(level, "decision", extra={
             "decision": status, "code": code, "detail": detail, "recommendation_id": ctx.recommendation["id"],
             "account_id": self.account_id, "ticker": ctx.ticker, "action": ctx.action,
@@ -549,6 +552,7 @@ class Dispatcher:
         backoff = 0.5
         listener: psycopg.Connection | None = None
         while not stop.is_set():
+            metrics.beat("dispatcher")
             try:
                 if listener is None or listener.closed:
                     listener = psycopg.connect(conninfo, autocommit=True,
@@ -634,6 +638,7 @@ class Dispatcher:
 def run_dispatcher(once: bool = False) -> int:
     from services.common.db import database_url, make_pool
     from services.common.migrate import migrate_when_ready
+    from services.runtime import serve_health
 
     url = database_url()
     migrate_when_ready(url)
@@ -659,6 +664,8 @@ def run_dispatcher(once: bool = False) -> int:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     stop_updates = (lambda: None) if once else start_trade_updates(dispatcher, broker)
+    health = None if once else serve_health("dispatcher", url, interval=20.0, account_id=account_id,
+                                            params=provider, broker=broker)
     try:
         if once:
             dispatcher.recover_in_flight()
@@ -669,5 +676,7 @@ def run_dispatcher(once: bool = False) -> int:
             dispatcher.run_forever(url, stop)
     finally:
         stop_updates()
+        if health is not None:
+            health.stop()
         pool.close()
     return 0

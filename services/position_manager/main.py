@@ -216,7 +216,8 @@ def run_loop(conninfo: str, account_id: str, provider, calendar: SessionCalendar
     return run_periodic("position-manager", conninfo,
                         lambda conn: run_position_cycle(conn, account_id, provider.current(), clock.now(), calendar,
                                                         option_quotes),
-                        interval=interval, once=once, stop=stop, retry_on=(ParamsError,))
+                        interval=interval, once=once, stop=stop, retry_on=(ParamsError,),
+                        health_checks={"params": provider, "account_id": account_id})
 
 
 def run_command(args: argparse.Namespace) -> int:

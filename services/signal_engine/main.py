@@ -275,7 +275,8 @@ def run_loop(conninfo: str, account_id: str, provider, *, interval: float = 5.0,
     clock = clock or SystemClock()
     return run_periodic("signal-engine", conninfo,
                         lambda conn: run_signal_cycle(conn, account_id, provider.current(), clock.now()),
-                        interval=interval, once=once, stop=stop, retry_on=(ParamsError,))
+                        interval=interval, once=once, stop=stop, retry_on=(ParamsError,),
+                        health_checks={"params": provider})
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -191,4 +191,5 @@ def run_command(args: argparse.Namespace) -> int:
         "watchlist-engine", url,
         lambda conn: run_watchlist_cycle(conn, account_id, provider.current(), clock.now(),
                                          liquidity_source=liquidity),
-        interval=args.interval, once=args.once, stop=stop_on_sigterm(), retry_on=(ParamsError,))
+        interval=args.interval, once=args.once, stop=stop_on_sigterm(), retry_on=(ParamsError,),
+        health_checks={"params": provider})

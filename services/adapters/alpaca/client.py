@@ -39,7 +39,7 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 from alpaca.common.enums import Sort
@@ -68,6 +68,7 @@ from alpaca.trading.requests import (
 )
 from pydantic import ValidationError
 
+from services.common import metrics
 from services.common.clock import Clock, SystemClock
 from services.common.logs import register_secret
 from services.common.market_calendar import ET, Session
@@ -155,7 +156,18 @@ class _GuardedSession(requests.Session):
         timeout = kwargs.get("timeout") or self._timeout
         left = self._time_left()
         kwargs["timeout"] = timeout if left is None else min(timeout, left)
-        return super().request(method, url, *args, **kwargs)
+        metrics.BROKER_REQUESTS.labels(broker="alpaca", endpoint=_endpoint(url)).inc()
+        try:
+            response = super().request(method, url, *args, **kwargs)
+        except requests.Timeout:
+            metrics.BROKER_ERRORS.labels(broker="alpaca", kind="timeout").inc()
+            raise
+        except requests.RequestException:
+            metrics.BROKER_ERRORS.labels(broker="alpaca", kind="connection").inc()
+            raise
+        if response.status_code >= 400:
+            metrics.BROKER_ERRORS.labels(broker="alpaca", kind=_error_kind(response.status_code)).inc()
+        return response
 
     def _time_left(self) -> float | None:
         deadline = self._deadline()
@@ -177,7 +189,29 @@ class _GuardedSession(requests.Session):
             deadline = self._deadline()
             if deadline is not None and self._monotonic() + wait > deadline:
                 raise _NotSent(f"deadline: the request budget frees a token in {wait:.2f}s, too late")
+            metrics.RATE_LIMIT_WAITS.inc()
+            metrics.RATE_LIMIT_WAIT_SECONDS.inc(wait)
             self._sleep(wait)
+
+
+# The endpoint label of a request: the resource after the API version, from a fixed set (an
+# order id or a symbol in the path must not become a label value).
+_ENDPOINTS = {"orders", "account", "positions", "clock", "calendar", "assets", "options", "stocks", "news"}
+
+
+def _endpoint(url: str) -> str:
+    parts = [p for p in urlsplit(str(url)).path.split("/") if p]
+    # /v2/orders:by_client_order_id is an orders request.
+    resource = parts[1].split(":", 1)[0] if len(parts) > 1 and parts[0] in ("v1", "v2", "v1beta1", "v1beta3") else ""
+    return resource if resource in _ENDPOINTS else "other"
+
+
+def _error_kind(status: int) -> str:
+    if status == 429:
+        return "rate_limited"
+    if status == 422:
+        return "unprocessable"
+    return "http_5xx" if status >= 500 else "http_4xx"
 
 
 def _harden(

@@ -36,6 +36,7 @@ from decimal import Decimal
 
 from psycopg_pool import ConnectionPool
 
+from services.common import metrics
 from services.common.clock import Clock
 from services.common.market_calendar import SessionCalendar, nyse_calendar
 from services.domain.order_pricing import Quote
@@ -180,6 +181,7 @@ class SimBroker:
         )
 
     def submit_order(self, order: OrderRequest) -> OrderResult:
+        metrics.BROKER_REQUESTS.labels(broker="sim", endpoint="orders").inc()
         now = self.clock.now()
         if order.qty <= 0:
             raise BrokerRejected(f"qty must be positive, got {order.qty}")
@@ -273,6 +275,7 @@ class SimBroker:
 
     def cancel_order(self, client_order_id: str) -> OrderResult | None:
         """Cancel a resting order; an order already done is returned as it is (a fill is not undone)."""
+        metrics.BROKER_REQUESTS.labels(broker="sim", endpoint="orders").inc()
         now = self.clock.now()
         with self.pool.connection() as conn, conn.transaction():
             row = conn.execute(
@@ -324,6 +327,7 @@ class SimBroker:
         return filled
 
     def get_order_by_client_id(self, client_order_id: str) -> OrderResult | None:
+        metrics.BROKER_REQUESTS.labels(broker="sim", endpoint="orders").inc()
         with self.pool.connection() as conn:
             row = conn.execute(
                 f"SELECT {_ORDER_COLUMNS} FROM sim_orders WHERE account_id = %s AND client_order_id = %s",
@@ -332,6 +336,7 @@ class SimBroker:
         return _order_result(row) if row else None
 
     def list_orders_since(self, since: datetime) -> Sequence[OrderResult]:
+        metrics.BROKER_REQUESTS.labels(broker="sim", endpoint="orders").inc()
         with self.pool.connection() as conn:
             rows = conn.execute(
                 f"SELECT {_ORDER_COLUMNS} FROM sim_orders WHERE account_id = %s AND submitted_at >= %s ORDER BY submitted_at",
@@ -365,6 +370,7 @@ class SimBroker:
         )
 
     def get_positions(self) -> Sequence[BrokerPosition]:
+        metrics.BROKER_REQUESTS.labels(broker="sim", endpoint="positions").inc()
         now = self.clock.now()
         with self.pool.connection() as conn:
             rows = conn.execute(_POSITIONS, {"account_id": self.account_id, "now": now}).fetchall()
@@ -374,6 +380,7 @@ class SimBroker:
         ]
 
     def get_account(self) -> AccountSnapshot:
+        metrics.BROKER_REQUESTS.labels(broker="sim", endpoint="account").inc()
         now = self.clock.now()
         day = self.calendar.current_or_previous_session(now).day
         with self.pool.connection() as conn, conn.transaction():
