@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import psycopg
 
+from services.adapters import alerts
 from services.common.db import connect
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,10 @@ def run_periodic(
                 if conn is None or conn.closed:
                     conn = connect(conninfo, application_name=name)
                 cycle(conn)
+                alerts.loop_ok(name)
             except errors as e:
                 log.error("cycle failed", extra={"service": name, "error": str(e)})
+                alerts.loop_failed(name, str(e))
                 status = 1
                 if conn is not None:
                     conn.close()

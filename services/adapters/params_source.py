@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from services.adapters import alerts
 from services.common.clock import Clock, SystemClock
 from services.common.params import (
     DEFAULT_PARAMS_PATH,
@@ -208,6 +209,7 @@ class _ReloadingProvider:
         )
 
     def _refuse(self, fetched: _Fetched, error: ParamsError, now: datetime) -> None:
+        alerts.emit(alerts.Event.PARAMS_REFUSED, self.source, version=fetched.version, errors=list(error.errors))
         self._refused_key = fetched.key
         self._refused_version = fetched.version
         self._refused_errors = tuple(error.errors)

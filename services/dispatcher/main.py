@@ -36,6 +36,7 @@ from services.common.market_calendar import CalendarUnavailable, SessionCalendar
 from services.common.params import ParamsInForce
 from services.adapters.assets import MISSING as MISSING_ASSET
 from services.adapters.assets import AssetCache
+from services.adapters import alerts
 from services.adapters.postgres import kill_switch, orders_repo, queries
 from services.adapters.postgres.asset_records import AssetRecordStore
 from services.adapters.postgres.orders_repo import jsonb
@@ -494,17 +495,20 @@ class Dispatcher:
                 self.refresh_account()
                 self.drain(stop)
                 self._periodic()
+                alerts.loop_ok(f"dispatcher:{self.account_id}")
                 backoff = 0.5
                 self._wait_for_work(listener, stop)
             except (psycopg.OperationalError, psycopg.InterfaceError) as e:
                 log.error("database unavailable; retrying", extra={"error": str(e), "backoff_s": backoff})
+                alerts.loop_failed(f"dispatcher:{self.account_id}", str(e))
                 if listener is not None:
                     listener.close()
                 listener = None
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30)
-            except Exception:  # a bug outside any one recommendation: logged, and the loop goes on
+            except Exception as e:  # a bug outside any one recommendation: logged, and the loop goes on
                 log.exception("dispatcher pass failed; retrying", extra={"backoff_s": backoff})
+                alerts.loop_failed(f"dispatcher:{self.account_id}", str(e))
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30)
         if listener is not None:

@@ -13,6 +13,9 @@ from datetime import date, datetime
 
 import psycopg
 
+from services.adapters import alerts
+from services.domain.alerts import kill_switch_event
+
 log = logging.getLogger(__name__)
 
 DAILY_LOSS_ACTOR = "daily-loss-limit"
@@ -82,6 +85,7 @@ def set_state(
         from_state = (previous["state"] if isinstance(previous, dict) else previous[0]) if previous else None
         conn.execute(_SET_STATE, {**args, "from_state": from_state})
     log.warning("kill switch set", extra={"account_id": account_id, "state": state, "reason": reason, "changed_by": changed_by})
+    alerts.emit(kill_switch_event(state), account_id, from_state=from_state, state=state, reason=reason, changed_by=changed_by)
 
 
 def trip_daily_loss(conn: psycopg.Connection, account_id: str, reason: str, now: datetime, session_day: date) -> bool:
