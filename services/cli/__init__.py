@@ -21,6 +21,8 @@ _REGISTRARS = [
     ("services.cli.loops", "register_feature_computer"),     # feature-computer
     ("services.cli.loops", "register_watchlist_engine"),     # watchlist-engine
     ("services.cli.loops", "register_ingest"),               # load-csv, telemetry
+    ("services.cli.loops", "register_watchdog"),             # watchdog
+    ("services.cli.alerts", "register"),                     # alerts test
 ]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
@@ -187,3 +187,18 @@ class Outage:
     def ok(self, subject: str) -> None:
         self.since.pop(subject, None)
         self.failures.pop(subject, None)
+
+
+# --- Stale data ------------------------------------------------------------------------------
+
+BAR_SECONDS = 60
+
+
+def stale_data_watch_due(now: datetime, session: Any, max_bar_age_seconds: int) -> bool:
+    """Whether stale bars are news at `now`: only inside the session, and only once its first bar
+    has had time to arrive and age past the limit (before that, yesterday's close is stale by
+    definition and says nothing about today's feed)."""
+    if session is None:
+        return False
+    first_judgeable = session.open + timedelta(seconds=BAR_SECONDS + max_bar_age_seconds)
+    return first_judgeable <= now < session.close
