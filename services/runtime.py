@@ -34,7 +34,7 @@ def bootstrap(account: str | None = None):
     settings = load_settings()
     url = database_url()
     migrate_when_ready(url)
-    return settings, account or settings.account_id, url, provider_from_settings(settings)
+    return settings, account or settings.account_id, url, provider_from_settings(settings, url)
 
 
 def stop_on_sigterm() -> threading.Event:

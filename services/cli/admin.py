@@ -80,7 +80,11 @@ def format_status(report: dict[str, Any], params_status: dict[str, Any] | None =
     if params_status:
         lines.append(f"params        {params_status.get('source')} version {params_status.get('version')} "
                      f"hash {str(params_status.get('hash'))[:12]}"
-                     + (f"  LAST ERROR: {params_status['last_error']}" if params_status.get("last_error") else ""))
+                     + (f"  LAST ERROR: {params_status['last_error']}" if params_status.get("last_error") else "")
+                     + (f"  FALLBACK: {params_status['note']}" if params_status.get("using_fallback") else ""))
+    for p in report.get("params_in_force", []):
+        lines.append(f"  services on {p['configured_source']}: {p['source']} version {p['version']} since "
+                     f"{p['since']:%Y-%m-%d %H:%M:%S%z}" + (f"  FALLBACK: {p['note']}" if p["using_fallback"] else ""))
     return "\n".join(lines)
 
 
@@ -88,9 +92,10 @@ def cmd_status(args) -> int:
     from services.common.db import connect
     from services.dispatcher.main import params_provider
 
-    with connect(_url()) as conn:
+    url = _url()
+    with connect(url) as conn:
         report = status_report(conn, _account(args), SystemClock().now())
-    print(format_status(report, params_provider().status()))
+    print(format_status(report, params_provider(url).status()))
     return 0
 
 

@@ -545,7 +545,7 @@ def run_dispatcher(once: bool = False) -> int:
     account_id = os.environ.get("ACCOUNT_ID", "paper-main")
     worker_id = new_worker_id()
     pool = make_pool(url, min_size=1, max_size=2, application_name=f"ops-dispatcher:{worker_id}"[:63], check=False)
-    provider = params_provider()
+    provider = params_provider(url)
     clock = SystemClock()
     broker = build_broker(pool, account_id, clock, provider.current())
     option_data, quotes = build_market(broker)
