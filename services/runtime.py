@@ -16,6 +16,7 @@ from collections.abc import Callable
 import psycopg
 
 from services.common import metrics
+from services.adapters import alerts
 from services.common.db import connect
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def bootstrap(account: str | None = None):
     settings = load_settings()
     url = database_url()
     migrate_when_ready(url)
-    return settings, account or settings.account_id, url, provider_from_settings(settings)
+    return settings, account or settings.account_id, url, provider_from_settings(settings, url)
 
 
 def stop_on_sigterm() -> threading.Event:
@@ -96,9 +97,11 @@ def run_periodic(
                     conn = connect(conninfo, application_name=name)
                 cycle(conn)
                 cycle_seconds.observe(time.monotonic() - started)
+                alerts.loop_ok(name)
             except errors as e:
                 log.error("cycle failed", extra={"service": name, "error": str(e)})
                 metrics.LOOP_FAILURES.labels(service=name).inc()
+                alerts.loop_failed(name, str(e))
                 status = 1
                 if conn is not None:
                     conn.close()

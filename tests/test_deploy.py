@@ -48,7 +48,7 @@ def test_each_container_runs_a_real_subcommand_with_variables_the_code_reads_and
     containers = doc["containerDefinitions"]
 
     assert {c["name"] for c in containers} == {"dispatcher", "signal-engine", "feature-computer",
-                                               "watchlist-engine", "telemetry", "position-manager", "news"}
+                                               "watchlist-engine", "telemetry", "position-manager", "news", "watchdog"}
     ports = []
     for c in containers:
         assert c["command"][0] in commands, c["name"]

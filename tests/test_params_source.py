@@ -25,6 +25,7 @@ from services.adapters.params_source import (
 from services.common.settings import Settings, redact_database_url, trading_mode
 
 NAME = "/ops-pipeline/trading-params"
+PROVIDER_LOG = "services.adapters.params_source"
 RELOAD = 30
 START = datetime(2026, 3, 2, 15, 0, tzinfo=timezone.utc)
 
@@ -231,7 +232,7 @@ def test_parameter_missing_at_startup_uses_file_defaults_and_says_so(ssm, clock,
     with caplog.at_level(logging.WARNING, logger="services.adapters.params_source"):
         provider = SsmParamsProvider(NAME, ssm_client=ssm, reload_seconds=RELOAD, clock=clock)
     assert_fallback(provider, "ParameterNotFound")
-    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == PROVIDER_LOG]
     assert "using the reviewed defaults" in warning.getMessage()
 
     # The operators' document is picked up as soon as it appears.
@@ -260,7 +261,7 @@ def test_invalid_document_at_startup_uses_file_defaults_and_names_the_field(ssm,
         provider = SsmParamsProvider(NAME, ssm_client=ssm, reload_seconds=RELOAD, clock=clock)
     assert_fallback(provider, "options.max_option_spread: Input should be less than or equal to 1")
     assert provider.status()["refused_version"] == "1"
-    assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"]
+    assert [r.levelname for r in caplog.records if r.name == PROVIDER_LOG] == ["ERROR", "WARNING"]
 
 
 def test_invalid_fallback_file_and_no_ssm_document_refuses_to_start(ssm, clock, tmp_path):

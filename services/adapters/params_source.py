@@ -8,8 +8,12 @@ carries the error until a good version arrives. (The system this replaces fell b
 permissive defaults on an unparsable value, and traded stock on an options-only account.)
 
 At start-up, with no good document in SSM (unreachable, parameter missing, invalid), the
-provider uses the reviewed defaults from config/trading_params.json and says so: a WARNING and
-`using_fallback: True` in status(). It keeps trying SSM on every reload interval.
+provider uses the last good SSM document persisted in Postgres (every accepted SSM document is
+saved there with its version and hash): the operators' limits, which may be tighter than the
+file's. Only when no SSM document was ever good does it use the reviewed defaults from
+config/trading_params.json. Either way it says so: a WARNING, a PARAMS_FALLBACK alert,
+`using_fallback: True` in status(), and the params_in_force row `status` reads. It keeps trying
+SSM on every reload interval.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from services.adapters import alerts
 from services.common.clock import Clock, SystemClock
 from services.common.params import (
     DEFAULT_PARAMS_PATH,
@@ -193,6 +198,7 @@ class _ReloadingProvider:
         self._install(ParamsInForce(params, self.source, fetched.version, params.content_hash()), fetched.key, now)
         self._using_fallback = False
         self._note = None
+        self._persist(fetched, now)
         self._last_error = None
         self._last_error_at = None
         self._refused_key = None
@@ -208,11 +214,15 @@ class _ReloadingProvider:
         )
 
     def _refuse(self, fetched: _Fetched, error: ParamsError, now: datetime) -> None:
+        alerts.emit(alerts.Event.PARAMS_REFUSED, self.source, version=fetched.version, errors=list(error.errors))
         self._refused_key = fetched.key
         self._refused_version = fetched.version
         self._refused_errors = tuple(error.errors)
         self._refused_message = f"PARAMS_INVALID: {fetched.origin} refused: " + "; ".join(error.errors)
         self._record_error(now, self._refused_message)
+
+    def _persist(self, fetched: _Fetched, now: datetime) -> None:
+        """Keep a newly accepted document beyond this process (the SSM provider does)."""
 
     def _install(self, in_force: ParamsInForce, key: str | None, now: datetime) -> None:
         self._in_force = in_force
@@ -268,11 +278,12 @@ class SsmParamsProvider(_ReloadingProvider):
 
     def __init__(self, name: str, *, ssm_client: Any = None, region: str | None = None,
                  fallback_path: Path | str = DEFAULT_PARAMS_PATH, reload_seconds: float | None = 30,
-                 clock: Clock | None = None):
+                 clock: Clock | None = None, store: Any = None):
         super().__init__(reload_seconds, clock)
         self.name = name
         self.source = f"ssm:{name}"
         self.fallback_path = Path(fallback_path)
+        self._store = store  # PostgresParamsStore: last good documents and the params in force
         self._client = ssm_client if ssm_client is not None else make_ssm_client(region)
         self._start()
 
@@ -310,18 +321,77 @@ class SsmParamsProvider(_ReloadingProvider):
                     extra={"params_source": self.source, "params_version": fetched.version,
                            "params_hash": in_force.content_hash},
                 )
+                self._persist(fetched, now)
                 return
-        # No good document in SSM: the reviewed defaults, loudly. If they are invalid too,
-        # ParamsError propagates and the service does not start.
-        fallback = load_params_file(self.fallback_path)
+        # No good document in SSM: the last good one from Postgres, else the reviewed defaults,
+        # loudly. If the file is invalid too, ParamsError propagates and the service does not start.
+        last_good = self._last_good()
+        if last_good is not None:
+            fallback, stored_at = last_good
+            self._note = (f"no good document in {self.source} at start-up; using its last good version "
+                          f"{fallback.version} (hash {fallback.content_hash[:12]}, read {stored_at.isoformat()}) "
+                          f"from Postgres")
+        else:
+            fallback = load_params_file(self.fallback_path)
+            self._note = (f"no good document in {self.source} at start-up and none ever stored; "
+                          f"using the reviewed defaults from {self.fallback_path}")
+        # Installed without a key: the first good read from SSM replaces it, even the same version.
         self._install(fallback, None, now)
         self._using_fallback = True
         self._record_error(now, problem)
-        self._note = f"no good document in {self.source} at start-up; using the reviewed defaults from {self.fallback_path}"
         log.warning(
             "params: %s; %s", self._note, problem,
-            extra={"params_source": fallback.source, "params_hash": fallback.content_hash, "error": problem},
+            extra={"params_source": fallback.source, "params_version": fallback.version,
+                   "params_hash": fallback.content_hash, "error": problem},
         )
+        alerts.emit(alerts.Event.PARAMS_FALLBACK, self.source, in_force=fallback.source, version=fallback.version,
+                    hash=fallback.content_hash, problem=problem)
+        self._record_in_force(now)
+
+    # -- the last good document in Postgres ---------------------------------------------------
+    # The store is a convenience on top of SSM: when it fails, the provider carries on as before.
+
+    def _persist(self, fetched: _Fetched, now: datetime) -> None:
+        """Keep an accepted SSM document as the last good one, and record what is in force."""
+        if self._store is None:
+            return
+        try:
+            self._store.save_good(self.name, fetched.version, self._in_force.content_hash, fetched.text, now)
+        except Exception as e:  # the database may be down too; the document in force is unaffected
+            log.warning("params: last good document not saved", extra={"params_source": self.source, "error": str(e)})
+        self._record_in_force(now)
+
+    def _record_in_force(self, now: datetime) -> None:
+        if self._store is None:
+            return
+        in_force = self._in_force
+        try:
+            self._store.record_in_force(self.source, in_force.source, in_force.version, in_force.content_hash,
+                                        self._using_fallback, self._note, now)
+        except Exception as e:
+            log.warning("params: in-force record not written", extra={"params_source": self.source, "error": str(e)})
+
+    def _last_good(self) -> tuple[ParamsInForce, datetime] | None:
+        """The newest stored document that still validates under today's model, with when it was read."""
+        if self._store is None:
+            return None
+        try:
+            good = self._store.last_good(self.name)
+        except Exception as e:
+            log.warning("params: last good document unavailable", extra={"params_source": self.source, "error": str(e)})
+            return None
+        if good is None:
+            return None
+        origin = f"last good {self.source} version {good.version}"
+        try:
+            params = parse_params(good.document, origin=origin)
+        except ParamsError as e:
+            log.error("params: %s no longer validates; not used:\n  %s", origin, "\n  ".join(e.errors))
+            return None
+        if params.content_hash() != good.content_hash:
+            log.error("params: %s does not match its stored hash; not used", origin)
+            return None
+        return ParamsInForce(params, f"ssm-last-good:{self.name}", good.version, good.content_hash), good.stored_at
 
     def _fetch(self) -> _Fetched:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -356,17 +426,24 @@ def make_ssm_client(region: str | None = None, endpoint_url: str | None = None) 
     return boto3.client("ssm", region_name=region, endpoint_url=endpoint_url, config=config)
 
 
-def provider_from_settings(settings: Any) -> ParamsProvider:
+def provider_from_settings(settings: Any, conninfo: str | None = None) -> ParamsProvider:
     """The provider the settings ask for: OPS_PARAMS_SOURCE=ssm or the reviewed file.
 
     The SSM provider reloads at the interval the document in force sets
-    (execution.params_reload_seconds).
+    (execution.params_reload_seconds). With `conninfo` it keeps its last good document in that
+    database and falls back to it at start-up.
     """
     if settings.ops_params_source == "ssm":
+        store = None
+        if conninfo is not None:
+            from services.adapters.postgres.params_store import PostgresParamsStore
+
+            store = PostgresParamsStore(conninfo)
         return SsmParamsProvider(
             settings.ops_params_ssm_name,
             region=settings.aws_region,
             fallback_path=settings.ops_params_file,
             reload_seconds=None,
+            store=store,
         )
     return FileParamsProvider(settings.ops_params_file)

@@ -24,6 +24,8 @@ _REGISTRARS = [
     ("services.cli.loops", "register_position_manager"),     # position-manager
     ("services.cli.loops", "register_ingest"),               # load-csv, telemetry
     ("services.cli.loops", "register_news"),                 # news
+    ("services.cli.loops", "register_watchdog"),             # watchdog
+    ("services.cli.alerts", "register"),                     # alerts test
 ]
 
 

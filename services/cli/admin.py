@@ -108,7 +108,11 @@ def format_status(report: dict[str, Any], params_status: dict[str, Any] | None =
     if params_status:
         lines.append(f"params        {params_status.get('source')} version {params_status.get('version')} "
                      f"hash {str(params_status.get('hash'))[:12]}"
-                     + (f"  LAST ERROR: {params_status['last_error']}" if params_status.get("last_error") else ""))
+                     + (f"  LAST ERROR: {params_status['last_error']}" if params_status.get("last_error") else "")
+                     + (f"  FALLBACK: {params_status['note']}" if params_status.get("using_fallback") else ""))
+    for p in report.get("params_in_force", []):
+        lines.append(f"  services on {p['configured_source']}: {p['source']} version {p['version']} since "
+                     f"{p['since']:%Y-%m-%d %H:%M:%S%z}" + (f"  FALLBACK: {p['note']}" if p["using_fallback"] else ""))
     return "\n".join(lines)
 
 

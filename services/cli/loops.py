@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services import demo, ingest
+from services import demo, ingest, watchdog
 from services.dispatcher import main as dispatcher
 from services.feature_computer import main as feature_computer
 from services.news import main as news
@@ -77,3 +77,12 @@ def register_news(subparsers) -> None:
     p.add_argument("--tickers", help="comma-separated tickers (default: the watchlists' candidates)")
     p.add_argument("--interval", type=float, default=60.0, help="seconds between fetches")
     p.set_defaults(handler=news.run_command)
+
+
+def register_watchdog(subparsers) -> None:
+    p = subparsers.add_parser("watchdog", help="alert when watched tickers' bars go stale during the session")
+    p.add_argument("--once", action="store_true", help="run one check and exit")
+    p.add_argument("--account", help="account id (default: ACCOUNT_ID)")
+    p.add_argument("--interval", type=float, default=watchdog.DEFAULT_INTERVAL_SECONDS,
+                   help="seconds between checks (default %(default)s)")
+    p.set_defaults(handler=watchdog.run_command)

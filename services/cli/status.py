@@ -18,6 +18,8 @@ The JSON document (one per refresh with --watch, one per line):
       "decisions_by_status": {"EXECUTED": int, "SKIPPED": int, ...},   # today, ET
       "blocked_by": {"<outcome code>": int, ...},                        # today, ET
       "params": {"source": str, "version": str, "hash": str, "last_error": str | null, ...},
+      "params_in_force": [{"configured_source": str, "source": str, "version": str, "since": str,
+                           "using_fallback": bool, "note": str | null}],   # what each service reported
       "data": {"session_open": bool, "max_bar_age_seconds": int,
                "stale_tickers": [{"ticker": str, "last_bar_ts": str | null}]}
     }
@@ -70,7 +72,7 @@ def cmd_status(args) -> int:
     from services.dispatcher.main import params_provider
 
     url = _url()
-    provider = params_provider()
+    provider = params_provider(url)
     account = _account(args)
 
     def render() -> str:
@@ -109,7 +111,7 @@ def status_document(url: str, account_id: str, provider: Any, now: datetime | No
     session_open = (calendar or nyse_calendar()).is_open(now)
     with connect(url) as conn:
         report = status_report(conn, account_id, now)
-        stale = stale_watched_tickers(conn, now, max_age) if session_open else []
+        stale = stale_watched_tickers(conn, now, max_age, account_id=account_id) if session_open else []
     return {
         "account_id": report["account_id"],
         "as_of": now,
@@ -121,6 +123,7 @@ def status_document(url: str, account_id: str, provider: Any, now: datetime | No
         "decisions_by_status": report["decisions_by_status"],
         "blocked_by": report["blocked_by"],
         "params": params_status,
+        "params_in_force": report.get("params_in_force", []),
         "data": {"session_open": session_open, "max_bar_age_seconds": max_age,
                  "stale_tickers": [{"ticker": t, "last_bar_ts": ts} for t, ts in stale]},
     }

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from services.adapters import alerts
 from services.adapters.postgres import kill_switch, orders_repo, queries
 from services.adapters.postgres.orders_repo import BrokerFacts
 from services.common import metrics
@@ -70,6 +71,8 @@ class OrderDesk:
         now = self.clock.now()
         with self.pool.connection() as conn, conn.transaction():
             applied = orders_repo.apply_event(conn, self.account_id, cid, event, facts, now)
+        if rejected is not None or (result is not None and result.status == "rejected"):
+            alerts.emit(alerts.Event.ORDER_REJECTED, self.account_id, client_order_id=cid, message=facts.message)
         if isinstance(applied, Illegal):
             with self.pool.connection() as conn:
                 row = conn.execute(queries.RECOMMENDATION_STATUS_BY_ORDER,

@@ -38,6 +38,7 @@ from services.common.market_calendar import CalendarUnavailable, SessionCalendar
 from services.common.params import ParamsInForce
 from services.adapters.assets import MISSING as MISSING_ASSET
 from services.adapters.assets import AssetCache
+from services.adapters import alerts
 from services.adapters.postgres import exits_repo, kill_switch, orders_repo, queries
 from services.adapters.postgres.asset_records import AssetRecordStore
 from services.adapters.postgres.orders_repo import jsonb
@@ -562,17 +563,20 @@ class Dispatcher:
                 self.refresh_account()
                 self.drain(stop)
                 self._periodic()
+                alerts.loop_ok(f"dispatcher:{self.account_id}")
                 backoff = 0.5
                 self._wait_for_work(listener, stop)
             except (psycopg.OperationalError, psycopg.InterfaceError) as e:
                 log.error("database unavailable; retrying", extra={"error": str(e), "backoff_s": backoff})
+                alerts.loop_failed(f"dispatcher:{self.account_id}", str(e))
                 if listener is not None:
                     listener.close()
                 listener = None
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30)
-            except Exception:  # a bug outside any one recommendation: logged, and the loop goes on
+            except Exception as e:  # a bug outside any one recommendation: logged, and the loop goes on
                 log.exception("dispatcher pass failed; retrying", extra={"backoff_s": backoff})
+                alerts.loop_failed(f"dispatcher:{self.account_id}", str(e))
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30)
         if listener is not None:
@@ -645,7 +649,7 @@ def run_dispatcher(once: bool = False) -> int:
     account_id = os.environ.get("ACCOUNT_ID", "paper-main")
     worker_id = new_worker_id()
     pool = make_pool(url, min_size=1, max_size=2, application_name=f"ops-dispatcher:{worker_id}"[:63], check=False)
-    provider = params_provider()
+    provider = params_provider(url)
     clock = SystemClock()
     broker = build_broker(pool, account_id, clock, provider.current())
     option_data, quotes = build_market(broker)

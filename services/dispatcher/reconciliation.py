@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from services.adapters import alerts
 from services.adapters.postgres import kill_switch, orders_repo, queries, request_budget
 from services.adapters.postgres.orders_repo import jsonb
 from services.common.clock import Clock
@@ -67,8 +68,10 @@ class Reconciler:
             positions = self.broker.get_positions()
         except BrokerError as e:
             log.warning("account refresh failed", extra={"account_id": self.account_id, "error": str(e)})
+            alerts.broker_failed(self.account_id, str(e))
             return  # the stale account state will deny entries once it is too old
         self._last_refresh = now
+        alerts.broker_ok(self.account_id)
         with self.pool.connection() as conn, conn.transaction():
             conn.execute(queries.UPSERT_ACCOUNT_STATE, {
                 "account_id": self.account_id, "equity": snapshot.equity, "last_equity": snapshot.last_equity,
@@ -114,6 +117,7 @@ class Reconciler:
         unknown = sorted(held - {p["symbol"] for p in ours} - active_since)
         if unknown:
             log.error("unknown broker positions", extra={"account_id": self.account_id, "symbols": unknown})
+            alerts.emit(alerts.Event.UNKNOWN_BROKER_POSITION, self.account_id, symbols=unknown)
             kill_switch.restrict(conn, self.account_id,
                                  f"UNKNOWN_BROKER_POSITION: the broker holds {', '.join(unknown)}, which this database does not",
                                  "reconciliation", now, self.session_day(now))
@@ -205,4 +209,6 @@ class Reconciler:
                                      f"does not: {symbols}", "reconciliation", now, self.session_day(now))
         for u in unknown:
             log.error("unknown broker order", extra={"account_id": self.account_id, **u})
+        if unknown:
+            alerts.emit(alerts.Event.UNKNOWN_BROKER_ORDER, self.account_id, orders=[dict(u) for u in unknown])
         return len(unknown)

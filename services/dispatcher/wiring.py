@@ -50,12 +50,15 @@ def build_broker(pool: ConnectionPool, account_id: str, clock: Clock, in_force: 
                      fee_per_share=fees.per_share, fee_per_contract=fees.per_contract)
 
 
-def params_provider():
-    """The params in force: SSM when configured, else the reviewed file; reloaded on an interval."""
+def params_provider(conninfo: str | None = None):
+    """The params in force: SSM when configured, else the reviewed file; reloaded on an interval.
+
+    With `conninfo`, the last good SSM document is kept in that database for an SSM outage at start-up.
+    """
     from services.adapters.params_source import provider_from_settings
     from services.common.settings import load_settings
 
-    return provider_from_settings(load_settings())
+    return provider_from_settings(load_settings(), conninfo)
 
 
 def log_startup(dispatcher: Any) -> None:

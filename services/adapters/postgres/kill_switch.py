@@ -20,6 +20,8 @@ from datetime import date, datetime
 import psycopg
 
 from services.adapters.postgres import exits_repo
+from services.adapters import alerts
+from services.domain.alerts import kill_switch_event
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,9 @@ def set_state(
             exits = exits_repo.flatten(conn, account_id, exits_repo.OPERATOR_FLATTEN, reason, now, by=changed_by)
     log.warning("kill switch set", extra={"account_id": account_id, "state": state, "reason": reason,
                                           "changed_by": changed_by, "flatten": flatten, "exits": len(exits)})
+    alerts.emit(kill_switch_event(state), account_id, from_state=from_state, state=state, reason=reason, changed_by=changed_by)
+    if exits:
+        alerts.emit(alerts.Event.FLATTEN, account_id, reason=reason, positions=len(exits), by=changed_by)
     return exits
 
 

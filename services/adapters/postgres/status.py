@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from services.adapters.postgres.params_store import params_in_force
 from services.common.market_calendar import et_date, et_day_bounds
 
 
@@ -45,4 +46,5 @@ def status_report(conn, account_id: str, now: datetime) -> dict[str, Any]:
         "exposure": sum((p["notional"] for p in positions), 0),
         "decisions_by_status": {r["status"]: r["n"] for r in by_status},
         "blocked_by": {r["outcome_code"]: r["n"] for r in by_gate},
+        "params_in_force": params_in_force(conn),
     }

@@ -1,0 +1,154 @@
+"""The alerts raised by the trading path itself: kill switch, reconciliation, broker answers and
+outages, loop failures; and a hanging sink that does not slow a decision."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import psycopg
+import pytest
+
+from services.adapters import alerts
+from services.adapters.alerts import Alerter, WebhookSink
+from services.adapters.postgres import kill_switch
+from services.adapters.sim.broker import SimBroker
+from services.common.clock import FixedClock
+from services.common.db import make_pool
+from services.common.params import load_params_file
+from services.dispatcher.main import Dispatcher, StaticParams
+from services.domain.broker import BrokerRejected, BrokerUnavailable, OrderRequest, client_order_id
+from services.runtime import run_periodic
+from tests.alert_doubles import installed, webhook  # noqa: F401
+from tests.broker_doubles import Wrapping
+from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
+
+NOW = et("2026-11-30", "10:00")
+
+
+class Rejects(Wrapping):
+    def submit_order(self, order):
+        raise BrokerRejected("insufficient buying power")
+
+
+class Unreachable(Wrapping):
+    def get_account(self):
+        raise BrokerUnavailable("GET /v2/account: connection timed out")
+
+
+@pytest.fixture
+def world(db_url, conn):
+    clock = FixedClock(NOW)
+    pools = []
+
+    def dispatcher(wrap=lambda b: b):
+        pool = make_pool(db_url)
+        pools.append(pool)
+        broker = wrap(SimBroker(pool, ACCOUNT, clock))
+        return Dispatcher(pool, broker, StaticParams(load_params_file()), ACCOUNT, clock=clock)
+
+    add_market(conn, "AAPL", NOW, 200)
+    yield dispatcher, clock
+    for p in pools:
+        p.close()
+
+
+def received(a: Alerter, hook) -> list[tuple[str, str]]:
+    assert a.flush(5)
+    return [(b["alert"]["event"], b["alert"]["subject"]) for b in hook.bodies]
+
+
+def test_kill_switch_halt_resume_and_trip_each_alert_with_the_reason(conn, webhook):
+    with installed(Alerter([WebhookSink(webhook.url)], dedupe_seconds=0)) as a:
+        kill_switch.set_state(conn, ACCOUNT, "HALTED", "operator: investigating", "ops@desk", NOW)
+        kill_switch.set_state(conn, ACCOUNT, "ACTIVE", "operator: resolved", "ops@desk", NOW)
+        kill_switch.trip_daily_loss(conn, ACCOUNT, "DAILY_LOSS_LIMIT: pnl=-510.00 limit=500.00", NOW, NOW.date())
+        assert received(a, webhook) == [("HALT", ACCOUNT), ("RESUME", ACCOUNT), ("KILL_SWITCH_TRIP", ACCOUNT)]
+    trip = webhook.bodies[2]["alert"]["fields"]
+    assert (trip["from_state"], trip["state"], trip["changed_by"]) == ("ACTIVE", "REDUCING", "daily-loss-limit")
+    assert trip["reason"] == "DAILY_LOSS_LIMIT: pnl=-510.00 limit=500.00"
+
+
+def test_an_order_and_a_position_unknown_to_the_database_each_alert(world, webhook):
+    dispatcher, _ = world
+    d = dispatcher()
+    d.broker.submit_order(OrderRequest("by-hand-1", "AAPL", "AAPL", "STOCK", "buy", 3))
+    with installed(Alerter([WebhookSink(webhook.url)])) as a:
+        d.refresh_account(force=True)
+        events = received(a, webhook)
+    assert sorted(events) == [("KILL_SWITCH_TRIP", ACCOUNT), ("UNKNOWN_BROKER_ORDER", ACCOUNT),
+                              ("UNKNOWN_BROKER_POSITION", ACCOUNT)]
+    by_event = {b["alert"]["event"]: b["alert"]["fields"] for b in webhook.bodies}
+    assert by_event["UNKNOWN_BROKER_POSITION"] == {"symbols": ["AAPL"]}
+    (order,) = by_event["UNKNOWN_BROKER_ORDER"]["orders"]
+    assert (order["client_order_id"], order["symbol"], order["side"]) == ("by-hand-1", "AAPL", "buy")
+
+
+def test_an_order_rejected_by_the_broker_alerts_with_its_message(world, conn, webhook):
+    dispatcher, _ = world
+    d = dispatcher(Rejects)
+    d.refresh_account(force=True)
+    rid = add_recommendation(conn, "AAPL", NOW)
+    with installed(Alerter([WebhookSink(webhook.url)])) as a:
+        d.drain()
+        assert received(a, webhook) == [("ORDER_REJECTED", ACCOUNT)]
+    assert recommendation(conn, rid)["status"] == "REJECTED"
+    fields = webhook.bodies[0]["alert"]["fields"]
+    assert fields == {"client_order_id": client_order_id(ACCOUNT, rid), "message": "insufficient buying power"}
+
+
+def test_broker_unreachable_for_longer_than_the_threshold_alerts_once(world, webhook):
+    dispatcher, clock = world
+    d = dispatcher(Unreachable)
+    with installed(Alerter([WebhookSink(webhook.url)], broker_down_seconds=120, clock=clock)) as a:
+        for _ in range(6):                          # every 30 s for 2.5 minutes
+            d.refresh_account(force=True)
+            clock.advance(timedelta(seconds=30))
+        assert received(a, webhook) == [("BROKER_UNAVAILABLE", ACCOUNT)]
+    assert webhook.bodies[0]["alert"]["fields"]["down_seconds"] == 120
+
+
+def test_a_periodic_loop_failing_repeatedly_alerts_once_at_the_threshold(db_url, webhook):
+    stop = threading.Event()
+    calls = []
+
+    def cycle(conn):
+        calls.append(1)
+        if len(calls) == 5:
+            stop.set()
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    with installed(Alerter([WebhookSink(webhook.url)], loop_failures=3)) as a:
+        run_periodic("feature-computer", db_url, cycle, interval=0, stop=stop)
+        assert received(a, webhook) == [("LOOP_FAILURES", "feature-computer")]
+    assert webhook.bodies[0]["alert"]["fields"]["consecutive"] == 3
+
+
+def _timed_rejected_decision(d: Dispatcher, conn) -> float:
+    # A rejected order frees its ticker at once (no trade counted, no position), so one ticker serves.
+    add_recommendation(conn, "AAPL", NOW)
+    started = time.perf_counter()
+    (outcome,) = d.drain()
+    elapsed = time.perf_counter() - started
+    assert outcome.code == "BROKER_REJECTED"
+    return elapsed
+
+
+def test_a_sink_that_hangs_does_not_delay_a_decision(world, conn, webhook):
+    dispatcher, _ = world
+    d = dispatcher(Rejects)
+    d.refresh_account(force=True)
+    _timed_rejected_decision(d, conn)        # first decision pays imports and caches
+    with installed(Alerter([])):
+        baseline = min(_timed_rejected_decision(d, conn) for _ in range(3))
+
+    webhook.hang()                                   # every request blocks until released (30 s or more)
+    # No dedupe: every decision queues its alert behind the stuck one.
+    with installed(Alerter([WebhookSink(webhook.url, timeout=60)], dedupe_seconds=0)) as a:
+        hanging = [_timed_rejected_decision(d, conn) for _ in range(3)]
+        assert webhook.entered.wait(5)               # the sink really is stuck inside a request
+        assert a.stats()["webhook"]["delivered"] == 0
+        webhook.release.set()
+        assert a.flush(5)
+    assert max(hanging) < baseline + 0.25, (baseline, hanging)
