@@ -212,7 +212,9 @@ def _demo_database() -> str:
 
 def _reset_account(conn, account: str) -> None:
     # Only needed on a shared DATABASE_URL: the demo's own account starts from nothing.
+    # Positions and their orders name each other: the links go first, then the rows.
     conn.execute("UPDATE dispatch_recommendations SET position_id = NULL WHERE account_id = %s", (account,))
+    conn.execute("UPDATE dispatch_executions SET position_id = NULL WHERE account_id = %s", (account,))
     for table in ("active_positions", "dispatch_executions", "dispatch_recommendations", "account_state",
                   "kill_switch", "kill_switch_history", "sim_orders", "sim_account"):
         conn.execute(f"DELETE FROM {table} WHERE account_id = %s", (account,))
@@ -475,6 +477,28 @@ WHERE p.account_id = %(account_id)s AND p.opened_at < %(open)s AND (p.closed_at 
 """
 
 
+# -- flatten_move --
+# What the book the trip flattened lost from its marks of the minute before the trip (when the
+# day's loss was still inside the limit) to its exit fills, exit fees included: the day's loss
+# ends within the limit plus this.
+FLATTEN_MOVE = """
+SELECT coalesce(sum(
+         (m.mark - p.close_price) * p.qty * p.multiplier * CASE WHEN p.side = 'short' THEN -1 ELSE 1 END
+         + p.qty * e.fee_per_unit), 0) AS move
+FROM active_positions p
+JOIN dispatch_executions e ON e.position_id = p.id AND e.role = 'EXIT' AND e.status = 'FILLED'
+LEFT JOIN LATERAL (
+    SELECT CASE WHEN p.instrument = 'OPTION'
+                THEN (SELECT (o.bid + o.ask) / 2 FROM sim_option_marks o
+                      WHERE o.symbol = p.symbol AND o.ts <= %(before)s ORDER BY o.ts DESC LIMIT 1)
+                ELSE (SELECT b.close FROM lane_telemetry b
+                      WHERE b.ticker = p.symbol AND b.ts < %(before)s ORDER BY b.ts DESC LIMIT 1)
+           END AS mark) m ON true
+WHERE p.account_id = %(account_id)s AND p.status = 'CLOSED' AND p.exit_reason = 'DAILY_LOSS_FLATTEN'
+  AND p.closed_at >= %(trip)s AND p.closed_at <= %(close)s
+"""
+
+
 def _summary(conn, session: Session, trip: dict[str, Any], carried: dict[str, Any] | None) -> dict[str, Any]:
     from services.adapters.postgres.status import status_report
 
@@ -499,9 +523,13 @@ def _summary(conn, session: Session, trip: dict[str, Any], carried: dict[str, An
     unrealized = sum(((p["market_price"] or p["avg_price"]) - p["avg_price"]) * p["qty"] * p["multiplier"]
                      * (-1 if p["side"] == "short" else 1) for p in report["positions"])
     carried_in = conn.execute(CARRIED_IN, window).fetchone()["pnl"]
+    flatten_move = None
+    if trip:
+        flatten_move = conn.execute(FLATTEN_MOVE, {**window, "trip": trip["changed_at"],
+                                                   "before": trip["changed_at"] - timedelta(minutes=1)}).fetchone()["move"]
     return {**report, "orders": orders["n"], "filled": orders["filled"], "gate_blocks": dict(gate_blocks),
             "closed": closed, "realized_pnl": realized, "fees": sum((p["fees"] for p in closed), Decimal(0)),
-            "unrealized_pnl": unrealized, "carried_in_pnl": carried_in, "trip": trip}
+            "unrealized_pnl": unrealized, "carried_in_pnl": carried_in, "trip": trip, "flatten_move": flatten_move}
 
 
 def print_report(result: DemoResult, out: TextIO = sys.stdout) -> None:
@@ -545,6 +573,9 @@ def _print_session(number: int, result: SessionResult, out: TextIO) -> None:
     w(f"kill switch       {ks['state']}: {ks.get('reason')}\n")
     if s["trip"]:
         w(f"daily-loss trip   at {s['trip']['changed_at'].astimezone(ET):%H:%M} ET, latched for the session of {s['trip']['tripped_session']}\n")
+    if s["trip"] and acct:
+        w(f"                  {s['trip']['reason']}; the flattened book moved {-s['flatten_move']:+,.2f} from the minute "
+          f"before to its exits: the day ends {acct['daily_pnl']:+,.2f}\n")
     sig = s.get("signals", {})
     if sig:
         w("signals           " + ", ".join(f"{k} {v}" for k, v in sig.items() if v) + "\n")

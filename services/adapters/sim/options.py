@@ -17,6 +17,7 @@ Everything is deterministic given the seed: the per-contract randomness is a has
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -116,6 +117,7 @@ def black_scholes(right: str, spot: float, strike: float, years: float, rate: fl
     return BSResult(max(price, 0.0), delta, gamma, theta, vega)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a chain is priced again every minute; a contract's draws are per day
 def _uniform(seed: int, symbol: str, day: date, salt: str) -> float:
     digest = hashlib.blake2b(f"{seed}|{symbol}|{day}|{salt}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64
