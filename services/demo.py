@@ -32,7 +32,7 @@ from decimal import Decimal
 from typing import Any, TextIO
 
 from services.common.clock import FixedClock
-from services.common.market_calendar import ET, Session, nyse_calendar
+from services.common.market_calendar import ET, Session, SessionCalendar, nyse_calendar
 from services.common.params import ParamsInForce, load_params_file
 from services.adapters.postgres import kill_switch, orders_repo
 from services.adapters.postgres.orders_repo import jsonb
@@ -247,10 +247,8 @@ def run_demo(day: date = DEMO_DAY, seed: int = 7, in_force: ParamsInForce | None
         options = SimOptionMarket(pool, seed=seed, liquidity={t.ticker: t.option_liquidity for t in TICKERS})
         dispatcher = Dispatcher(pool, broker, StaticParams(in_force), DEMO_ACCOUNT, clock=clock,
                                 calendar=calendar, worker_id="demo", option_data=OptionData(options.chain))
-        run = _Run(url, conn=None, clock=clock, calendar=calendar, in_force=in_force, broker=broker,
-                   options=options, dispatcher=dispatcher)
         with connect(url) as conn:
-            run.conn = conn
+            run = _Run(conn, clock, calendar, in_force, broker, options, dispatcher)
             _seed_iv_history(conn, calendar, day, seed)
             carried = _seed_carried_option(run, calm, seed) if CALM.carried_option else None
             stop_updates = start_trade_updates(dispatcher, broker)  # the broker's events feed the lifecycle
@@ -275,10 +273,9 @@ def run_demo(day: date = DEMO_DAY, seed: int = 7, in_force: ParamsInForce | None
 class _Run:
     """What the sessions share: the database, the clock, the broker, the option market, the dispatcher."""
 
-    url: str
     conn: Any
     clock: FixedClock
-    calendar: Any
+    calendar: SessionCalendar
     in_force: ParamsInForce
     broker: SimBroker
     options: SimOptionMarket
@@ -345,7 +342,7 @@ class _Run:
         # The last word on the session: the account and the marks as of its close.
         clock.set(session.close)
         dispatcher.refresh_account(force=True)
-        out.summary = {**_summary(conn, session, trip_seen, carried), "signals": dict(signal_counts)}
+        out.summary = {**_summary(conn, session, trip_seen), "signals": dict(signal_counts)}
         return out
 
 
@@ -375,7 +372,7 @@ def _seed_carried_option(run: _Run, calm: Session, seed: int) -> dict[str, Any]:
     bought_at = bought_session.open + timedelta(minutes=30)
     spot = spec.start_price
     spot_then = round(spot * 0.965, 2)  # SPY was lower when it was bought
-    step = strike_step(spot)
+    step = strike_step(spot_then)
     strike = (Decimal(str(spot_then)) / step).to_integral_value() * step  # at the money then
     chain_spec = run.options.spec_for(CARRIED_TICKER)
     bought = contract_quote(CARRIED_TICKER, calm.day, strike, "call", spot_then, bought_at, seed=seed, spec=chain_spec)
@@ -386,11 +383,6 @@ def _seed_carried_option(run: _Run, calm: Session, seed: int) -> dict[str, Any]:
         cur.executemany("INSERT INTO sim_option_marks (symbol, ts, bid, ask) VALUES (%s, %s, %s, %s) "
                         "ON CONFLICT DO NOTHING",
                         [(symbol, bought_at, bought.bid, bought.ask), (symbol, last_close, at_close.bid, at_close.ask)])
-        # The underlying's bar of that time: the sim broker values nothing without one, and
-        # the carried position's strike is read against it.
-        cur.execute("INSERT INTO lane_telemetry (ticker, ts, open, high, low, close, volume) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    (CARRIED_TICKER, last_close - timedelta(minutes=1), spot, spot, spot, spot, spec.avg_volume))
     clock.set(bought_at)
     note = f"carried in: swing call bought {bought_session.day}, expires {calm.day} (seeded)"
     rec = DeskRec(0, CARRIED_TICKER, "BUY", "OPTION", "swing_trade", 0.7, note)
@@ -499,7 +491,7 @@ WHERE p.account_id = %(account_id)s AND p.status = 'CLOSED' AND p.exit_reason = 
 """
 
 
-def _summary(conn, session: Session, trip: dict[str, Any], carried: dict[str, Any] | None) -> dict[str, Any]:
+def _summary(conn, session: Session, trip: dict[str, Any]) -> dict[str, Any]:
     from services.adapters.postgres.status import status_report
 
     report = status_report(conn, DEMO_ACCOUNT, session.close)
@@ -580,7 +572,7 @@ def _print_session(number: int, result: SessionResult, out: TextIO) -> None:
     if sig:
         w("signals           " + ", ".join(f"{k} {v}" for k, v in sig.items() if v) + "\n")
     w("decisions         " + ", ".join(f"{k} {v}" for k, v in s["decisions_by_status"].items()) + "\n")
-    w("blocked by gate   " + ", ".join(f"{k} {v}" for k, v in sorted(s["gate_blocks"].items(), key=lambda kv: -kv[1])) + "\n")
+    w("blocked by gate   " + ", ".join(f"{k} {v}" for k, v in sorted(s["gate_blocks"].items(), key=lambda kv: (-kv[1], kv[0]))) + "\n")
 
 
 def cmd_demo(args) -> int:
