@@ -30,6 +30,7 @@ from services.domain.iv_percentile import iv_percentile
 from services.adapters.sim.options import (
     SimChainSpec,
     black_scholes,
+    contract_quote,
     simulate_chain,
     weekly_expirations,
 )
@@ -638,6 +639,29 @@ def test_weekly_expiry_today_is_dropped_after_16_et(calendar):
     before = weekly_expirations(datetime(2026, 11, 20, 15, 59, tzinfo=ET), calendar, max_days=7)
     after = weekly_expirations(option_expiry_instant(friday), calendar, max_days=7)
     assert before[0] == friday and friday not in after
+
+
+def test_sim_contract_quote_priced_alone_equals_the_chains_quote_of_that_contract(sim_chain):
+    for listed in (sim_chain[0], sim_chain[len(sim_chain) // 2], sim_chain[-1]):
+        alone = contract_quote("SPY", listed.expiration, listed.strike, listed.right, 100.0, SIM_NOW, seed=3)
+        assert alone == listed
+
+
+def test_sim_contract_quote_prices_a_daily_expiry_the_weekly_chain_does_not_list(sim_chain):
+    # A Wednesday expiry (today, 10:30 ET): not a weekly, yet a held one must still be marked.
+    today = SIM_NOW.date()
+    assert today not in {c.expiration for c in sim_chain}
+    call = contract_quote("SPY", today, Decimal("95"), "call", 100.0, SIM_NOW, seed=3)
+    assert call.symbol == "SPY261118C00095000" and call.expiration == today
+    # In the money by 5 with hours to go: worth its intrinsic value, quoted around it.
+    assert call.bid < call.ask and abs((call.bid + call.ask) / 2 - 5) < Decimal("0.2")
+
+
+def test_sim_chain_with_a_window_prices_only_the_expiries_inside_it(sim_chain):
+    window = (date(2026, 11, 27), date(2026, 12, 4))
+    windowed = simulate_chain("SPY", 100.0, SIM_NOW, seed=3, window=window)
+    assert {c.expiration for c in windowed} == {date(2026, 11, 27), date(2026, 12, 4)}
+    assert windowed == [c for c in sim_chain if window[0] <= c.expiration <= window[1]]
 
 
 def test_sim_chain_contains_deliberately_illiquid_contracts(sim_chain):

@@ -27,7 +27,7 @@ def register_position_manager(subparsers) -> None:
 
 def register_demo(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run a simulated trading session on the embedded Postgres")
-    p.add_argument("--date", default=demo.DEMO_DAY.isoformat(), help="the NYSE session to simulate (YYYY-MM-DD)")
+    p.add_argument("--date", default=demo.DEMO_DAY.isoformat(), help="the sell-off session (YYYY-MM-DD); the calm day is the session before it")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--verbose", action="store_true", help="also print the JSON decision log")
     p.set_defaults(handler=demo.cmd_demo)

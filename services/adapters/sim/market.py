@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from services.common.market_calendar import Session
+from services.common.market_calendar import Session, option_expiry_instant
 
 
 @dataclass(frozen=True)
@@ -132,23 +132,22 @@ class SimOptionMarket:
         self.seed = seed
         self.liquidity = liquidity or {}
 
-    def _chain(self, ticker: str, spot, now: datetime):
-        from services.adapters.sim.options import SimChainSpec, simulate_chain
+    def spec_for(self, ticker: str):
+        from services.adapters.sim.options import SimChainSpec
 
         factor = self.liquidity.get(ticker, 1.0)
         base = SimChainSpec()
-        spec = SimChainSpec(
+        return SimChainSpec(
             base_volume=max(1, int(base.base_volume * factor)),
             base_open_interest=max(1, int(base.base_open_interest * factor)),
             illiquid_share=min(0.9, base.illiquid_share / max(factor, 0.05)),
         )
-        return simulate_chain(ticker, spot, now, seed=self.seed, spec=spec)
 
     def chain(self, ticker: str, spot, now: datetime, window=None):
         """The simulated chain, only the expiries inside `window` (first, last) when given."""
-        chain = self._chain(ticker, spot, now)
-        if window is not None:
-            chain = [q for q in chain if window[0] <= q.expiration <= window[1]]
+        from services.adapters.sim.options import simulate_chain
+
+        chain = simulate_chain(ticker, spot, now, seed=self.seed, spec=self.spec_for(ticker), window=window)
         marks = [{"symbol": q.symbol, "ts": now, "bid": q.bid, "ask": q.ask}
                  for q in chain if q.bid is not None and q.ask is not None]
         with self.pool.connection() as conn, conn.cursor() as cur:
@@ -163,13 +162,20 @@ class SimOptionMarket:
         return [q for q in self._chain(ticker, spot, now) if window[0] <= q.expiration <= window[1]]
 
     def mark_held(self, conn, now: datetime) -> int:
-        held = conn.execute(HELD_OPTIONS, {"now": now}).fetchall()
+        """Re-mark every held contract from its underlying's latest close, priced by its own symbol."""
+        from services.adapters.sim.options import contract_quote
+        from services.domain.market_data import parse_occ_symbol
+
         marks = []
-        for ticker in {h["ticker"] for h in held if h["spot"] is not None}:
-            symbols = {h["symbol"] for h in held if h["ticker"] == ticker}
-            spot = next(h["spot"] for h in held if h["ticker"] == ticker)
-            marks += [{"symbol": q.symbol, "ts": now, "bid": q.bid, "ask": q.ask}
-                      for q in self._chain(ticker, spot, now) if q.symbol in symbols and q.bid is not None]
+        for h in conn.execute(HELD_OPTIONS, {"now": now}).fetchall():
+            if h["spot"] is None:
+                continue
+            occ = parse_occ_symbol(h["symbol"])
+            if now >= option_expiry_instant(occ.expiration):
+                continue  # expired: no market, as for a listed contract after 16:00 ET on its day
+            q = contract_quote(h["ticker"], occ.expiration, occ.strike, occ.right, float(h["spot"]), now,
+                               seed=self.seed, spec=self.spec_for(h["ticker"]))
+            marks.append({"symbol": q.symbol, "ts": now, "bid": q.bid, "ask": q.ask})
         with conn.cursor() as cur:
             cur.executemany(UPSERT_OPTION_MARKS, marks)
         return len(marks)

@@ -17,6 +17,7 @@ Everything is deterministic given the seed: the per-contract randomness is a has
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -116,6 +117,7 @@ def black_scholes(right: str, spot: float, strike: float, years: float, rate: fl
     return BSResult(max(price, 0.0), delta, gamma, theta, vega)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a chain is priced again every minute; a contract's draws are per day
 def _uniform(seed: int, symbol: str, day: date, salt: str) -> float:
     digest = hashlib.blake2b(f"{seed}|{symbol}|{day}|{salt}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64
@@ -126,6 +128,72 @@ def smile_vol(base_vol: float, moneyness: float) -> float:
     return max(0.05, base_vol * (1.0 + 1.5 * moneyness * moneyness) - 0.10 * moneyness)
 
 
+def contract_quote(
+    underlying: str,
+    expiration: date,
+    strike: Decimal,
+    right: str,
+    spot: float,
+    now: datetime,
+    *,
+    seed: int = 0,
+    spec: SimChainSpec = SimChainSpec(),
+) -> OptionQuote:
+    """One contract's quote at `now`: the same price, spread and activity the chain gives it.
+
+    A held contract is re-marked with this alone, whether or not it is still inside the window
+    of expiries a chain lists (a daily expiry, a contract bought further out).
+    """
+    today = et_date(now)
+    years = (option_expiry_instant(expiration) - now).total_seconds() / _SECONDS_PER_YEAR
+    days_out = (expiration - today).days
+    k = float(strike)
+    moneyness = math.log(k / spot)
+    vol = smile_vol(spec.base_vol, moneyness)
+    symbol = occ_symbol(underlying, expiration, right, strike)
+    bs = black_scholes(right, spot, k, years, spec.rate, vol)
+    u_illiquid = _uniform(seed, symbol, today, "illiquid")
+    u_activity = _uniform(seed, symbol, today, "activity")
+    u_size = _uniform(seed, symbol, today, "size")
+    illiquid = u_illiquid < spec.illiquid_share
+    # Spread as a share of the price: tight at the money, wider away from it and
+    # further out in time.
+    rel = 0.02 + 0.6 * abs(moneyness) + 0.0015 * days_out
+    if illiquid:
+        rel = max(rel, 0.15 + 0.25 * u_activity)
+    half = max(0.005, bs.price * rel / 2)
+    bid = Decimal(repr(max(bs.price - half, 0.0))).quantize(_CENT, rounding=ROUND_FLOOR)
+    ask = Decimal(repr(bs.price + half)).quantize(_CENT, rounding=ROUND_CEILING)
+    ask = max(ask, bid + _CENT, _CENT)
+    activity = math.exp(-25.0 * moneyness * moneyness) * (0.5 + u_activity)
+    if illiquid:
+        volume = int(u_activity * 99)
+        open_interest = int(u_size * 99)
+    else:
+        volume = int(spec.base_volume * activity / (1 + days_out / 14))
+        open_interest = int(spec.base_open_interest * activity)
+    size = 1 + int(u_size * 50)
+    return OptionQuote(
+        symbol=symbol,
+        underlying=underlying,
+        expiration=expiration,
+        strike=strike,
+        right=right,
+        bid=bid,
+        ask=ask,
+        bid_size=size,
+        ask_size=size + 3,
+        quote_time=now.astimezone(timezone.utc),
+        volume=volume,
+        open_interest=open_interest,
+        implied_volatility=round(vol, 6),
+        delta=round(bs.delta, 6),
+        gamma=round(bs.gamma, 6),
+        theta=round(bs.theta, 6),
+        vega=round(bs.vega, 6),
+    )
+
+
 def simulate_chain(
     underlying: str,
     spot: float | Decimal,
@@ -134,71 +202,28 @@ def simulate_chain(
     seed: int = 0,
     calendar: SessionCalendar | None = None,
     spec: SimChainSpec = SimChainSpec(),
+    window: tuple[date, date] | None = None,
 ) -> list[OptionQuote]:
-    """The chain of `underlying` at `now` for a simulated spot price, as OptionQuotes."""
+    """The chain of `underlying` at `now` for a simulated spot price, as OptionQuotes.
+
+    With `window` (first, last), only the expiries inside it are priced.
+    """
     if now.tzinfo is None:
         raise ValueError("naive datetime: pass an aware `now`")
     spot_f = float(spot)
     if not spot_f > 0:
         raise ValueError(f"spot={spot!r} must be positive")
     cal = calendar or nyse_calendar()
-    today = et_date(now)
-    quote_time = now.astimezone(timezone.utc)
     step = strike_step(spot_f)
     atm = (Decimal(str(spot_f)) / step).to_integral_value() * step
     strikes = [atm + step * i for i in range(-spec.strikes_each_side, spec.strikes_each_side + 1)]
     strikes = [k for k in strikes if k > 0]
-    chain: list[OptionQuote] = []
-    for expiration in weekly_expirations(now, cal, spec.max_days):
-        years = (option_expiry_instant(expiration) - now).total_seconds() / _SECONDS_PER_YEAR
-        days_out = (expiration - today).days
-        for strike in strikes:
-            k = float(strike)
-            moneyness = math.log(k / spot_f)
-            vol = smile_vol(spec.base_vol, moneyness)
-            for right in ("call", "put"):
-                symbol = occ_symbol(underlying, expiration, right, strike)
-                bs = black_scholes(right, spot_f, k, years, spec.rate, vol)
-                u_illiquid = _uniform(seed, symbol, today, "illiquid")
-                u_activity = _uniform(seed, symbol, today, "activity")
-                u_size = _uniform(seed, symbol, today, "size")
-                illiquid = u_illiquid < spec.illiquid_share
-                # Spread as a share of the price: tight at the money, wider away from it and
-                # further out in time.
-                rel = 0.02 + 0.6 * abs(moneyness) + 0.0015 * days_out
-                if illiquid:
-                    rel = max(rel, 0.15 + 0.25 * u_activity)
-                half = max(0.005, bs.price * rel / 2)
-                bid = Decimal(repr(max(bs.price - half, 0.0))).quantize(_CENT, rounding=ROUND_FLOOR)
-                ask = Decimal(repr(bs.price + half)).quantize(_CENT, rounding=ROUND_CEILING)
-                ask = max(ask, bid + _CENT, _CENT)
-                activity = math.exp(-25.0 * moneyness * moneyness) * (0.5 + u_activity)
-                if illiquid:
-                    volume = int(u_activity * 99)
-                    open_interest = int(u_size * 99)
-                else:
-                    volume = int(spec.base_volume * activity / (1 + days_out / 14))
-                    open_interest = int(spec.base_open_interest * activity)
-                size = 1 + int(u_size * 50)
-                chain.append(
-                    OptionQuote(
-                        symbol=symbol,
-                        underlying=underlying,
-                        expiration=expiration,
-                        strike=strike,
-                        right=right,
-                        bid=bid,
-                        ask=ask,
-                        bid_size=size,
-                        ask_size=size + 3,
-                        quote_time=quote_time,
-                        volume=volume,
-                        open_interest=open_interest,
-                        implied_volatility=round(vol, 6),
-                        delta=round(bs.delta, 6),
-                        gamma=round(bs.gamma, 6),
-                        theta=round(bs.theta, 6),
-                        vega=round(bs.vega, 6),
-                    )
-                )
-    return chain
+    expirations = weekly_expirations(now, cal, spec.max_days)
+    if window is not None:
+        expirations = [e for e in expirations if window[0] <= e <= window[1]]
+    return [
+        contract_quote(underlying, expiration, strike, right, spot_f, now, seed=seed, spec=spec)
+        for expiration in expirations
+        for strike in strikes
+        for right in ("call", "put")
+    ]
