@@ -23,6 +23,7 @@ _REGISTRARS = [
     ("services.cli.loops", "register_position_manager"),     # position-manager
     ("services.cli.loops", "register_ingest"),               # load-csv, telemetry
     ("services.cli.loops", "register_news"),                 # news
+    ("services.cli.report", "register"),                     # report
 ]
 
 
