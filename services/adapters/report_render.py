@@ -139,6 +139,15 @@ def _empty(ax, why: str) -> None:
     ax.set_yticks([])
 
 
+def _et_times(ax) -> None:
+    from matplotlib.dates import DateFormatter
+
+    ax.xaxis.set_major_formatter(DateFormatter("%m-%d %H:%M", tz=ET))
+    for label in ax.get_xticklabels():
+        label.set_rotation(30)
+        label.set_fontsize(8)
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
@@ -150,18 +159,23 @@ def plots(report: Report) -> dict[str, bytes]:
     out = {}
     fig, (eq, dd, ex) = _figure("Equity (realized P&L), drawdown and exposure", rows=3)
     if report.equity_curve:
-        xs = [p["at"] for p in report.equity_curve]
-        eq.step(xs, [float(p["cumulative_pnl"]) for p in report.equity_curve], where="post")
-        dd.fill_between(xs, [-float(p["drawdown"]) for p in report.equity_curve], step="post", color="tab:red")
+        # The curve starts at 0 when the first position of the period opened (or at the first close).
+        first = report.exposure[0]["at"] if report.exposure else report.equity_curve[0]["at"]
+        xs = [first] + [p["at"] for p in report.equity_curve]
+        eq.step(xs, [0.0] + [float(p["cumulative_pnl"]) for p in report.equity_curve], where="post")
+        dd.fill_between(xs, [0.0] + [-float(p["drawdown"]) for p in report.equity_curve], step="post",
+                        color="tab:red")
         eq.set_ylabel("P&L")
         dd.set_ylabel("drawdown")
+        _et_times(eq)
+        _et_times(dd)
     else:
         _empty(eq, "no closed trade in the period")
         _empty(dd, "no closed trade in the period")
     if report.exposure:
         ex.step([x["at"] for x in report.exposure], [float(x["notional"]) for x in report.exposure], where="post")
         ex.set_ylabel("exposure")
-        fig.autofmt_xdate()
+        _et_times(ex)
     else:
         _empty(ex, "no position held in the period")
     out["equity_drawdown"] = _png(fig)
@@ -207,7 +221,7 @@ def plots(report: Report) -> dict[str, bytes]:
             ax.bar([x for x, m in zip(xs, means) if m is not None],
                    [float(m) * 100 for m in means if m is not None], width, label=f"{h} min")
         ax.set_xticks([j + width * (len(report.horizons) - 1) / 2 for j in range(len(groups))],
-                      [f"{g['rule']} {g['direction']}" for g in groups])
+                      [f"{g['rule']}\n{g['direction']}" for g in groups], fontsize=8)
         ax.axhline(0, color="black", linewidth=0.5)
         ax.legend()
     else:
