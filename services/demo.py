@@ -42,6 +42,7 @@ from services.domain.broker import OrderRequest, client_order_id
 from services.adapters.sim.broker import SimBroker
 from services.adapters.sim.options import contract_quote, occ_symbol, strike_step
 from services.adapters.option_data import OptionData
+from services.adapters.option_liquidity import OptionLiquiditySource
 from services.feature_computer.main import compute_features
 from services.position_manager.main import run_position_cycle
 from services.signal_engine.main import run_signal_cycle
@@ -67,9 +68,6 @@ TICKERS = [
 ]
 ALL = tuple(t.ticker for t in TICKERS)
 
-# Spread quality and an option open-interest proxy for the watchlist's liquidity term.
-LIQUIDITY = {t.ticker: {"spread_quality": t.option_liquidity, "oi_proxy": t.option_liquidity * t.avg_volume}
-             for t in TICKERS}
 # IV history (the last 30 sessions' ATM IV): TSLA's options are dear against their own
 # history, so its IV percentile gate blocks and stock stands in.
 IV_HISTORY = {t.ticker: (0.15, 0.22) if t.ticker == "TSLA" else (0.22, 0.38) for t in TICKERS}
@@ -245,10 +243,12 @@ def run_demo(day: date = DEMO_DAY, seed: int = 7, in_force: ParamsInForce | None
                            universe=ALL, starting_cash=STARTING_CASH, fee_per_share=fees.per_share,
                            fee_per_contract=fees.per_contract)
         options = SimOptionMarket(pool, seed=seed, liquidity={t.ticker: t.option_liquidity for t in TICKERS})
+        # The watchlist reads spread quality and open interest from the near-expiry chains, as in production.
+        liquidity = OptionLiquiditySource(options.near_chain, source="simulated option market")
         dispatcher = Dispatcher(pool, broker, StaticParams(in_force), DEMO_ACCOUNT, clock=clock,
                                 calendar=calendar, worker_id="demo", option_data=OptionData(options.chain))
         with connect(url) as conn:
-            run = _Run(conn, clock, calendar, in_force, broker, options, dispatcher)
+            run = _Run(conn, clock, calendar, in_force, broker, options, dispatcher, liquidity)
             _seed_iv_history(conn, calendar, day, seed)
             carried = _seed_carried_option(run, calm, seed) if CALM.carried_option else None
             stop_updates = start_trade_updates(dispatcher, broker)  # the broker's events feed the lifecycle
@@ -280,6 +280,7 @@ class _Run:
     broker: SimBroker
     options: SimOptionMarket
     dispatcher: Dispatcher
+    liquidity: OptionLiquiditySource
 
     def session(self, session: Session, scenario: Scenario, market: SimMarket,
                 carried: dict[str, Any] | None) -> SessionResult:
@@ -311,7 +312,7 @@ class _Run:
                              (ticker, now, score, confidence))
             compute_features(conn, now=now)
             if minute % 30 == 0:
-                run_watchlist_cycle(conn, DEMO_ACCOUNT, in_force, now, liquidity_inputs=LIQUIDITY)
+                run_watchlist_cycle(conn, DEMO_ACCOUNT, in_force, now, liquidity_source=self.liquidity)
             signal_counts.update(run_signal_cycle(conn, DEMO_ACCOUNT, in_force, now).counts)
             self.options.mark_held(conn, now)
             # Resting limit orders the moved market has reached fill (the broker's events record

@@ -26,6 +26,7 @@ _REGISTRARS = [
     ("services.cli.loops", "register_news"),                 # news
     ("services.cli.loops", "register_watchdog"),             # watchdog
     ("services.cli.alerts", "register"),                     # alerts test
+    ("services.cli.report", "register"),                     # report
 ]
 
 

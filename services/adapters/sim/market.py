@@ -159,7 +159,9 @@ class SimOptionMarket:
         the watchlist's liquidity inputs read. No spot, no simulated chain."""
         if spot is None:
             return []
-        return [q for q in self._chain(ticker, spot, now) if window[0] <= q.expiration <= window[1]]
+        from services.adapters.sim.options import simulate_chain
+
+        return simulate_chain(ticker, spot, now, seed=self.seed, spec=self.spec_for(ticker), window=tuple(window))
 
     def mark_held(self, conn, now: datetime) -> int:
         """Re-mark every held contract from its underlying's latest close, priced by its own symbol."""
