@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
+from functools import cached_property, lru_cache
 from typing import Any, NamedTuple
 
 from services.common.market_calendar import ET, CalendarUnavailable, Session, SessionCalendar, et_date
@@ -67,6 +68,9 @@ RULES = (
     "max_holding_time",
 )
 PRICE_RULES = frozenset({"stop_loss", "trailing_stop", "take_profit"})
+# The reasons of a rule that neither fired nor flagged (`code` is the part before the colon).
+_QUIET = (f"{HOLD}:", f"{NOT_APPLICABLE}:")
+_STALE = f"{STALE_DATA}:"
 
 
 class ExitResult(NamedTuple):
@@ -77,11 +81,11 @@ class ExitResult(NamedTuple):
 
     @property
     def code(self) -> str:
-        return self.reason.split(":", 1)[0]
+        return self.reason.partition(":")[0]
 
     @property
     def is_flag(self) -> bool:
-        return not self.fired and self.code not in (HOLD, NOT_APPLICABLE)
+        return not self.fired and not self.reason.startswith(_QUIET)
 
 
 def fire(code: str, detail: str, observed: Any, limit: Any) -> ExitResult:
@@ -133,6 +137,9 @@ class ExitEvaluation:
 
     results: tuple[NamedExit, ...]
     decision: ExitDecision | None
+    # The position as the rules read it (None when unreadable): the caller's next_high_water_mark
+    # takes it as it is instead of checking the row again.
+    held: HeldPosition | None = None
 
     def result(self, name: str) -> ExitResult:
         for named in self.results:
@@ -140,13 +147,13 @@ class ExitEvaluation:
                 return named.result
         raise KeyError(name)
 
-    @property
+    @cached_property
     def flags(self) -> tuple[NamedExit, ...]:
         return tuple(n for n in self.results if n.result.is_flag)
 
-    @property
+    @cached_property
     def stale(self) -> bool:
-        return any(n.result.code == STALE_DATA for n in self.results)
+        return any(n.result.reason.startswith(_STALE) for n in self.results)
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,8 @@ class HeldPosition:
 def _field(obj: Any, name: str, default: Any = None) -> Any:
     if obj is None:
         return default
+    if type(obj) is dict:  # a database row: the common case, without the ABC check below
+        return obj.get(name, default)
     if isinstance(obj, Mapping):
         return obj.get(name, default)
     return getattr(obj, name, default)
@@ -211,13 +220,21 @@ def _close(bar: Any) -> Decimal | None:
     return close if close is not None and close.is_finite() and close > 0 else None
 
 
+@lru_cache(maxsize=256, typed=True)
 def _pct(value: float) -> Decimal:
     # Through str: 0.3 the param, not 0.299999999999999988897769753748 the binary float.
     return Decimal(str(value))
 
 
+@lru_cache(maxsize=1024)
 def _et(ts: datetime) -> str:
+    # Cached: a cycle formats the same now and the same few deadlines for every position.
     return f"{ts.astimezone(ET):%Y-%m-%d %H:%M:%S} ET"
+
+
+@lru_cache(maxsize=256)
+def _et_hhmm(ts: datetime) -> str:
+    return f"{ts.astimezone(ET):%H:%M}"
 
 
 # --- The high-water mark ---------------------------------------------------------------------
@@ -290,7 +307,7 @@ def check_option_expiry_cutoff(held: HeldPosition, now: datetime, cutoff_minutes
         return flag(BAD_POSITION, "option without an expiration: its last day cannot be known")
     session = _last_trading_session(held.expiration, calendar)
     deadline = session.close - timedelta(minutes=cutoff_minutes)
-    detail = f"now={_et(now)} cutoff={_et(deadline)} last_day={session.day} close={session.close.astimezone(ET):%H:%M} ET"
+    detail = f"now={_et(now)} cutoff={_et(deadline)} last_day={session.day} close={_et_hhmm(session.close)} ET"
     if now >= deadline:
         return fire("EXPIRY_CUTOFF", detail, now, deadline)
     return hold(detail, now, deadline)
@@ -333,7 +350,7 @@ def check_end_of_day(held: HeldPosition, now: datetime, minutes: int, stale: boo
     else:
         return not_applicable(f"{held.strategy} with fresh data")
     deadline = session.close - timedelta(minutes=minutes)
-    detail = f"{why}: now={_et(now)} flatten_at={_et(deadline)} close={session.close.astimezone(ET):%H:%M} ET"
+    detail = f"{why}: now={_et(now)} flatten_at={_et(deadline)} close={_et_hhmm(session.close)} ET"
     if now >= deadline:
         return fire("END_OF_DAY", detail, now, deadline)
     return hold(detail, now, deadline)
@@ -414,6 +431,108 @@ def check_trailing_stop(held: HeldPosition, close: Decimal, mark: Decimal, rules
 _RULE_ERRORS = (ArithmeticError, TypeError, ValueError, KeyError, AttributeError)
 
 
+class _SessionMemo:
+    """A calendar's answers for one pass over a book: each day asked once, not once per position.
+
+    Only answers are kept; a CalendarUnavailable is raised again at each ask, as the calendar would.
+    """
+
+    def __init__(self, calendar: SessionCalendar):
+        self._calendar = calendar
+        self._answers: dict[tuple, Any] = {}
+
+    def _ask(self, name: str, *args: Any) -> Any:
+        key = (name, *args)
+        try:
+            return self._answers[key]
+        except KeyError:
+            answer = self._answers[key] = getattr(self._calendar, name)(*args)
+            return answer
+
+    def session_on(self, day: date) -> Session | None:
+        return self._ask("session_on", day)
+
+    def previous_session(self, before: date) -> Session:
+        return self._ask("previous_session", before)
+
+    def current_or_previous_session(self, now: datetime) -> Session:
+        return self._ask("current_or_previous_session", now)
+
+    def trading_days_between(self, start: date, end: date) -> int:
+        return self._ask("trading_days_between", start, end)
+
+
+class ExitRules:
+    """The exit rules of one pass over a book: params, now and calendar fixed for every position.
+
+    What is the same for every position (the params' sections, the calendar's sessions and
+    deadlines) is looked up once per pass; `evaluate` is then `evaluate_exit_rules` of one
+    position, with identical results. The position manager makes one per cycle.
+    """
+
+    def __init__(self, params: TradingParams | Mapping, now: datetime, calendar: SessionCalendar):
+        if not isinstance(now, datetime) or now.tzinfo is None:
+            raise ValueError("naive or missing `now`: exit rules need an aware time")
+        self.params = as_params(params)
+        self.now = now
+        self.calendar = _SessionMemo(calendar)
+        # Per strategy: its section and its days-to-expiry minimum (a swing trade's only).
+        self._strategies = {
+            name: (rules, getattr(rules, "min_trading_days_to_expiry", None))
+            for name, rules in ((s, self.params.exits.for_strategy(s)) for s in STRATEGIES)  # type: ignore[arg-type]
+        }
+
+    def evaluate(self, position: Any, bar: Any) -> ExitEvaluation:
+        """Every rule's result for one position, and the decision; see `evaluate_exit_rules`."""
+        now, calendar, p = self.now, self.calendar, self.params
+        try:
+            held = HeldPosition.of(position)
+        except ValueError as e:
+            return ExitEvaluation((NamedExit("position", flag(BAD_POSITION, str(e))),), None)
+        strategy_rules, min_days = self._strategies[held.strategy]
+        price_rules = strategy_rules.option if held.instrument == "OPTION" else strategy_rules.stock
+
+        def run(name: str, fn: Callable[..., ExitResult], *args: Any) -> NamedExit:
+            try:
+                return NamedExit(name, fn(*args))
+            except CalendarUnavailable as e:
+                return NamedExit(name, flag("CALENDAR_UNAVAILABLE", f"{name}: {e}"))
+            except _RULE_ERRORS as e:
+                return NamedExit(name, flag(RULE_ERROR, f"{name}: {type(e).__name__}: {e}"))
+
+        freshness = run(
+            "data_freshness", check_data_freshness, bar, now, strategy_rules.stale_bar_seconds,
+            p.risk.max_clock_skew_seconds, calendar,
+        )
+        fresh = freshness.result.code == HOLD
+        close = _close(bar) if fresh else None
+        mark = next_high_water_mark(held, bar) if fresh else held.mark()
+
+        def priced(name: str, fn: Callable[..., ExitResult], *args: Any) -> NamedExit:
+            if close is None:
+                return NamedExit(name, not_applicable(f"not judged on stale data ({freshness.result.code})"))
+            return run(name, fn, *args)
+
+        results = (
+            freshness,
+            run("option_expiry_cutoff", check_option_expiry_cutoff, held, now,
+                strategy_rules.option_expiry_cutoff_minutes_before_close, calendar),
+            run("option_days_to_expiry", check_option_days_to_expiry, held, now, min_days, calendar),
+            run("end_of_day", check_end_of_day, held, now, strategy_rules.flatten_minutes_before_close, not fresh,
+                calendar),
+            priced("stop_loss", check_stop_loss, held, close, price_rules),
+            priced("trailing_stop", check_trailing_stop, held, close, mark, price_rules),
+            priced("take_profit", check_take_profit, held, close, price_rules),
+            run("max_holding_time", check_max_holding_time, held, now, strategy_rules.max_holding_minutes),
+        )
+        decision = next(
+            (ExitDecision(n.name, n.result.code, n.result.reason, n.result.observed, n.result.limit)
+             for n in results if n.result.fired),
+            None,
+        )
+        return ExitEvaluation(results, decision, held)
+
+
 def evaluate_exit_rules(
     position: Any,
     bar: Any,
@@ -427,57 +546,10 @@ def evaluate_exit_rules(
     Results: `data_freshness` first (HOLD or the STALE_DATA flag), then RULES in precedence
     order. A rule that raises becomes a flag (CALENDAR_UNAVAILABLE, RULE_ERROR), never an exit
     and never a crash of the caller's loop; an unreadable position yields one BAD_POSITION flag.
-    `features` is accepted for rules on indicators; none of the current rules reads it.
+    `features` is accepted for rules on indicators; none of the current rules reads it. A pass
+    over many positions at one `now` makes one ExitRules and calls its `evaluate` instead.
     """
-    if not isinstance(now, datetime) or now.tzinfo is None:
-        raise ValueError("naive or missing `now`: exit rules need an aware time")
-    try:
-        held = HeldPosition.of(position)
-    except ValueError as e:
-        return ExitEvaluation((NamedExit("position", flag(BAD_POSITION, str(e))),), None)
-    p = as_params(params)
-    strategy_rules = p.exits.for_strategy(held.strategy)  # type: ignore[arg-type]
-    price_rules = strategy_rules.option if held.instrument == "OPTION" else strategy_rules.stock
-
-    def run(name: str, fn: Callable[..., ExitResult], *args: Any) -> NamedExit:
-        try:
-            return NamedExit(name, fn(*args))
-        except CalendarUnavailable as e:
-            return NamedExit(name, flag("CALENDAR_UNAVAILABLE", f"{name}: {e}"))
-        except _RULE_ERRORS as e:
-            return NamedExit(name, flag(RULE_ERROR, f"{name}: {type(e).__name__}: {e}"))
-
-    freshness = run(
-        "data_freshness", check_data_freshness, bar, now, strategy_rules.stale_bar_seconds,
-        p.risk.max_clock_skew_seconds, calendar,
-    )
-    fresh = freshness.result.code == HOLD
-    close = _close(bar) if fresh else None
-    mark = next_high_water_mark(held, bar) if fresh else held.mark()
-    min_days = getattr(strategy_rules, "min_trading_days_to_expiry", None)
-
-    def priced(name: str, fn: Callable[..., ExitResult], *args: Any) -> NamedExit:
-        if close is None:
-            return NamedExit(name, not_applicable(f"not judged on stale data ({freshness.result.code})"))
-        return run(name, fn, *args)
-
-    results = (
-        freshness,
-        run("option_expiry_cutoff", check_option_expiry_cutoff, held, now,
-            strategy_rules.option_expiry_cutoff_minutes_before_close, calendar),
-        run("option_days_to_expiry", check_option_days_to_expiry, held, now, min_days, calendar),
-        run("end_of_day", check_end_of_day, held, now, strategy_rules.flatten_minutes_before_close, not fresh, calendar),
-        priced("stop_loss", check_stop_loss, held, close, price_rules),
-        priced("trailing_stop", check_trailing_stop, held, close, mark, price_rules),
-        priced("take_profit", check_take_profit, held, close, price_rules),
-        run("max_holding_time", check_max_holding_time, held, now, strategy_rules.max_holding_minutes),
-    )
-    decision = next(
-        (ExitDecision(n.name, n.result.code, n.result.reason, n.result.observed, n.result.limit)
-         for n in results if n.result.fired),
-        None,
-    )
-    return ExitEvaluation(results, decision)
+    return ExitRules(params, now, calendar).evaluate(position, bar)
 
 
 def evaluate_exit(

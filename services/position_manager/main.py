@@ -35,7 +35,7 @@ from services.adapters.postgres import exits_repo, kill_switch
 from services.common.market_calendar import CalendarUnavailable, SessionCalendar
 from services.common.numbers import to_decimal
 from services.common.params import ParamsInForce
-from services.domain.exits import BAR_SECONDS, evaluate_exit_rules, next_high_water_mark
+from services.domain.exits import BAR_SECONDS, ExitRules, next_high_water_mark
 from services.domain.market_data import parse_occ_symbol
 from services.domain.order_pricing import Quote
 
@@ -145,6 +145,8 @@ def run_position_cycle(
         result.held_back = "KILL_SWITCH_HALTED: a halted account sends no exit but the operator's flatten"
 
     bars = _bars(rows, option_quotes, now)
+    rules = ExitRules(params, now, calendar)  # one pass: the calendar's lookups made once, not per position
+    marked_at = now.isoformat()
     marks: list[dict[str, Any]] = []
     to_exit: list[dict[str, Any]] = []
     decided: dict[int, tuple[dict, str, str]] = {}
@@ -152,12 +154,12 @@ def run_position_cycle(
         result.evaluated += 1
         bar = bars.get(row["id"])
         held = _position(row)
-        evaluation = evaluate_exit_rules(held, bar, None, params, now, calendar)
+        evaluation = rules.evaluate(held, bar)
         stale = evaluation.stale
         fresh = bar is not None and not stale
         marks.append({"id": row["id"], "market_price": str(bar["close"]) if fresh else None,
-                      "high_water_mark": _high_water(held, bar) if fresh else None,
-                      "marked_at": now.isoformat() if fresh else None, "stale": stale})
+                      "high_water_mark": _high_water(evaluation.held or held, bar) if fresh else None,
+                      "marked_at": marked_at if fresh else None, "stale": stale})
         for named in evaluation.flags:
             result.flags.append((row["id"], row["ticker"], named.result.reason))
             if named.result.code == "STALE_DATA" and row["stale_since"] is not None:
