@@ -69,7 +69,7 @@ def test_status_json_has_the_documented_shape_and_names_stale_watched_tickers(db
     assert captured.err == ""  # operator commands are quiet: stdout carries the answer alone
     doc = json.loads(captured.out)
     assert set(doc) == {"account_id", "as_of", "kill_switch", "account", "exposure", "positions",
-                        "decisions_by_status", "blocked_by", "params", "params_in_force", "data"}
+                        "closed_today", "realized_today", "decisions_by_status", "blocked_by", "params", "params_in_force", "data"}
     assert doc["account_id"] == ACCOUNT
     assert doc["kill_switch"]["state"] == "ACTIVE"
     assert (doc["account"]["equity"], doc["account"]["daily_pnl"]) == (99_900, -100)

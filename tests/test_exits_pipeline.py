@@ -446,3 +446,21 @@ def test_flatten_one_ticker_closes_it_without_halting(book, conn, db_url, monkey
     # Asked again, nothing is left to close.
     assert _cli(b, monkeypatch, "flatten", "--ticker", "AAPL") == 0
     assert "nothing to close" in capsys.readouterr().out
+
+
+def test_status_lists_todays_closed_positions_with_exit_reason_fees_and_pnl(book, conn):
+    from services.adapters.postgres.status import status_report
+    from services.cli.admin import format_status
+
+    b = book()
+    b.buy(conn, "AAPL", 200)
+    b.at(NOW + timedelta(minutes=5))
+    bar_at(conn, "AAPL", b.clock.now(), 195)
+    b.manage(conn)
+    b.dispatcher.drain()
+    report = status_report(conn, ACCOUNT, b.clock.now())
+    [closed] = report["closed_today"]
+    assert (closed["ticker"], closed["exit_reason"], closed["fees"]) == ("AAPL", "STOP_LOSS", Decimal("0.20"))
+    assert report["realized_today"] == closed["realized_pnl"] < 0
+    text = format_status(report)
+    assert "closed today  1 position(s), realized" in text and "STOP_LOSS" in text

@@ -101,6 +101,14 @@ def format_status(report: dict[str, Any], params_status: dict[str, Any] | None =
     for p in report["positions"]:
         lines.append(f"  {p['ticker']:<6} {p['instrument']:<6} {p['symbol']:<22} {p['side']:<5} {p['qty']:>6} "
                      f"@ {p['avg_price']:.2f}  notional {p['notional']:,.2f}  {p['status']}")
+    closed = report.get("closed_today", [])
+    if closed:
+        lines.append(f"closed today  {len(closed)} position(s), realized {report['realized_today']:+,.2f} (net of fees)")
+    for c in closed:
+        pnl = f"{c['realized_pnl']:+,.2f}" if c["realized_pnl"] is not None else "n/a"
+        lines.append(f"  {c['ticker']:<6} {c['instrument']:<6} {c['symbol']:<22} {c['qty']:>6} @ {c['avg_price']:.2f}"
+                     f" -> {c['close_price'] if c['close_price'] is not None else 'n/a'}  {c['exit_reason'] or '':<18} "
+                     f"fees {c['fees']:.2f}  P&L {pnl}")
     statuses = ", ".join(f"{k} {v}" for k, v in report["decisions_by_status"].items()) or "none"
     lines.append(f"decisions     today (ET): {statuses}")
     for code, n in report["blocked_by"].items():

@@ -15,6 +15,9 @@ The JSON document (one per refresh with --watch, one per line):
       "exposure": number,                              # notional of open positions (options x 100)
       "positions": [{"ticker", "instrument", "symbol", "side", "qty", "avg_price", "market_price",
                      "multiplier", "status", "notional"}],
+      "closed_today": [{"ticker", "instrument", "symbol", "side", "qty", "avg_price", "close_price",
+                        "exit_reason", "fees", "realized_pnl", "opened_at", "closed_at"}],   # today, ET
+      "realized_today": number,                        # their realized P&L, net of fees
       "decisions_by_status": {"EXECUTED": int, "SKIPPED": int, ...},   # today, ET
       "blocked_by": {"<outcome code>": int, ...},                        # today, ET
       "params": {"source": str, "version": str, "hash": str, "last_error": str | null, ...},
@@ -120,6 +123,8 @@ def status_document(url: str, account_id: str, provider: Any, now: datetime | No
         "account": report["account"],
         "exposure": report["exposure"],
         "positions": report["positions"],
+        "closed_today": report["closed_today"],
+        "realized_today": report["realized_today"],
         "decisions_by_status": report["decisions_by_status"],
         "blocked_by": report["blocked_by"],
         "params": params_status,

@@ -27,6 +27,13 @@ def status_report(conn, account_id: str, now: datetime) -> dict[str, Any]:
            FROM active_positions WHERE account_id = %s AND status IN ('PENDING', 'OPEN', 'CLOSING') ORDER BY ticker""",
         (account_id,),
     ).fetchall()
+    closed = conn.execute(
+        """SELECT ticker, instrument, symbol, side, qty, avg_price, close_price, exit_reason, fees, realized_pnl,
+                  opened_at, closed_at
+           FROM active_positions
+           WHERE account_id = %s AND status = 'CLOSED' AND closed_at >= %s AND closed_at < %s ORDER BY closed_at, id""",
+        (account_id, day_start, day_end),
+    ).fetchall()
     by_status = conn.execute(
         """SELECT status, count(*)::int AS n FROM dispatch_recommendations
            WHERE account_id = %s AND created_at >= %s AND created_at < %s GROUP BY status ORDER BY status""",
@@ -44,6 +51,8 @@ def status_report(conn, account_id: str, now: datetime) -> dict[str, Any]:
         "account": account,
         "positions": positions,
         "exposure": sum((p["notional"] for p in positions), 0),
+        "closed_today": closed,
+        "realized_today": sum((c["realized_pnl"] for c in closed if c["realized_pnl"] is not None), 0),
         "decisions_by_status": {r["status"]: r["n"] for r in by_status},
         "blocked_by": {r["outcome_code"]: r["n"] for r in by_gate},
         "params_in_force": params_in_force(conn),
