@@ -4,6 +4,7 @@ the migrations and cloned for each test (`CREATE DATABASE ... TEMPLATE`, ~0.1 s)
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -85,3 +86,15 @@ def conn(db_url):
 @pytest.fixture(scope="session")
 def calendar():
     return nyse_calendar()
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """An operator command (`services.cli.main`) installs its own root handler on the stream of
+    the moment; put the root logger back after every test, or a later log line goes to a closed
+    capture stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

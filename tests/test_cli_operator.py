@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import threading
 from datetime import timedelta
@@ -25,15 +24,6 @@ from tests.factories import ACCOUNT, add_bar, add_recommendation, et, set_accoun
 REPO = Path(__file__).resolve().parents[1]
 NOW = et("2026-11-30", "10:00")  # a Monday session
 
-
-@pytest.fixture
-def restore_logging():
-    """The CLI installs its own root handler; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture

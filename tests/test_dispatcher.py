@@ -10,7 +10,6 @@ kill-switch state and history. Invariants of DESIGN.md pinned here: 1 (one accou
 
 from __future__ import annotations
 
-import logging
 import os
 import selectors
 import signal
@@ -522,15 +521,6 @@ def test_kill_switch_history_records_the_state_it_changed_from(harness, conn, db
     kill_switch.set_state(conn, ACCOUNT, "ACTIVE", "resolved", "ops-oncall", NOW + timedelta(minutes=5))
     assert [(r["from_state"], r["to_state"]) for r in history(conn)] == [(None, "HALTED"), ("HALTED", "ACTIVE")]
 
-
-@pytest.fixture
-def restore_logging():
-    """The CLI installs its own root handler; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_operator_halt_and_resume_from_the_cli_with_history_and_status(harness, conn, db_url, monkeypatch, capsys,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 
 import boto3
 import pytest
@@ -15,15 +14,6 @@ from services.common.params import DEFAULT_PARAMS_PATH, default_params
 
 NAME = "/ops-pipeline/trading-params"
 
-
-@pytest.fixture(autouse=True)
-def keep_root_logging():
-    # main() installs its own stderr handler; give the next test its logging back.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture

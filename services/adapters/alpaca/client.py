@@ -498,6 +498,21 @@ def _position_intent(order: OrderRequest) -> PositionIntent | None:
 # The broker
 
 
+def _secrets(settings: AlpacaSettings) -> tuple[str, str]:
+    """The API key and secret, registered so that no log line or alert ever carries them."""
+    key = settings.api_key.get_secret_value()
+    secret = settings.secret_key.get_secret_value()
+    register_secret(key)
+    register_secret(secret)
+    return key, secret
+
+
+def _read_retrying(settings: AlpacaSettings, sleep: Callable[[float], None]) -> _Retrying:
+    """Reads retried with backoff as the settings say (never an order: see submit_exactly_once)."""
+    return _Retrying(settings.read_attempts, settings.retry_backoff_seconds, settings.retry_backoff_max_seconds,
+                     sleep, retry_after_max=settings.retry_after_max_seconds)
+
+
 class AlpacaBroker:
     """The `Broker` of `services/domain/broker.py` on Alpaca's trading API (paper by default).
 
@@ -522,10 +537,7 @@ class AlpacaBroker:
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
     ):
-        key = settings.api_key.get_secret_value()
-        secret = settings.secret_key.get_secret_value()
-        register_secret(key)
-        register_secret(secret)
+        key, secret = _secrets(settings)
         self.paper = settings.paper
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
@@ -857,18 +869,9 @@ class AlpacaMarketData:
         sleep: Callable[[float], None] = time.sleep,
     ):
         """Pass `AlpacaBroker.trading_client` so contract lookups share the account's rate budget."""
-        key = settings.api_key.get_secret_value()
-        secret = settings.secret_key.get_secret_value()
-        register_secret(key)
-        register_secret(secret)
+        key, secret = _secrets(settings)
         self.settings = settings
-        self._retrying = _Retrying(
-            settings.read_attempts,
-            settings.retry_backoff_seconds,
-            settings.retry_backoff_max_seconds,
-            sleep,
-            retry_after_max=settings.retry_after_max_seconds,
-        )
+        self._retrying = _read_retrying(settings, sleep)
         if trading_client is None:
             trading_client = TradingClient(
                 key, secret, paper=settings.paper, url_override=settings.trading_url
@@ -1065,18 +1068,9 @@ class AlpacaNewsFeed:
     ):
         from alpaca.data.historical.news import NewsClient
 
-        key = settings.api_key.get_secret_value()
-        secret = settings.secret_key.get_secret_value()
-        register_secret(key)
-        register_secret(secret)
+        key, secret = _secrets(settings)
         self.settings = settings
-        self._retrying = _Retrying(
-            settings.read_attempts,
-            settings.retry_backoff_seconds,
-            settings.retry_backoff_max_seconds,
-            sleep,
-            retry_after_max=settings.retry_after_max_seconds,
-        )
+        self._retrying = _read_retrying(settings, sleep)
         self._client = NewsClient(key, secret, url_override=settings.data_url)
         # The data API's limit, not the account's trading budget: news is never an order's rival.
         _harden(
