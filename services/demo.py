@@ -29,7 +29,7 @@ from services.adapters.postgres import kill_switch
 from services.dispatcher.main import Dispatcher, Outcome, StaticParams, start_trade_updates
 from services.adapters.sim.broker import SimBroker
 from services.adapters.option_data import OptionData
-from services.feature_computer.main import compute_features
+from services.feature_computer.main import FeatureCycle, compute_features
 from services.signal_engine.main import run_signal_cycle
 from services.adapters.sim.market import Move, SimMarket, SimOptionMarket, TickerSpec, write_bars
 from services.watchlist_engine.main import run_watchlist_cycle
@@ -179,6 +179,7 @@ def run_demo(day: date = DEMO_DAY, seed: int = 7, in_force: ParamsInForce | None
         signal_counts: Counter = Counter()
         with connect(url) as conn:
             _seed_iv_history(conn, calendar, day, seed)
+            features = FeatureCycle()
             for minute in range(market.minutes):
                 bars = market.next_bars(minute)
                 clock.set(market.bar_time(minute) + timedelta(minutes=1))
@@ -187,7 +188,7 @@ def run_demo(day: date = DEMO_DAY, seed: int = 7, in_force: ParamsInForce | None
                 for ticker, score, confidence in news.get(minute, []):
                     conn.execute("INSERT INTO sentiment (ticker, ts, score, confidence, source) VALUES (%s, %s, %s, %s, 'demo-news')",
                                  (ticker, now, score, confidence))
-                compute_features(conn, now=now)
+                compute_features(conn, now=now, cycle=features)
                 if minute % 30 == 0:
                     run_watchlist_cycle(conn, DEMO_ACCOUNT, in_force, now, liquidity_inputs=LIQUIDITY)
                 signal_counts.update(run_signal_cycle(conn, DEMO_ACCOUNT, in_force, now).counts)
