@@ -2,6 +2,7 @@
 
 The definitions of the features live in services/domain/features.py, one pure function shared
 by the live cycle, the backfill and replays; these queries only move bars in and rows out.
+Bars flagged extended_hours (outside the regular session, migration 013) are never read.
 Prices travel as integers of PRICE_SCALE units so the definitions' sums are exact; the closes
 written back are those integers scaled down, i.e. the bars' own prices.
 """
@@ -43,6 +44,7 @@ FROM unnest(%(tickers)s::text[], %(since)s::float8[]) WITH ORDINALITY AS t(ticke
 CROSS JOIN LATERAL (
     SELECT b.ts, b.close, b.volume FROM lane_telemetry b
     WHERE b.ticker = t.ticker AND b.ts > to_timestamp(t.since) AND b.ts <= %(cutoff)s
+      AND NOT b.extended_hours
     ORDER BY b.ts DESC LIMIT {LOOKBACK_BARS}
 ) b
 """
@@ -56,6 +58,7 @@ SELECT b.ticker, {_BAR_ARRAYS}
 FROM lane_telemetry b
 WHERE b.ts >= ((%(start)s::timestamptz AT TIME ZONE 'America/New_York')::date::timestamp AT TIME ZONE 'America/New_York')
   AND b.ts < %(end)s
+  AND NOT b.extended_hours
   AND (%(tickers)s::text[] IS NULL OR b.ticker = ANY(%(tickers)s::text[]))
 GROUP BY b.ticker
 ORDER BY b.ticker
