@@ -172,6 +172,28 @@ def test_cycle_when_revised_window_has_no_complete_bar_then_later_bar_is_not_mer
     assert row["close_5m_ago"] is None and "close_5m_ago" in row["short_inputs"]  # 14:00 was deleted
 
 
+def test_cycle_when_write_fails_then_next_cycle_writes_the_row(conn, monkeypatch):
+    import services.feature_computer.main as main
+
+    t0 = datetime(2026, 3, 10, 14, 0, tzinfo=UTC)
+    insert(conn, [("ABC", t0, Decimal("10.00"), 100)])
+    cycle = FeatureCycle()
+    compute_features(conn, cycle=cycle)
+    insert(conn, [("ABC", t0 + timedelta(minutes=1), Decimal("10.10"), 100)])
+    real = main._write
+
+    def outage(*args):
+        raise main.psycopg.OperationalError("connection lost")
+
+    monkeypatch.setattr(main, "_write", outage)
+    with pytest.raises(main.psycopg.OperationalError):
+        compute_features(conn, cycle=cycle)
+    monkeypatch.setattr(main, "_write", real)
+    assert compute_features(conn, cycle=cycle) == 1
+    assert conn.execute("SELECT ts, prev_close FROM latest_features").fetchone() == {
+        "ts": t0 + timedelta(minutes=1), "prev_close": Decimal("10")}
+
+
 def test_bar_heads_when_appended_revised_truncated_then_revision_changes_only_off_append(conn):
     t0 = datetime(2026, 3, 10, 14, 0, tzinfo=UTC)
 

@@ -37,10 +37,11 @@ _BAR_ARRAYS = f"""array_agg(extract(epoch FROM b.ts)::int8) AS ts,
 # to the cutoff, at most one window's worth, newest kept: one backward range scan of the
 # (ticker, ts) primary key each. One row of int8 arrays (read by numpy at once), `ord` the
 # ticker's position in the given arrays.
-# Params: tickers (text[]), since (float8[]), cutoff (timestamptz).
+# Params: tickers (text: names joined by newlines, split here: psycopg would quote a text[]
+# element by element), since (float8[]), cutoff (timestamptz).
 NEW_BARS = f"""
 SELECT array_agg(t.ord - 1) AS ord, {_BAR_ARRAYS}
-FROM unnest(%(tickers)s::text[], %(since)s::float8[]) WITH ORDINALITY AS t(ticker, since, ord)
+FROM unnest(string_to_array(%(tickers)s, E'\n'), %(since)s::float8[]) WITH ORDINALITY AS t(ticker, since, ord)
 CROSS JOIN LATERAL (
     SELECT b.ts, b.close, b.volume FROM lane_telemetry b
     WHERE b.ticker = t.ticker AND b.ts > to_timestamp(t.since) AND b.ts <= %(cutoff)s
@@ -76,13 +77,18 @@ _VALUES = ("sma20", "sma50", "distance_sma20", "distance_sma50", "recent_vol", "
 # The inputs named in short_inputs when NULL, in this order.
 _SHORT = ("sma20", "sma50", "recent_vol", "baseline_vol", "volume_ratio", "prev_close",
           "close_5m_ago", "close_15m_ago")
-# The arrays the writer takes, besides ticker (text[]) and ts (int8[] epoch seconds).
-FLOAT_ARRAYS = ("volume", *_PRICES, *_VALUES, "volume_surge", "trend_state")
+# The arrays the writer takes besides ticker and ts (int8[] epoch seconds) and volume (int8[]):
+# prices and values as numeric[] (binary, built by the caller), the two flags as float8[].
+PRICE_ARRAYS = _PRICES
+VALUE_ARRAYS = _VALUES
+FLAG_ARRAYS = ("volume_surge", "trend_state")
 
 # -- upsert_features --
-# One row per element of the arrays (NaN is NULL), upserted on (ticker, ts); a row whose every
-# value is unchanged is not rewritten, so computed_at keeps the time it was first computed and
-# a cycle run twice writes nothing. Doubles become numeric with 15 significant digits.
+# One row per element of the arrays (NaN is NULL; tickers joined by newlines, as in new_bars),
+# upserted on (ticker, ts); a row whose every value is unchanged is not rewritten, so computed_at
+# keeps the time it was first computed and a cycle run twice writes nothing. The numerics arrive
+# in binary (prices exact, derived values with 15 significant digits): converting doubles here
+# cost more than the insert itself.
 UPSERT_FEATURES = f"""
 INSERT INTO lane_features ({_COLUMNS}, computed_at)
 SELECT r.ticker, r.ts, (r.ts AT TIME ZONE 'America/New_York')::date, r.close, r.volume,
@@ -91,13 +97,14 @@ SELECT r.ticker, r.ts, (r.ts AT TIME ZONE 'America/New_York')::date, r.close, r.
        array_remove(ARRAY[{", ".join(f"CASE WHEN r.{c} IS NULL THEN '{c}' END" for c in _SHORT)}]::text[], NULL),
        now()
 FROM (
-    SELECT u.ticker, to_timestamp(u.ts) AS ts, u.volume::int8 AS volume,
-           {", ".join(f"trim_scale(nullif(u.{c}, 'NaN')::numeric / {PRICE_SCALE}) AS {c}" for c in _PRICES)},
-           {", ".join(f"nullif(u.{c}, 'NaN')::numeric AS {c}" for c in _VALUES)},
+    SELECT u.ticker, to_timestamp(u.ts) AS ts, u.volume,
+           {", ".join(f"nullif(u.{c}, 'NaN') AS {c}" for c in (*_PRICES, *_VALUES))},
            nullif(u.volume_surge, 'NaN') = 1 AS volume_surge,
            nullif(u.trend_state, 'NaN')::smallint AS trend_state
-    FROM unnest(%(ticker)s::text[], %(ts)s::int8[], {", ".join(f"%({c})s::float8[]" for c in FLOAT_ARRAYS)})
-         AS u(ticker, ts, {", ".join(FLOAT_ARRAYS)})
+    FROM unnest(string_to_array(%(ticker)s, E'\\n'), %(ts)s::int8[], %(volume)s::int8[],
+                {", ".join(f"%({c})s::numeric[]" for c in (*_PRICES, *_VALUES))},
+                {", ".join(f"%({c})s::float8[]" for c in FLAG_ARRAYS)})
+         AS u(ticker, ts, volume, {", ".join((*_PRICES, *_VALUES, *FLAG_ARRAYS))})
 ) r
 ON CONFLICT (ticker, ts) DO UPDATE SET
     {", ".join(f"{c} = EXCLUDED.{c}" for c in _UPDATABLE)},

@@ -33,7 +33,7 @@ from psycopg import pq
 from psycopg.adapt import Dumper, Loader
 from psycopg.rows import tuple_row
 
-from services.domain.features import LOOKBACK_BARS, Features, Windows, bar_windows, window_features
+from services.domain.features import LOOKBACK_BARS, PRICE_SCALE, Features, Windows, bar_windows, window_features
 from services.feature_computer import features as q
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ NO_CUTOFF = "infinity"
 # Rows per write statement in a backfill (bounds the parameters' size).
 BACKFILL_CHUNK = 20_000
 _RELOAD = float("-inf")
+_PRICE_DIGITS = len(str(PRICE_SCALE)) - 1  # PRICE_SCALE = 10**_PRICE_DIGITS
 
 
 class FeatureCycle:
@@ -88,18 +89,32 @@ class FeatureCycle:
         with _arrays_cursor(conn) as cur:
             names, latest, revision = cur.execute(
                 q.BAR_HEADS, {"tickers": list(tickers) if tickers is not None else None}).fetchone()
-            wanted, since, reload = [], [], []
+            wanted, since, reload, revisions = [], [], [], {}
             for ticker, last, rev in zip(names or (), latest.tolist() if names else (),
                                          revision.tolist() if names else ()):
                 i = self._slot.get(ticker)
-                if i is None or self._revision[ticker] != rev:
+                if i is None or self._revision.get(ticker) != rev:
                     wanted.append(ticker), since.append(_RELOAD), reload.append(True)
-                    self._revision[ticker] = rev
+                    revisions[ticker] = rev
                 elif last > self._last[i] and self._last[i] < cutoff_s:
                     wanted.append(ticker), since.append(float(self._last[i])), reload.append(False)
             if not wanted:
                 return 0
-            bars = cur.execute(q.NEW_BARS, {"tickers": wanted, "since": since, "cutoff": cutoff}).fetchone()
+            cur.adapters.register_dumper(_Float8s, _Float8sDumper)
+            bars = cur.execute(q.NEW_BARS, {"tickers": "\n".join(wanted), "cutoff": cutoff,
+                                            "since": np.array(since, np.float64).view(_Float8s)}).fetchone()
+        try:
+            written = self._apply(conn, wanted, reload, bars)
+        except BaseException:
+            # The windows may be ahead of what was written: read these tickers afresh next time,
+            # so a failed write is retried rather than taken for done.
+            for ticker in wanted:
+                self._revision.pop(ticker, None)
+            raise
+        self._revision.update(revisions)
+        return written
+
+    def _apply(self, conn: psycopg.Connection, wanted: list[str], reload: list[bool], bars: tuple) -> int:
         # A window read afresh that found no bar (all revised away, or none complete yet) holds
         # nothing: a later append must not extend what it held before.
         found = set(bars[0].tolist()) if bars[0] is not None else set()
@@ -149,11 +164,15 @@ class FeatureCycle:
 
 class _Float8s(np.ndarray):
     """A float64 column sent as a float8[] in Postgres's binary format, built by numpy at once:
-    psycopg would otherwise adapt a list element by element (~15 ms for a cycle's 17 columns)."""
+    psycopg would otherwise adapt a list element by element."""
 
 
 class _Int8s(np.ndarray):
     """The same for an int64 column (int8[])."""
+
+
+class _Numerics(np.ndarray):
+    """A numeric[] column already packed by `_numerics` (one fixed-size record per element)."""
 
 
 class _ArrayDumper(Dumper):
@@ -163,9 +182,9 @@ class _ArrayDumper(Dumper):
 
     def dump(self, obj) -> bytes:
         # Header: ndim, has-nulls, element type, length, lower bound; then (size, value) pairs.
-        # NULLs travel as NaN (the statement maps them back), so every element has 8 bytes.
+        # NULLs travel as NaN (the statement maps them back), so every element has a fixed size.
         body = np.empty(len(obj), dtype=[("size", ">i4"), ("value", self.big_endian)])
-        body["size"] = 8
+        body["size"] = np.dtype(self.big_endian).itemsize
         body["value"] = obj
         return struct.pack(">iiiii", 1, 0, self.elem_oid, len(obj), 1) + body.tobytes()
 
@@ -176,6 +195,63 @@ class _Float8sDumper(_ArrayDumper):
 
 class _Int8sDumper(_ArrayDumper):
     oid, elem_oid, big_endian = 1016, 20, ">i8"
+
+
+# Postgres's binary numeric: ndigits, weight, sign, dscale, then base-10000 digits, most
+# significant first. Five digits hold any 15 significant decimal digits at any alignment.
+_NUMERIC_DIGITS = 5
+_NUMERIC = np.dtype([("ndigits", ">i2"), ("weight", ">i2"), ("sign", ">u2"), ("dscale", ">i2"),
+                     ("digits", ">i2", (_NUMERIC_DIGITS,))])
+_NUMERIC_NAN, _NUMERIC_NEG = 0xC000, 0x4000
+
+
+class _NumericsDumper(_ArrayDumper):
+    oid, elem_oid, big_endian = 1231, 1700, _NUMERIC
+
+
+def _numerics(mantissa: np.ndarray, exponent: np.ndarray, nan: np.ndarray) -> np.ndarray:
+    """Pack value = mantissa * 10**exponent (|mantissa| < 10**15, int64) as binary numerics,
+    NaN where `nan`. The display scale drops trailing zeros, as Postgres prints a double."""
+    m = np.abs(mantissa)
+    zero = (m == 0) | nan
+    m = np.where(zero, 1, m)
+    e = exponent.astype(np.int64)
+    for digits in (8, 4, 2, 1):  # strip up to 15 trailing zeros: 3.10 -> 31 * 10**-1, shown as 3.1
+        tens = m % 10 ** digits == 0
+        m, e = np.where(tens, m // 10 ** digits, m), np.where(tens, e + digits, e)
+    shift = e % 4  # align the last digit on a power of 10000
+    m, base = m * 10 ** shift, (e - shift) // 4
+    out = np.zeros(len(m), _NUMERIC)
+    groups = np.stack([(m // 10000 ** (_NUMERIC_DIGITS - 1 - k)) % 10000 for k in range(_NUMERIC_DIGITS)], axis=1)
+    out["ndigits"] = _NUMERIC_DIGITS  # always: the element size is fixed (zeros are stripped on receipt)
+    out["weight"] = np.where(zero, 0, base + _NUMERIC_DIGITS - 1)
+    out["sign"] = np.where(nan, _NUMERIC_NAN, np.where(mantissa < 0, _NUMERIC_NEG, 0))
+    out["dscale"] = np.where(zero, 0, np.maximum(0, -e))
+    out["digits"] = np.where(zero[:, None], 0, groups)
+    return out.view(_Numerics)
+
+
+def _doubles_as_numerics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Doubles as (mantissa, exponent) with 15 significant digits, as Postgres prints them."""
+    a = np.where(np.isnan(x) | (x == 0), 1.0, np.abs(x))
+    e = np.floor(np.log10(a)).astype(np.int64) - 14
+    m = np.rint(a / 10.0 ** e).astype(np.int64)
+    over = m >= 10 ** 15  # 9.999...5 rounds up a digit
+    m, e = np.where(over, np.rint(m / 10).astype(np.int64), m), np.where(over, e + 1, e)
+    return np.where(x == 0, 0, np.where(x < 0, -m, m)), e
+
+
+def _numeric_columns(f: Features) -> dict[str, np.ndarray]:
+    """Every numeric column of the rows, packed in one pass (numpy's cost is per call, not per
+    element): prices exact from PRICE_SCALE units, derived values with 15 significant digits."""
+    prices = np.concatenate([getattr(f, c) for c in q.PRICE_ARRAYS])
+    values = np.concatenate([getattr(f, c) for c in q.VALUE_ARRAYS])
+    m, e = _doubles_as_numerics(values)
+    packed = _numerics(np.r_[np.where(np.isnan(prices), 0, prices).astype(np.int64), m],
+                       np.r_[np.full(len(prices), -_PRICE_DIGITS), e],
+                       np.r_[np.isnan(prices), np.isnan(values)])
+    k = len(f.ts)
+    return {c: packed[i * k:(i + 1) * k] for i, c in enumerate((*q.PRICE_ARRAYS, *q.VALUE_ARRAYS))}
 
 
 class _Int8sLoader(Loader):
@@ -198,11 +274,13 @@ def _arrays_cursor(conn: psycopg.Connection) -> psycopg.Cursor:
 
 
 def _write(conn: psycopg.Connection, tickers: list[str], f: Features) -> int:
-    params = {"ticker": tickers, "ts": np.asarray(f.ts, np.int64).view(_Int8s),
-              **{c: np.asarray(getattr(f, c), np.float64).view(_Float8s) for c in q.FLOAT_ARRAYS}}
+    params = {"ticker": "\n".join(tickers), "ts": np.asarray(f.ts, np.int64).view(_Int8s),
+              "volume": f.volume.astype(np.int64).view(_Int8s),
+              **_numeric_columns(f),
+              **{c: np.asarray(getattr(f, c), np.float64).view(_Float8s) for c in q.FLAG_ARRAYS}}
     with conn.cursor() as cur:
-        cur.adapters.register_dumper(_Float8s, _Float8sDumper)
-        cur.adapters.register_dumper(_Int8s, _Int8sDumper)
+        for kind, dumper in ((_Float8s, _Float8sDumper), (_Int8s, _Int8sDumper), (_Numerics, _NumericsDumper)):
+            cur.adapters.register_dumper(kind, dumper)
         return cur.execute(q.UPSERT_FEATURES, params).rowcount
 
 
