@@ -43,7 +43,7 @@ from services.adapters.sim.broker import SimBroker
 from services.adapters.sim.options import contract_quote, occ_symbol, strike_step
 from services.adapters.option_data import OptionData
 from services.adapters.option_liquidity import OptionLiquiditySource
-from services.feature_computer.main import compute_features
+from services.feature_computer.main import FeatureCycle, compute_features
 from services.position_manager.main import run_position_cycle
 from services.signal_engine.main import run_signal_cycle
 from services.adapters.sim.market import Move, SimMarket, SimOptionMarket, TickerSpec, write_bars
@@ -281,6 +281,8 @@ class _Run:
     options: SimOptionMarket
     dispatcher: Dispatcher
     liquidity: OptionLiquiditySource
+    # The feature computer's incremental state (each ticker's last bars), as its loop keeps it.
+    features: FeatureCycle = field(default_factory=FeatureCycle)
 
     def session(self, session: Session, scenario: Scenario, market: SimMarket,
                 carried: dict[str, Any] | None) -> SessionResult:
@@ -310,7 +312,7 @@ class _Run:
             for ticker, score, confidence in news.get(minute, []):
                 conn.execute("INSERT INTO sentiment (ticker, ts, score, confidence, source) VALUES (%s, %s, %s, %s, 'demo-news')",
                              (ticker, now, score, confidence))
-            compute_features(conn, now=now)
+            compute_features(conn, now=now, cycle=self.features)
             if minute % 30 == 0:
                 run_watchlist_cycle(conn, DEMO_ACCOUNT, in_force, now, liquidity_source=self.liquidity)
             signal_counts.update(run_signal_cycle(conn, DEMO_ACCOUNT, in_force, now).counts)

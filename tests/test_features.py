@@ -19,7 +19,7 @@ DAY = date(2026, 3, 10)       # a Tuesday, EDT (UTC-4)
 PREV_DAY = date(2026, 3, 9)
 # Missing bars on DAY (ET wall times): single gaps and a 5-minute hole.
 GAPS = {time(9, 33), time(10, 0), time(10, 1), time(10, 2), time(10, 3), time(10, 4), time(12, 17)}
-DATA_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "sp500_2019-11-05_08_1min.csv"
+DATA_FILE = Path(__file__).resolve().parent / "data" / "sp500_2019-11-05_08_1min.csv"
 
 COLUMNS = ("ticker, ts, close, prev_close, close_5m_ago, close_15m_ago, sma20, sma50, distance_sma20, "
            "distance_sma50, recent_vol, baseline_vol, vol_ratio, volume_ratio, volume_surge, "

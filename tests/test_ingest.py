@@ -1,4 +1,5 @@
-"""Bar ingestion: the CSV loader on the real S&P 500 file, and the telemetry task."""
+"""Bar ingestion: the CSV loader on the real S&P 500 and FXY files and on malformed ones, and
+the telemetry task."""
 
 from __future__ import annotations
 
@@ -6,19 +7,20 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
+import logging
+
 import pytest
 
-from services.ingest import BadBar, load_csv, run_telemetry
+from services.ingest import BadBar, BadFile, load_csv, load_csv_file, parse_time, read_csv_file, run_telemetry, ticker_from_name
 from tests.fake_alpaca import fake_alpaca  # noqa: F401  (fixture)
 
 UTC = timezone.utc
-DATA_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "sp500_2019-11-05_08_1min.csv"
-needs_data = pytest.mark.skipif(
-    not DATA_FILE.exists(),
-    reason=f"real data file not found at {DATA_FILE} (the repo expects shared/data beside its checkout)")
+DATA = Path(__file__).resolve().parent / "data"
+DATA_FILE = DATA / "sp500_2019-11-05_08_1min.csv"
+# Two real FXY sessions around the 2024 DST change (naive UTC, extended hours, thin: gaps).
+FXY_FILE = DATA / "FXY_2024-03-08_11_1min.csv"
 
 
-@needs_data
 def test_load_csv_when_real_file_then_1563_bars_in_utc_and_reload_is_idempotent(conn):
     assert load_csv(conn, DATA_FILE, "SPX") == 1563
     first = conn.execute("SELECT ts, open, high, low, close, volume, ingested_at FROM lane_telemetry "
@@ -110,7 +112,8 @@ def test_cli_registers_load_csv_and_telemetry():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["load-csv", "x.csv", "--ticker", "SPX"])
-    assert (args.file, args.ticker, args.tz) == ("x.csv", "SPX", "America/New_York")
+    assert (args.files, args.ticker, args.tz, args.skip_bad) == (["x.csv"], "SPX", "America/New_York", False)
+    assert parser.parse_args(["load-csv", "a.csv", "dir/", "--tz", "UTC"]).files == ["a.csv", "dir/"]
     assert parser.parse_args(["telemetry", "--once"]).once is True
 
 
@@ -131,3 +134,159 @@ def test_run_telemetry_through_the_real_sdk_against_a_local_alpaca_server(conn, 
     assert written == 2
     assert [(r["ts"], r["close"], r["volume"]) for r in rows] == [
         (t0, Decimal("600.1"), 1000), (t0 + timedelta(minutes=1), Decimal("600.4"), 1001)]
+
+
+# --- the files people have ----------------------------------------------------------------------
+
+
+def stored(conn, ticker):
+    return conn.execute("SELECT ts, open, high, low, close, volume, extended_hours FROM lane_telemetry "
+                        "WHERE ticker = %s ORDER BY ts", (ticker,)).fetchall()
+
+
+def test_load_csv_when_common_utc_file_with_extended_hours_then_loaded_and_session_flagged(conn):
+    """timestamp,open,high,low,close,volume in naive UTC: once refused for 'missing columns'."""
+    r = load_csv_file(conn, FXY_FILE, tz="UTC")
+    rows = stored(conn, "FXY")
+    assert (r.ticker, r.bars, r.written, len(rows)) == ("FXY", 325, 325, 325)
+    flag = {row["ts"]: row["extended_hours"] for row in rows}
+    # Friday 2024-03-08 is EST (session 14:30-21:00 UTC); Monday 2024-03-11 is EDT (13:30-20:00 UTC).
+    assert flag[datetime(2024, 3, 8, 14, 22, tzinfo=UTC)] is True
+    assert flag[datetime(2024, 3, 8, 14, 30, tzinfo=UTC)] is False
+    assert flag[datetime(2024, 3, 8, 20, 50, tzinfo=UTC)] is False
+    assert flag[datetime(2024, 3, 11, 13, 26, tzinfo=UTC)] is True
+    assert flag[datetime(2024, 3, 11, 13, 30, tzinfo=UTC)] is False
+    assert flag[datetime(2024, 3, 11, 19, 50, tzinfo=UTC)] is False
+    session = {(row["ts"].date(), row["extended_hours"]) for row in rows}
+    assert all(not ext or not (datetime(2024, 3, 8, 14, 30, tzinfo=UTC) <= ts < datetime(2024, 3, 8, 21, 0, tzinfo=UTC))
+               for ts, ext in flag.items())
+    assert r.extended == sum(flag.values()) and 0 < r.extended < 325 and len(session) == 4
+    first = rows[0]
+    assert (first["ts"], first["open"], first["volume"]) == (datetime(2024, 3, 8, 10, 46, tzinfo=UTC), Decimal("63.03"), 450)
+    assert load_csv_file(conn, FXY_FILE, tz="UTC").written == 0  # idempotent
+
+
+def test_load_csv_when_sp500_closing_print_at_1600_then_kept_but_flagged(conn):
+    load_csv(conn, DATA_FILE, "SPX")
+    flagged = [r["ts"] for r in stored(conn, "SPX") if r["extended_hours"]]
+    # 16:00 EST bars of 11-05..11-07 (11-08 has none): at the close, not in the session.
+    assert flagged == [datetime(2019, 11, d, 21, 0, tzinfo=UTC) for d in (5, 6, 7)]
+
+
+def test_features_when_bars_outside_session_then_computed_from_session_bars_only(conn):
+    from services.feature_computer.main import FeatureCycle, backfill_features, compute_features
+
+    load_csv_file(conn, FXY_FILE, tz="UTC")
+    backfill_features(conn, datetime(2024, 3, 8, tzinfo=UTC), datetime(2024, 3, 12, tzinfo=UTC))
+    features = {r["ts"] for r in conn.execute("SELECT ts FROM lane_features WHERE ticker = 'FXY'")}
+    session = {r["ts"] for r in stored(conn, "FXY") if not r["extended_hours"]}
+    assert features == session
+    # The live cycle: an after-hours bar is nothing new (no row, no window read).
+    cycle = FeatureCycle()
+    compute_features(conn, cycle=cycle)
+    late = datetime(2024, 3, 11, 23, 59, tzinfo=UTC)
+    conn.execute("INSERT INTO lane_telemetry (ticker, ts, open, high, low, close, volume, extended_hours) "
+                 "VALUES ('FXY', %s, 63, 63, 63, 63, 5, true)", (late,))
+    assert compute_features(conn, cycle=cycle) == 0
+    assert conn.execute("SELECT max(ts) AS ts FROM lane_features").fetchone()["ts"] < late
+
+
+@pytest.mark.parametrize("header, rows, tz", [
+    ("Datetime,O,H,L,C,V", ["2024-03-11T09:30:00-04:00,10,11,9,10.5,100", "2024-03-11T09:31:00-04:00,10,11,9,10.6,200"], "Asia/Tokyo"),
+    (" TIMESTAMP , Open , High , Low , Close , Volume ", ["2024-03-11T13:30:00Z,10,11,9,10.5,100", "2024-03-11T13:31:00+00:00,10,11,9,10.6,200.0"], "UTC"),
+    ("date,time,open,high,low,close,vol", ["2024-03-11,09:30,10,11,9,10.5,100", "2024-03-11,09:31:00,10,11,9,10.6,200"], "America/New_York"),
+    ("time,open,high,low,close,volume", ["1710163800,10,11,9,10.5,100", "1710163860,10,11,9,10.6,200"], "America/New_York"),
+    ("t,o,h,l,c,v", ["1710163800000,10,11,9,10.5,100", "1710163860000,10,11,9,10.6,200"], "America/New_York"),
+    ("\ufeffDate,Open,Close,High,Low,Volume", ["2024-03-11 09:30:00,10,10.5,11,9,100", "2024-03-11 09:31:00,10,10.6,11,9,200"], "America/New_York"),
+], ids=["iso-offset-aliases", "zulu-padded-upper", "date-plus-time", "epoch-s", "epoch-ms", "bom-sp500-shape"])
+def test_load_csv_when_header_and_time_shapes_vary_then_same_bars(conn, tmp_path, header, rows, tz):
+    f = tmp_path / "abc_1min.csv"
+    f.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    assert load_csv_file(conn, f, tz=tz).ticker == "ABC"
+    got = [(r["ts"], r["close"], r["volume"], r["extended_hours"]) for r in stored(conn, "ABC")]
+    assert got == [(datetime(2024, 3, 11, 13, 30, tzinfo=UTC), Decimal("10.5"), 100, False),
+                   (datetime(2024, 3, 11, 13, 31, tzinfo=UTC), Decimal("10.6"), 200, False)]
+
+
+def test_parse_time_when_epoch_units_then_told_apart_by_magnitude():
+    from zoneinfo import ZoneInfo
+
+    want = datetime(2024, 3, 11, 13, 30, tzinfo=UTC)
+    for text in ("1710163800", "1710163800000", "1710163800000000", "1710163800.0"):
+        assert parse_time(text, ZoneInfo("UTC")) == want, text
+
+
+def test_ticker_from_file_name_when_common_names_then_prefix_upper_case():
+    assert ticker_from_name("data/FXY_2023-07-10_2025-07-08_1min.csv") == "FXY"
+    assert ticker_from_name("aapl.csv.gz") == "AAPL"
+    assert ticker_from_name("BRK.B.csv") == "BRK.B"
+    with pytest.raises(BadFile, match="pass --ticker"):
+        ticker_from_name("(copy) bars.csv")
+
+
+def test_load_csv_when_rows_malformed_then_each_reported_by_line_and_nothing_written(conn, tmp_path):
+    f = tmp_path / "xyz.csv"
+    f.write_text("timestamp,open,high,low,close,volume\n"
+                 "2024-03-11 13:30:00,10,11,9,10.5,100\n"      # line 2: good
+                 "2024-03-11 13:31:00,10,11,9,abc,100\n"       # 3: not a number
+                 "yesterday,10,11,9,10,100\n"                  # 4: not a time
+                 "2024-03-11 13:30:00,10,11,9,10,100\n"        # 5: duplicate of line 2
+                 "2024-03-11 13:33:00,10,9,11,10,100\n"        # 6: high below low
+                 "2024-03-11 13:34:00,10,11\n"                 # 7: short row
+                 "2024-03-11 13:35:30,10,11,9,10,100\n"        # 8: not a minute
+                 "\n"
+                 "2024-03-11 13:36:00,10,11,9,10,100\n", encoding="utf-8")
+    bars = read_csv_file(f, tz="UTC")
+    assert [m.split(": ", 1)[0] for m in bars.bad] == [f"{f}:{n}" for n in (3, 4, 5, 6, 7, 8)]
+    assert bars.bad[0].endswith("close='abc' is not a number")
+    assert bars.bad[2].endswith("duplicate of line 2")
+    with pytest.raises(BadFile) as e:
+        load_csv_file(conn, f, tz="UTC")
+    assert str(e.value).count("\n") == 5
+    assert stored(conn, "XYZ") == []
+    r = load_csv_file(conn, f, tz="UTC", skip_bad=True)
+    assert (r.bars, r.skipped) == (2, 6)
+
+
+def test_load_csv_when_file_has_no_bars_or_no_time_column_then_refused(conn, tmp_path):
+    empty = tmp_path / "abc.csv"
+    empty.write_text("timestamp,open,high,low,close,volume\n")
+    with pytest.raises(BadFile, match="no bars loaded"):
+        load_csv_file(conn, empty)
+    headless = tmp_path / "def.csv"
+    headless.write_text("when,open,high,low,close,volume\n1,2,3,4,5,6\n")
+    with pytest.raises(BadFile, match=r"missing columns \['time"):
+        load_csv_file(conn, headless)
+
+
+@pytest.fixture
+def restore_logging():
+    """The CLI installs its own root handler; put pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_cli_load_csv_when_folder_then_every_file_loaded_by_name_and_a_bad_one_exits_1(
+        conn, db_url, tmp_path, monkeypatch, capsys, restore_logging):
+    from services.cli import main as cli
+
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    folder = tmp_path / "bars"
+    folder.mkdir()
+    (folder / "FXY_2024-03-08_11_1min.csv").write_bytes(FXY_FILE.read_bytes())
+    (folder / "spx_2019.csv").write_bytes(DATA_FILE.read_bytes())
+    (folder / "notes.txt").write_text("not a csv")
+    assert cli(["load-csv", str(folder), "--tz", "UTC"]) == 0
+    out = capsys.readouterr().out
+    assert "325 bars loaded for FXY" in out and "1563 bars loaded for SPX" in out
+    assert {r["ticker"]: r["n"] for r in conn.execute(
+        "SELECT ticker, count(*) AS n FROM lane_telemetry GROUP BY ticker")} == {"FXY": 325, "SPX": 1563}
+
+    (folder / "bad.csv").write_text("timestamp,open,high,low,close,volume\n2024-03-11 13:30:00,1,1,1,x,1\n")
+    assert cli(["load-csv", str(folder), "--tz", "UTC"]) == 1
+    assert f"bad.csv:2: close='x' is not a number" in capsys.readouterr().out
+    assert cli(["load-csv", str(folder / "spx_2019.csv"), str(folder / "bad.csv"), "--ticker", "SPX"]) == 2
+    assert cli(["load-csv", str(tmp_path / "missing.csv")]) == 1

@@ -58,10 +58,13 @@ def register_watchlist_engine(subparsers) -> None:
 
 
 def register_ingest(subparsers) -> None:
-    p = subparsers.add_parser("load-csv", help="load a CSV of 1-minute bars into lane_telemetry")
-    p.add_argument("file")
-    p.add_argument("--ticker", required=True)
-    p.add_argument("--tz", default="America/New_York", help="zone of the file's naive Date column")
+    p = subparsers.add_parser("load-csv", help="load CSV files of 1-minute bars into lane_telemetry")
+    p.add_argument("files", nargs="+", metavar="PATH", help="CSV files (.csv or .csv.gz) or folders of them")
+    p.add_argument("--ticker", help="the ticker of a single file (default: its name up to the first '_')")
+    p.add_argument("--tz", default="America/New_York",
+                   help="zone of naive times (default America/New_York); ISO offsets and epoch times ignore it")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="load a file's good rows and skip its malformed ones (each reported by line)")
     p.set_defaults(handler=ingest.load_csv_command)
 
     t = subparsers.add_parser("telemetry", help="fetch 1-minute bars from Alpaca into lane_telemetry")
