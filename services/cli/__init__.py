@@ -17,6 +17,7 @@ _REGISTRARS = [
     ("services.cli.admin", "register"),                      # migrate, halt, resume, flatten, status
     ("services.cli.loops", "register_dispatcher"),           # dispatcher
     ("services.cli.loops", "register_demo"),                 # demo
+    ("services.cli.loops", "register_replay"),               # replay
     ("services.cli.params", "register"),                     # params show/validate/diff/push/history
     ("services.cli.loops", "register_signal_engine"),        # signal-engine
     ("services.cli.loops", "register_feature_computer"),     # feature-computer

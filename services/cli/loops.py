@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services import demo, ingest, watchdog
+from services import demo, ingest, replay, watchdog
 from services.dispatcher import main as dispatcher
 from services.feature_computer import main as feature_computer
 from services.news import main as news
@@ -31,6 +31,19 @@ def register_demo(subparsers) -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--verbose", action="store_true", help="also print the JSON decision log")
     p.set_defaults(handler=demo.cmd_demo)
+
+
+def register_replay(subparsers) -> None:
+    p = subparsers.add_parser("replay", help="run recorded bars (or CSV files) through the pipeline, minute by minute")
+    p.add_argument("--from", dest="date_from", help="first session (YYYY-MM-DD) of the recorded bars")
+    p.add_argument("--to", dest="date_to", help="last session (YYYY-MM-DD), included")
+    p.add_argument("--tickers", help="comma-separated tickers (default: every ticker with bars)")
+    p.add_argument("--csv", nargs="+", metavar="PATH", help="CSV files or folders instead of the recorded bars")
+    p.add_argument("--tz", default="America/New_York", help="zone of the CSV's naive times")
+    p.add_argument("--params", help="a params file (default: config/trading_params.json)")
+    p.add_argument("--seed", type=int, default=7, help="the simulated option market's seed")
+    p.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    p.set_defaults(handler=replay.cmd_replay)
 
 
 def register_signal_engine(subparsers) -> None:

@@ -1,0 +1,316 @@
+"""`ops-pipeline replay`: recorded bars run minute by minute through the production pipeline.
+
+The bars come from the live database's lane_telemetry (`--from D --to D [--tickers ...]`) or from
+CSV files (`--csv PATH...`, read by the loader `load-csv` uses). Each NYSE session minute of the
+period, in order, on a fixed clock: that minute's bars are written, then the same code as the
+services runs: the feature computer's incremental cycle, the watchlist engine (every 30 minutes,
+its option liquidity from the simulated chain), the signal engine, the position manager and the
+dispatcher with the simulated paper broker (fills at the quote plus slippage; options from the
+simulated chain anchored to the replayed underlying). Nothing of the pipeline is re-implemented
+here: this module only orders the steps and feeds the bars.
+
+A replay writes into a database of its own (`ops_replay_<run id>` on the same server), never into
+the live tables, and records its run (id, params source and hash, seed, inputs, counts) in
+`replay_runs` there. Given the same bars, params and seed it produces the same decisions and
+fills, row for row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TextIO
+
+from services.adapters.option_data import OptionData
+from services.adapters.option_liquidity import OptionLiquiditySource
+from services.adapters.sim.broker import SimBroker
+from services.adapters.sim.market import SimOptionMarket
+from services.common.clock import FixedClock
+from services.common.logs import json_default
+from services.common.market_calendar import SessionCalendar, nyse_calendar
+from services.common.params import ParamsInForce
+from services.dispatcher.main import Dispatcher, StaticParams, start_trade_updates
+from services.dispatcher.wiring import option_quotes_source
+from services.feature_computer.main import FeatureCycle, compute_features
+from services.ingest import _write_bars, csv_paths, read_csv_file
+from services.position_manager.main import run_position_cycle
+from services.signal_engine.main import run_signal_cycle
+from services.watchlist_engine.main import run_watchlist_cycle
+
+log = logging.getLogger("replay")
+
+REPLAY_ACCOUNT = "replay"
+WATCHLIST_EVERY_MINUTES = 30
+STARTING_CASH = Decimal("100000")
+BAR = timedelta(minutes=1)
+
+RECORDED_BARS = """
+SELECT ticker, ts, open, high, low, close, volume, extended_hours FROM lane_telemetry
+WHERE ts >= %(start)s AND ts < %(end)s AND (%(tickers)s::text[] IS NULL OR ticker = ANY(%(tickers)s))
+ORDER BY ts, ticker
+"""
+RECORD_RUN = """
+INSERT INTO replay_runs (run_id, started_at, params_source, params_version, params_hash, seed, inputs)
+VALUES (%(run_id)s, %(started_at)s, %(params_source)s, %(params_version)s, %(params_hash)s, %(seed)s, %(inputs)s)
+"""
+FINISH_RUN = """
+UPDATE replay_runs SET finished_at = %(finished_at)s, counts = %(counts)s WHERE run_id = %(run_id)s
+"""
+
+
+@dataclass
+class ReplayResult:
+    run_id: str
+    url: str
+    params_hash: str
+    inputs: dict[str, Any]
+    sessions: list[date] = field(default_factory=list)
+    bars: int = 0
+    counts: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def bars_per_second(self) -> float:
+        return self.bars / self.seconds if self.seconds else 0.0
+
+
+def bars_digest(rows: Sequence[tuple]) -> str:
+    """The inputs' fingerprint: the same bars give the same digest, whatever file or table held them."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(("|".join(str(v) for v in row[:7]) + "\n").encode())
+    return h.hexdigest()
+
+
+def bars_from_csv(paths: Sequence[str | Path], tz: str = "America/New_York") -> tuple[list[tuple], list[str]]:
+    """Rows (ticker, ts, open, high, low, close, volume, extended_hours) of CSV files or folders."""
+    rows: list[tuple] = []
+    names: list[str] = []
+    for path in csv_paths(paths):
+        read = read_csv_file(path, tz=tz)
+        if read.bad:
+            raise SystemExit(f"{path}: {len(read.bad)} malformed rows, first: {read.bad[0]}")
+        rows.extend(read.rows)
+        names.append(str(path))
+    rows.sort(key=lambda r: (r[1], r[0]))
+    return rows, names
+
+
+def bars_from_database(url: str, start: date, end: date, tickers: Sequence[str] | None,
+                       calendar: SessionCalendar) -> list[tuple]:
+    """The recorded bars of the sessions from `start` to `end` (ET days, both included)."""
+    from services.common.db import connect
+
+    sessions = calendar.sessions_between(start, end)
+    if not sessions:
+        return []
+    with connect(url) as conn:
+        found = conn.execute(RECORDED_BARS, {"start": sessions[0].open, "end": sessions[-1].close,
+                                             "tickers": list(tickers) if tickers else None}).fetchall()
+    return [(r["ticker"], r["ts"], r["open"], r["high"], r["low"], r["close"], r["volume"], r["extended_hours"])
+            for r in found]
+
+
+def replay_database(run_id: str) -> str:
+    """A fresh database for the run on the server of the live one (DATABASE_URL or the embedded one)."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from services.common.db import database_url
+
+    live = database_url()
+    name = f"ops_replay_{run_id}"
+    admin = make_conninfo(live, dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+        # A replay needs no durability: its commits skip the WAL flush.
+        conn.execute(f"ALTER DATABASE {name} SET synchronous_commit = off")
+    assert conninfo_to_dict(live).get("dbname") != name
+    return make_conninfo(live, dbname=name)
+
+
+class Progress:
+    """One line on a terminal, rewritten: the session, how far, and bars per second."""
+
+    def __init__(self, total_minutes: int, out: TextIO | None):
+        self.total = max(total_minutes, 1)
+        self.out = out
+        self.done = 0
+        self.started = time.perf_counter()
+        self._last = 0.0
+
+    def step(self, day: date, bars: int) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        if self.out is None or (now - self._last < 0.2 and self.done < self.total):
+            return
+        self._last = now
+        width = 30
+        filled = int(width * self.done / self.total)
+        rate = bars / (now - self.started) if now > self.started else 0.0
+        self.out.write(f"\r{day} [{'#' * filled}{'.' * (width - filled)}] {100 * self.done / self.total:5.1f}% "
+                       f"{bars:,} bars {rate:,.0f} bars/s")
+        if self.done >= self.total:
+            self.out.write("\n")
+        self.out.flush()
+
+
+def run_replay(
+    rows: Sequence[tuple],
+    in_force: ParamsInForce,
+    *,
+    inputs: dict[str, Any],
+    seed: int = 7,
+    url: str | None = None,
+    run_id: str | None = None,
+    progress: TextIO | None = None,
+    calendar: SessionCalendar | None = None,
+    on_minute: Callable[[Any, datetime], None] | None = None,
+) -> ReplayResult:
+    """Replay `rows` (sorted by time) through the pipeline, into `url` or a new replay database."""
+    from services.common.db import connect, make_pool
+    from services.common.migrate import migrate
+
+    started = time.perf_counter()
+    calendar = calendar or nyse_calendar()
+    run_id = run_id or uuid.uuid4().hex[:12]
+    url = url or replay_database(run_id)
+    migrate(url)
+    session_rows = [r for r in rows if not r[7]]
+    by_minute: dict[datetime, list[tuple]] = {}
+    for r in session_rows:
+        by_minute.setdefault(r[1], []).append(r)
+    days = sorted({s for s in (calendar.session_at(ts) for ts in by_minute) if s is not None}, key=lambda s: s.day)
+    inputs = {**inputs, "bars": len(session_rows), "digest": bars_digest(session_rows),
+              "tickers": sorted({r[0] for r in session_rows}), "sessions": [s.day.isoformat() for s in days]}
+    result = ReplayResult(run_id, url, in_force.content_hash, inputs, [s.day for s in days])
+    if not days:
+        raise SystemExit("no bars inside a NYSE session to replay")
+    params = in_force.params
+    clock = FixedClock(days[0].open)
+    pool = make_pool(url, min_size=1, max_size=2, application_name="ops-dispatcher:replay")
+    try:
+        broker = SimBroker(pool, REPLAY_ACCOUNT, clock, slippage_bps=params.execution.slippage_bps,
+                           starting_cash=STARTING_CASH, fee_per_share=params.fees.per_share,
+                           fee_per_contract=params.fees.per_contract)
+        options = SimOptionMarket(pool, seed=seed)
+        liquidity = OptionLiquiditySource(options.near_chain, source="simulated option market")
+        dispatcher = Dispatcher(pool, broker, StaticParams(in_force), REPLAY_ACCOUNT, clock=clock,
+                                calendar=calendar, worker_id="replay", option_data=OptionData(options.chain))
+        option_quotes = option_quotes_source(broker)
+        features = FeatureCycle()
+        minutes_total = sum(int((s.close - s.open) / BAR) for s in days)
+        bar = Progress(minutes_total, progress)
+        with connect(url) as conn:
+            conn.execute(RECORD_RUN, {"run_id": run_id, "started_at": days[0].open, "params_source": in_force.source,
+                                      "params_version": in_force.version, "params_hash": in_force.content_hash,
+                                      "seed": seed, "inputs": json.dumps(inputs, default=json_default)})
+            stop_updates = start_trade_updates(dispatcher, broker)
+            try:
+                for session in days:
+                    clock.set(session.open)
+                    dispatcher.refresh_account(force=True)  # the broker rolls its day at the first look
+                    minute = 0
+                    ts = session.open
+                    while ts < session.close:
+                        now = ts + BAR
+                        clock.set(now)
+                        fresh = by_minute.get(ts, [])
+                        if fresh:
+                            _write_bars(conn, fresh)
+                            result.bars += len(fresh)
+                        compute_features(conn, now=now, cycle=features)
+                        if minute % WATCHLIST_EVERY_MINUTES == 0:
+                            run_watchlist_cycle(conn, REPLAY_ACCOUNT, in_force, now, liquidity_source=liquidity)
+                        result.counts.update(run_signal_cycle(conn, REPLAY_ACCOUNT, in_force, now).counts)
+                        options.mark_held(conn, now)
+                        broker.match_resting(now)
+                        dispatcher.reprice_working()
+                        run_position_cycle(conn, REPLAY_ACCOUNT, in_force, now, calendar, option_quotes)
+                        if on_minute is not None:
+                            on_minute(conn, now)
+                        dispatcher.refresh_account()
+                        for outcome in dispatcher.drain():
+                            result.counts[f"decision:{outcome.status}"] += 1
+                        bar.step(session.day, result.bars)
+                        minute += 1
+                        ts = now
+                    clock.set(session.close)
+                    dispatcher.refresh_account(force=True)
+            finally:
+                stop_updates()
+            result.seconds = time.perf_counter() - started
+            conn.execute(FINISH_RUN, {"run_id": run_id, "finished_at": clock.now(),
+                                      "counts": json.dumps(dict(result.counts), default=json_default)})
+    finally:
+        pool.close()
+    return result
+
+
+def _print_summary(result: ReplayResult, url: str, out: TextIO | None = None) -> None:
+    from services.adapters.postgres.status import status_report
+    from services.common.db import connect
+
+    w = (out or sys.stdout).write
+    w(f"replay {result.run_id}: {len(result.sessions)} session(s) "
+      f"{result.sessions[0]} .. {result.sessions[-1]}, {result.bars:,} bars, params {result.params_hash[:12]}\n")
+    w(f"  {result.seconds:.1f} s, {result.bars_per_second:,.0f} bars/s through the whole pipeline\n")
+    with connect(url) as conn:
+        closed = conn.execute(
+            "SELECT count(*)::int AS n, coalesce(sum(realized_pnl), 0) AS pnl, coalesce(sum(fees), 0) AS fees "
+            "FROM active_positions WHERE account_id = %s AND status = 'CLOSED'", (REPLAY_ACCOUNT,)).fetchone()
+        finished = conn.execute("SELECT finished_at FROM replay_runs WHERE run_id = %s",
+                                (result.run_id,)).fetchone()["finished_at"]
+        report = status_report(conn, REPLAY_ACCOUNT, finished)
+    decisions = {k.split(":", 1)[1]: v for k, v in result.counts.items() if k.startswith("decision:")}
+    w(f"  signals emitted {result.counts.get('emitted', 0)}, decisions "
+      + (", ".join(f"{k} {v}" for k, v in sorted(decisions.items())) or "none") + "\n")
+    w(f"  closed positions {closed['n']}, realized P&L {closed['pnl']:+,.2f} (net of {closed['fees']:,.2f} fees); "
+      f"open at the end {len(report['positions'])}\n")
+    w(f"  database: {url}\n")
+    w(f"  report:   DATABASE_URL='{url}' ops-pipeline report --account {REPLAY_ACCOUNT} "
+      f"--from {result.sessions[0]} --to {result.sessions[-1]}\n")
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from services.common.db import database_url
+    from services.common.params import load_params_file
+
+    in_force = load_params_file(args.params) if args.params else load_params_file()
+    calendar = nyse_calendar()
+    if args.csv:
+        rows, names = bars_from_csv(args.csv, tz=args.tz)
+        if args.tickers:
+            wanted = {t.strip().upper() for t in args.tickers.split(",")}
+            rows = [r for r in rows if r[0] in wanted]
+        inputs = {"source": "csv", "files": names}
+    else:
+        if not (args.date_from and args.date_to):
+            raise SystemExit("replay needs --from and --to (recorded bars), or --csv")
+        start, end = date.fromisoformat(args.date_from), date.fromisoformat(args.date_to)
+        tickers = [t.strip().upper() for t in args.tickers.split(",")] if args.tickers else None
+        rows = bars_from_database(database_url(), start, end, tickers, calendar)
+        inputs = {"source": "lane_telemetry", "from": start.isoformat(), "to": end.isoformat(), "tickers": tickers}
+    if args.date_from and args.csv:
+        start = date.fromisoformat(args.date_from)
+        end = date.fromisoformat(args.date_to) if args.date_to else start
+        rows = [r for r in rows if start <= calendar.current_or_previous_session(r[1]).day <= end]
+    if not rows:
+        print("no bars to replay", file=sys.stderr)
+        return 1
+    result = run_replay(rows, in_force, inputs=inputs, seed=args.seed,
+                        progress=sys.stderr if sys.stderr.isatty() or args.progress else None, calendar=calendar)
+    _print_summary(result, result.url)
+    return 0
+
