@@ -9,8 +9,14 @@ repeated cycles at one `now`:
 
 1. steady: every position holds (prices inside their stops and targets): gather, evaluate,
    write the marks, insert nothing;
-2. exits: `--exits` of the stocks trade below their stop: the cycle also inserts that many EXIT
+2. moving: each cycle a minute later, with a new bar for every stock and a new quote for every
+   option (inserted untimed before the cycle), every price inside its stops: every position's
+   mark changes, so every row is written, as in a live session's minute;
+3. exits: `--exits` of the stocks trade below their stop: the cycle also inserts that many EXIT
    recommendations (deleted again, untimed, before the next cycle, so every cycle writes them).
+
+Case 1 repeats one minute: the marks are as stored after the first cycle, so nothing is written;
+case 2 is the figure of a session's minute.
 
 Printed: p50/p95 of the whole `run_position_cycle` (wall clock, and the CPU time of this
 process: the Python side, which a loaded machine inflates less), and its split into the gather
@@ -88,11 +94,13 @@ def seed(conn: psycopg.Connection, stocks: int, options: int) -> tuple[list[str]
     opened = SESSION_OPEN + timedelta(minutes=30)
     rows = []
     for i, t in enumerate(tickers):
+        opened = SESSION_OPEN + timedelta(minutes=30, seconds=7 * i)  # each its own time, as live entries are
         strategy = "day_trade" if i % 2 == 0 else "swing_trade"
         side = "short" if i % 5 == 0 else "long"
         rows.append((ACCOUNT, t, "STOCK", t, side, 10, 1, STOCK_PRICE, "OPEN", opened, strategy))
     quotes: dict[str, Quote] = {}
     for i in range(options):
+        opened = SESSION_OPEN + timedelta(minutes=45, seconds=11 * i)
         root = "O" + ticker(i)[1:]
         strategy = "day_trade" if i % 2 == 0 else "swing_trade"
         symbol = occ(root, EXPIRATIONS[i % 2], 100)
@@ -154,6 +162,7 @@ def instrument(split: Split) -> None:
     exits_repo.open_positions = split.wrap("gather", exits_repo.open_positions)
     kill_switch.read_state = split.wrap("gather", kill_switch.read_state)
     pm.ExitRules.evaluate = split.wrap("rules", pm.ExitRules.evaluate)
+    pm.ExitRules.quick_hold = split.wrap("rules", pm.ExitRules.quick_hold)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -161,7 +170,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_case(conn, in_force, calendar, quotes, runs: int, split: Split, clear_exits: bool) -> dict:
+def _next_minute(conn, tickers: list[str], quotes: dict[str, Quote], k: int) -> datetime:
+    """The market a minute later (k minutes after NOW): a bar for every stock, every quote moved."""
+    if k == 0:
+        return NOW
+    ts = NOW - timedelta(seconds=65) + timedelta(minutes=k)
+    close = STOCK_PRICE + (Decimal("0.10") if k % 2 else Decimal("-0.10"))
+    with conn.cursor() as cur, cur.copy(
+            "COPY lane_telemetry (ticker, ts, open, high, low, close, volume) FROM STDIN") as copy:
+        copy.write("".join(f"{t}\t{ts.isoformat()}\t{close}\t{close}\t{close}\t{close}\t1000\n" for t in tickers))
+    mid = OPTION_ENTRY + (Decimal("0.02") if k % 2 else Decimal("-0.02"))
+    for symbol in quotes:
+        quotes[symbol] = Quote(mid - Decimal("0.05"), mid + Decimal("0.05"))
+    return NOW + timedelta(minutes=k)
+
+
+def run_case(conn, in_force, calendar, quotes, runs: int, split: Split, clear_exits: bool,
+             moving: list[str] | None = None) -> dict:
     totals: list[float] = []
     cpus: list[float] = []
     parts: dict[str, list[float]] = defaultdict(list)
@@ -171,9 +196,10 @@ def run_case(conn, in_force, calendar, quotes, runs: int, split: Split, clear_ex
     for k in range(runs + 2):
         if clear_exits:
             conn.execute("DELETE FROM dispatch_recommendations WHERE action = 'EXIT'")
+        now = _next_minute(conn, moving, quotes, k) if moving is not None else NOW
         split.ms.clear()
         c0, t0 = time.process_time(), time.perf_counter()
-        cycle = pm.run_position_cycle(timed, ACCOUNT, in_force, NOW, calendar, source)
+        cycle = pm.run_position_cycle(timed, ACCOUNT, in_force, now, calendar, source)
         total = (time.perf_counter() - t0) * 1000
         cpu = (time.process_time() - c0) * 1000
         if k < 2:
@@ -222,6 +248,10 @@ def main() -> None:
     with dbmod.connect(url) as conn:
         tickers, quotes = seed(conn, args.stocks, args.options)
         report("steady (every position holds)", run_case(conn, in_force, calendar, quotes, args.runs, split, False))
+        report("moving (a new bar and quote each minute: every mark written)",
+               run_case(conn, in_force, calendar, dict(quotes), args.runs, split, False, moving=tickers))
+        conn.execute("DELETE FROM lane_telemetry WHERE ts > %s", (NOW,))  # back to NOW's market
+        conn.execute("VACUUM ANALYZE active_positions, lane_telemetry")
 
         # Below the stop: the long stocks' newest bar 5% under entry (the day and swing stops are 2% and 5%).
         longs = [t for i, t in enumerate(tickers) if i % 5 != 0][: args.exits]

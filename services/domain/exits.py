@@ -462,6 +462,23 @@ class _SessionMemo:
         return self._ask("trading_days_between", start, end)
 
 
+_BAR = timedelta(seconds=BAR_SECONDS)
+
+
+class _QuickPlan(NamedTuple):
+    max_skew: int
+    stale_seconds: int
+    market_time: datetime
+    cutoff_minutes: int
+    min_days: int | None
+    max_minutes: int
+    flatten_minutes: int | None  # a day trade's; None for a swing trade with fresh data
+    stop_factor: Decimal
+    target_factor: Decimal
+    arm_factor: Decimal
+    trail_factor: Decimal
+
+
 class ExitRules:
     """The exit rules of one pass over a book: params, now and calendar fixed for every position.
 
@@ -477,10 +494,131 @@ class ExitRules:
         self.now = now
         self.calendar = _SessionMemo(calendar)
         # Per strategy: its section and its days-to-expiry minimum (a swing trade's only).
+        self._deadlines: dict[tuple, Any] = {}  # the fast path's per-expiration answers
         self._strategies = {
             name: (rules, getattr(rules, "min_trading_days_to_expiry", None))
             for name, rules in ((s, self.params.exits.for_strategy(s)) for s in STRATEGIES)  # type: ignore[arg-type]
         }
+
+    def quick_hold(self, instrument: Any, side: Any, strategy: Any, entry: Any, opened_at: Any, expiration: Any,
+                   high_water_mark: Any, bar_ts: Any, close: Any) -> Decimal | None:
+        """The position's next high-water mark when it holds with nothing flagged, else None.
+
+        A fast path for the common case of a cycle, where `evaluate` would build every rule's
+        reason text only to say HOLD: the same comparisons, on the same Decimal and float
+        expressions, against this pass's deadlines computed once. None means "evaluate it": a
+        rule fires or may fire, the data is stale, the position or its values are unusual
+        (anything not shaped as the database returns it), or a lookup failed. Whenever this
+        returns a mark, `evaluate` has no decision and no flag, and `next_high_water_mark` gives
+        the same mark (tests/test_exits_fast_path.py).
+        """
+        try:
+            plan = self._quick_plans()[(strategy, instrument, side)]
+        except (KeyError, TypeError, CalendarUnavailable):
+            return None  # an unknown strategy, instrument or side (BAD_POSITION), or no calendar
+        try:
+            if (type(entry) is not Decimal or not entry.is_finite() or entry <= 0
+                    or type(close) is not Decimal or not close.is_finite() or close <= 0
+                    or not isinstance(opened_at, datetime) or opened_at.tzinfo is None
+                    or not isinstance(bar_ts, datetime) or bar_ts.tzinfo is None):
+                return None
+            if high_water_mark is None:
+                mark = entry
+            elif type(high_water_mark) is Decimal and high_water_mark.is_finite() and high_water_mark > 0:
+                mark = high_water_mark
+            else:
+                return None
+            now = self.now
+            # data_freshness: the expressions of check_data_freshness
+            if (bar_ts - now).total_seconds() > plan.max_skew:
+                return None
+            if (plan.market_time - (bar_ts + _BAR)).total_seconds() > plan.stale_seconds:
+                return None
+            if instrument == "OPTION":
+                if expiration is None or not isinstance(expiration, date) or isinstance(expiration, datetime):
+                    return None
+                if now >= self._expiry_cutoff(expiration, plan.cutoff_minutes):
+                    return None
+                if plan.min_days is not None and self._trading_days_left(expiration) < plan.min_days:
+                    return None
+            elif expiration is not None and (not isinstance(expiration, date) or isinstance(expiration, datetime)):
+                return None
+            if plan.flatten_minutes is not None:  # a day trade: flattened in the session it opened in
+                if now >= self._day_trade_flatten_at(opened_at, plan.flatten_minutes):
+                    return None
+            if side == "long":
+                if close <= entry * plan.stop_factor or close >= entry * plan.target_factor:
+                    return None
+                mark = max(mark, close)
+                if mark >= entry * plan.arm_factor and close <= mark * plan.trail_factor:
+                    return None
+            else:
+                if close >= entry * plan.stop_factor or close <= entry * plan.target_factor:
+                    return None
+                mark = min(mark, close)
+                if mark <= entry * plan.arm_factor and close >= mark * plan.trail_factor:
+                    return None
+            if (now - opened_at).total_seconds() / 60 >= plan.max_minutes:
+                return None
+            return mark
+        except (*_RULE_ERRORS, CalendarUnavailable):
+            return None
+
+    def _quick_plans(self) -> dict[tuple[str, str, str], _QuickPlan]:
+        """Per (strategy, instrument, side): the factors and limits the fast path compares with."""
+        plans = self.__dict__.get("_plans")
+        if plans is None:
+            session = self.calendar.current_or_previous_session(self.now)  # CalendarUnavailable: no fast path
+            market_time = min(self.now, session.close)  # as _market_time
+            plans = {}
+            for strategy, (rules, min_days) in self._strategies.items():
+                for instrument in INSTRUMENTS:
+                    prices = rules.option if instrument == "OPTION" else rules.stock
+                    stop, target = _pct(prices.stop_loss_pct), _pct(prices.take_profit_pct)
+                    arm, trail = _pct(prices.trailing_activation_pct), _pct(prices.trailing_stop_pct)
+                    common = dict(
+                        max_skew=self.params.risk.max_clock_skew_seconds, stale_seconds=rules.stale_bar_seconds,
+                        market_time=market_time, cutoff_minutes=rules.option_expiry_cutoff_minutes_before_close,
+                        min_days=min_days, max_minutes=rules.max_holding_minutes,
+                        flatten_minutes=rules.flatten_minutes_before_close if strategy == "day_trade" else None,
+                    )
+                    # The factors as the check_* functions write them: 1 - pct, 1 + pct.
+                    plans[(strategy, instrument, "long")] = _QuickPlan(
+                        stop_factor=1 - stop, target_factor=1 + target, arm_factor=1 + arm, trail_factor=1 - trail,
+                        **common)
+                    plans[(strategy, instrument, "short")] = _QuickPlan(
+                        stop_factor=1 + stop, target_factor=1 - target, arm_factor=1 - arm, trail_factor=1 + trail,
+                        **common)
+            self._plans = plans
+            self._session = session
+        return plans
+
+    def _expiry_cutoff(self, expiration: date, cutoff_minutes: int) -> datetime:
+        key = ("cutoff", expiration, cutoff_minutes)
+        deadline = self._deadlines.get(key)
+        if deadline is None:
+            deadline = _last_trading_session(expiration, self.calendar).close - timedelta(minutes=cutoff_minutes)
+            self._deadlines[key] = deadline
+        return deadline
+
+    def _trading_days_left(self, expiration: date) -> int:
+        key = ("days", expiration)
+        remaining = self._deadlines.get(key)
+        if remaining is None:
+            last_day = _last_trading_session(expiration, self.calendar).day
+            today = et_date(self.now)
+            remaining = max(0, self.calendar.trading_days_between(today, last_day)) if last_day >= today else 0
+            self._deadlines[key] = remaining
+        return remaining
+
+    def _day_trade_flatten_at(self, opened_at: datetime, minutes: int) -> datetime:
+        # A position opened between this session's open and now belongs to it (no session opens
+        # in between: it is the latest to have opened by now), so the calendar is asked only for
+        # the others, as check_end_of_day asks it.
+        session = self._session
+        if not session.open <= opened_at <= self.now:
+            session = self.calendar.current_or_previous_session(opened_at)
+        return session.close - timedelta(minutes=minutes)
 
     def evaluate(self, position: Any, bar: Any) -> ExitEvaluation:
         """Every rule's result for one position, and the decision; see `evaluate_exit_rules`."""

@@ -25,7 +25,8 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
+from functools import lru_cache
 from decimal import Decimal
 from typing import Any
 
@@ -79,39 +80,35 @@ def _mid(quote: Quote | None) -> Decimal | None:
     return (bid + ask) / 2
 
 
-def _bars(rows: list[dict], option_quotes: OptionQuotes | None, now: datetime) -> dict[int, dict | None]:
-    """The bar each position is judged on: a stock's newest bar; an option's quote at mid, as of now."""
-    bars: dict[int, dict | None] = {}
-    options = [r["symbol"] for r in rows if r["instrument"] == "OPTION"]
+def _option_bars(rows: Sequence[exits_repo.OpenPosition], option_quotes: OptionQuotes | None,
+                 now: datetime) -> dict[str, tuple[datetime, Decimal] | None]:
+    """Each held contract's quote at mid as a bar (ts, close), or None when it has no two-sided market."""
+    symbols = [r.symbol for r in rows if r.instrument == "OPTION"]
+    if not symbols:
+        return {}
     quotes: Mapping[str, Quote | None] = {}
-    if options and option_quotes is not None:
+    if option_quotes is not None:
         try:
-            quotes = option_quotes(options, now)
+            quotes = option_quotes(symbols, now)
         except Exception as e:  # an outage: the options are unmarked this minute, flagged stale
-            log.warning("option quotes unavailable", extra={"symbols": len(options), "error": str(e)})
-    for r in rows:
-        if r["instrument"] == "OPTION":
-            quote = quotes.get(r["symbol"])
-            mid = _mid(quote)
-            # As a bar, the quote covers the minute that ends at its own time (a snapshot's
-            # quote_time), or now for a source that quotes the present.
-            at = getattr(quote, "quote_time", None) or now
-            bars[r["id"]] = {"ts": at - timedelta(seconds=BAR_SECONDS), "close": mid} if mid is not None else None
-        elif r["bar_ts"] is not None:
-            bars[r["id"]] = {"ts": r["bar_ts"], "close": r["bar_close"]}
-        else:
-            bars[r["id"]] = None
+            log.warning("option quotes unavailable", extra={"symbols": len(symbols), "error": str(e)})
+    bars: dict[str, tuple[datetime, Decimal] | None] = {}
+    for symbol in symbols:
+        quote = quotes.get(symbol)
+        mid = _mid(quote)
+        # As a bar, the quote covers the minute that ends at its own time (a snapshot's
+        # quote_time), or now for a source that quotes the present.
+        at = getattr(quote, "quote_time", None) or now
+        bars[symbol] = (at - timedelta(seconds=BAR_SECONDS), mid) if mid is not None else None
     return bars
 
 
-def _position(row: dict) -> dict:
-    held = dict(row)
-    if row["instrument"] == "OPTION":
-        try:
-            held["expiration"] = parse_occ_symbol(row["symbol"]).expiration
-        except ValueError:
-            held["expiration"] = None  # the rules flag it: an option whose last day cannot be known
-    return held
+@lru_cache(maxsize=4096)
+def _expiration(symbol: str) -> date | None:
+    try:
+        return parse_occ_symbol(symbol).expiration
+    except ValueError:
+        return None  # the rules flag it: an option whose last day cannot be known
 
 
 def run_position_cycle(
@@ -144,61 +141,78 @@ def run_position_cycle(
     elif state == "HALTED" and flatten_code is None:
         result.held_back = "KILL_SWITCH_HALTED: a halted account sends no exit but the operator's flatten"
 
-    bars = _bars(rows, option_quotes, now)
+    option_bars = _option_bars(rows, option_quotes, now)
     rules = ExitRules(params, now, calendar)  # one pass: the calendar's lookups made once, not per position
-    marked_at = now.isoformat()
-    marks: list[dict[str, Any]] = []
+    marks: list[exits_repo.Mark] = []
     to_exit: list[dict[str, Any]] = []
-    decided: dict[int, tuple[dict, str, str]] = {}
+    decided: dict[int, tuple[exits_repo.OpenPosition, str, str]] = {}
     for row in rows:
-        result.evaluated += 1
-        bar = bars.get(row["id"])
-        held = _position(row)
+        if row.instrument == "OPTION":
+            bar = option_bars.get(row.symbol)
+            bar_ts, close = bar if bar is not None else (None, None)
+            expiration = _expiration(row.symbol)
+        else:
+            bar_ts, close, expiration = row.bar_ts, row.bar_close, None
+        if flatten_code is None:
+            # Most positions hold with nothing to say: marked without building every rule's text.
+            mark = rules.quick_hold(row.instrument, row.side, row.strategy, row.avg_price, row.opened_at, expiration,
+                                    row.high_water_mark, bar_ts, close)
+            if mark is not None:
+                if close != row.market_price or mark != row.high_water_mark or row.stale_since is not None:
+                    marks.append(exits_repo.Mark(row.id, close, mark, False))
+                continue
+        bar = {"ts": bar_ts, "close": close} if bar_ts is not None else None
+        held = row._asdict()
+        if row.instrument == "OPTION":
+            held["expiration"] = expiration
         evaluation = rules.evaluate(held, bar)
         stale = evaluation.stale
-        fresh = bar is not None and not stale
-        marks.append({"id": row["id"], "market_price": str(bar["close"]) if fresh else None,
-                      "high_water_mark": _high_water(evaluation.held or held, bar) if fresh else None,
-                      "marked_at": marked_at if fresh else None, "stale": stale})
+        if bar is not None and not stale:
+            marks.append(exits_repo.Mark(row.id, close, _high_water(evaluation.held or held, bar), False))
+        elif row.stale_since is None:
+            marks.append(exits_repo.Mark(row.id, None, None, True))
         for named in evaluation.flags:
-            result.flags.append((row["id"], row["ticker"], named.result.reason))
-            if named.result.code == "STALE_DATA" and row["stale_since"] is not None:
+            result.flags.append((row.id, row.ticker, named.result.reason))
+            if named.result.code == "STALE_DATA" and row.stale_since is not None:
                 continue  # flagged when it went stale; said again only when it changes
-            log.warning("position flagged", extra={"account_id": account_id, "position_id": row["id"],
-                                                   "ticker": row["ticker"], "flag": named.result.reason})
+            log.warning("position flagged", extra={"account_id": account_id, "position_id": row.id,
+                                                   "ticker": row.ticker, "flag": named.result.reason})
         if flatten_code is not None:
             code, reason = flatten_code, f"{flatten_code}: kill switch {state}: {switch_row['reason']}"
         elif evaluation.decision is not None:
             code, reason = evaluation.decision.code, evaluation.decision.reason
         else:
             continue
-        if row["exit_live"] or result.held_back is not None:
-            result.exits.append(PositionExit(row["id"], row["ticker"], code, reason, None))
+        if row.exit_live or result.held_back is not None:
+            result.exits.append(PositionExit(row.id, row.ticker, code, reason, None))
             continue
-        decided[row["id"]] = (row, code, reason)
-        to_exit.append({"position_id": row["id"], "code": code, "reason": {
+        decided[row.id] = (row, code, reason)
+        to_exit.append({"position_id": row.id, "code": code, "reason": {
             "source": "position-manager", "exit": {"code": code, "reason": reason},
             "rules": [n.as_json() for n in evaluation.results],
             "params": {"source": in_force.source, "version": in_force.version, "hash": in_force.content_hash},
         }})
+    result.evaluated = len(rows)
 
-    with conn.transaction():
-        exits_repo.save_marks(conn, account_id, marks, now)
-        inserted = {r["position_id"]: r["id"] for r in exits_repo.insert_exits(conn, account_id, to_exit, now)}
+    inserted: dict[int, int] = {}
+    if marks or to_exit:  # a minute whose marks are as stored and that closes nothing writes nothing
+        with conn.transaction():
+            exits_repo.save_marks(conn, account_id, marks, now)
+            inserted = {r["position_id"]: r["id"] for r in exits_repo.insert_exits(conn, account_id, to_exit, now)}
     for position_id, (row, code, reason) in decided.items():
         rec_id = inserted.get(position_id)
-        result.exits.append(PositionExit(position_id, row["ticker"], code, reason, rec_id))
+        result.exits.append(PositionExit(position_id, row.ticker, code, reason, rec_id))
         if rec_id is not None:
-            log.warning("exit", extra={"account_id": account_id, "position_id": position_id, "ticker": row["ticker"],
+            log.warning("exit", extra={"account_id": account_id, "position_id": position_id, "ticker": row.ticker,
                                        "code": code, "reason": reason, "recommendation_id": rec_id})
     log.info("position cycle", extra={"account_id": account_id, "now": now, **result.counts,
                                       "held_back": result.held_back})
     return result
 
 
-def _high_water(held: dict, bar: dict) -> str | None:
+def _high_water(held: Any, bar: dict) -> Decimal | None:
     try:
-        return str(next_high_water_mark(held, bar))
+        return next_high_water_mark(held, bar)
     except ValueError:
         return None  # an unreadable position (flagged BAD_POSITION): its mark is left as it was
 

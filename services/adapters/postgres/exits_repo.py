@@ -9,9 +9,10 @@ sure that even two exits decided one after the other never sell it twice.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from decimal import Decimal
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -26,14 +27,16 @@ OPERATOR_FLATTEN = "OPERATOR_FLATTEN"
 # -- open_positions --
 # The account's OPEN positions with the newest bar of what each holds (the stock's own bar; an
 # option's premium bar when one is recorded under its OCC symbol) and whether an exit for it is
-# already live. One round trip for the whole book; each bar by the (ticker, ts) key.
+# already live. One round trip for the whole book: each bar by the (ticker, ts) key, the live
+# exits through their partial unique index (a join: as EXISTS, the planner hashed a scan of every
+# recommendation). Only the columns the cycle reads, as tuples (OpenPosition's order).
 OPEN_POSITIONS = """
-SELECT p.id, p.ticker, p.instrument, p.symbol, p.side, p.qty, p.multiplier, p.avg_price, p.market_price,
-       coalesce(p.strategy, 'day_trade') AS strategy, p.opened_at, p.high_water_mark, p.stale_since, p.version,
-       b.ts AS bar_ts, b.close AS bar_close,
-       EXISTS (SELECT 1 FROM dispatch_recommendations r
-               WHERE r.position_id = p.id AND r.action = 'EXIT' AND r.status IN ('PENDING', 'SUBMITTING')) AS exit_live
+SELECT p.id, p.ticker, p.instrument, p.symbol, p.side, p.avg_price, coalesce(p.strategy, 'day_trade'),
+       p.opened_at, p.high_water_mark, p.market_price, p.stale_since, b.ts, b.close, x.id IS NOT NULL
 FROM active_positions p
+LEFT JOIN dispatch_recommendations x
+       ON x.position_id = p.id AND x.action = 'EXIT' AND x.position_id IS NOT NULL
+      AND x.status IN ('PENDING', 'SUBMITTING')
 LEFT JOIN LATERAL (
     SELECT t.ts, t.close FROM lane_telemetry t
     WHERE t.ticker = p.symbol AND t.ts <= %(now)s
@@ -42,10 +45,31 @@ WHERE p.account_id = %(account_id)s AND p.status = 'OPEN'
 ORDER BY p.id
 """
 
+
+class OpenPosition(NamedTuple):
+    id: int
+    ticker: str
+    instrument: str
+    symbol: str
+    side: str
+    avg_price: Decimal
+    strategy: str
+    opened_at: datetime
+    high_water_mark: Decimal | None
+    market_price: Decimal | None
+    stale_since: datetime | None
+    bar_ts: datetime | None
+    bar_close: Decimal | None
+    exit_live: bool
+
+
 # -- save_marks --
-# The manager's marks of the book, in one statement: the price, the high-water mark (never
-# loosened here: a long's only rises, a short's only falls, whatever order two managers write
-# in), and since when the data has been stale. Not a state change: the version is not bumped.
+# The manager's marks, in one statement, for the positions whose mark changed (the caller skips
+# the others): the price, the high-water mark (never loosened here: a long's only rises, a
+# short's only falls, whatever order two managers write in), and since when the data has been
+# stale. A NULL price is a stale position: its price and mark stay, and marked_at (the cycle
+# that last wrote a fresh price) too. Arrays rather than JSON: no text to build or parse.
+# Not a state change: the version is not bumped.
 SAVE_MARKS = """
 UPDATE active_positions p
 SET market_price = coalesce(m.market_price, p.market_price),
@@ -54,10 +78,10 @@ SET market_price = coalesce(m.market_price, p.market_price),
         WHEN p.high_water_mark IS NULL THEN m.high_water_mark
         WHEN p.side = 'short' THEN least(p.high_water_mark, m.high_water_mark)
         ELSE greatest(p.high_water_mark, m.high_water_mark) END,
-    marked_at = coalesce(m.marked_at, p.marked_at),
+    marked_at = CASE WHEN m.market_price IS NULL THEN p.marked_at ELSE %(now)s END,
     stale_since = CASE WHEN m.stale THEN coalesce(p.stale_since, %(now)s) END
-FROM jsonb_to_recordset(%(marks)s) AS m(id bigint, market_price numeric, high_water_mark numeric,
-                                        marked_at timestamptz, stale boolean)
+FROM unnest(%(ids)s::bigint[], %(prices)s::numeric[], %(marks)s::numeric[], %(stale)s::boolean[])
+     AS m(id, market_price, high_water_mark, stale)
 WHERE p.id = m.id AND p.account_id = %(account_id)s AND p.status IN ('OPEN', 'CLOSING')
 """
 
@@ -92,13 +116,29 @@ RETURNING id, position_id, ticker, exit_reason
 """
 
 
-def open_positions(conn: psycopg.Connection, account_id: str, now: datetime) -> list[dict]:
-    return conn.execute(OPEN_POSITIONS, {"account_id": account_id, "now": now}).fetchall()
+def open_positions(conn: psycopg.Connection, account_id: str, now: datetime) -> list[OpenPosition]:
+    cur = conn.cursor(row_factory=_open_position_row)
+    return cur.execute(OPEN_POSITIONS, {"account_id": account_id, "now": now}).fetchall()
 
 
-def save_marks(conn: psycopg.Connection, account_id: str, marks: Sequence[dict[str, Any]], now: datetime) -> None:
+def _open_position_row(cursor: Any) -> Callable[[Sequence[Any]], OpenPosition]:
+    return OpenPosition._make
+
+
+class Mark(NamedTuple):
+    """A position's mark: its price and high-water mark (None: left as stored), or stale."""
+
+    id: int
+    market_price: Decimal | None
+    high_water_mark: Decimal | None
+    stale: bool
+
+
+def save_marks(conn: psycopg.Connection, account_id: str, marks: Sequence[Mark], now: datetime) -> None:
     if marks:
-        conn.execute(SAVE_MARKS, {"account_id": account_id, "marks": jsonb(list(marks)), "now": now})
+        ids, prices, highs, stale = zip(*marks)
+        conn.execute(SAVE_MARKS, {"account_id": account_id, "ids": list(ids), "prices": list(prices),
+                                  "marks": list(highs), "stale": list(stale), "now": now})
 
 
 def insert_exits(conn: psycopg.Connection, account_id: str, exits: Sequence[dict[str, Any]],
