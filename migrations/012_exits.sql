@@ -39,3 +39,8 @@ ALTER TABLE dispatch_executions ADD CONSTRAINT execution_cancel_reason
     CHECK (cancel_reason IS NULL OR cancel_reason IN ('REPRICE', 'GIVE_UP', 'KILL_SWITCH'));
 
 ALTER TABLE kill_switch ADD COLUMN flatten boolean NOT NULL DEFAULT false;
+
+-- The manager re-marks every open position each minute (price, high-water mark). Free room on
+-- each page lets those updates stay on the page without touching the indexes (HOT updates):
+-- none of the marked columns is indexed.
+ALTER TABLE active_positions SET (fillfactor = 50);

@@ -25,8 +25,9 @@ DAILY_LOSS_FLATTEN = "DAILY_LOSS_FLATTEN"
 OPERATOR_FLATTEN = "OPERATOR_FLATTEN"
 
 # -- open_positions --
-# The account's OPEN positions with the newest bar of what each holds (the stock's own bar; an
-# option's premium bar when one is recorded under its OCC symbol) and whether an exit for it is
+# The account's OPEN positions with the newest session bar of what each holds (the stock's own
+# bar; an option's premium bar when one is recorded under its OCC symbol; a print outside the
+# regular session is not a price to judge a stop on) and whether an exit for it is
 # already live. One round trip for the whole book: each bar by the (ticker, ts) key, the live
 # exits through their partial unique index (a join: as EXISTS, the planner hashed a scan of every
 # recommendation). Only the columns the cycle reads, as tuples (OpenPosition's order).
@@ -39,7 +40,7 @@ LEFT JOIN dispatch_recommendations x
       AND x.status IN ('PENDING', 'SUBMITTING')
 LEFT JOIN LATERAL (
     SELECT t.ts, t.close FROM lane_telemetry t
-    WHERE t.ticker = p.symbol AND t.ts <= %(now)s
+    WHERE t.ticker = p.symbol AND t.ts <= %(now)s AND NOT t.extended_hours
     ORDER BY t.ts DESC LIMIT 1) b ON true
 WHERE p.account_id = %(account_id)s AND p.status = 'OPEN'
 ORDER BY p.id
