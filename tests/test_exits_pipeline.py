@@ -21,6 +21,7 @@ from services.common.market_calendar import nyse_calendar
 from services.dispatcher.main import Dispatcher
 from services.domain.order_pricing import Quote
 from services.position_manager.main import run_position_cycle
+from tests.alert_doubles import installed, webhook  # noqa: F401
 from tests.factories import ACCOUNT, add_bar, add_market, add_recommendation, et, pinned_params, recommendation
 
 NOW = et("2026-11-30", "10:00")  # a Monday session
@@ -464,3 +465,22 @@ def test_status_lists_todays_closed_positions_with_exit_reason_fees_and_pnl(book
     assert report["realized_today"] == closed["realized_pnl"] < 0
     text = format_status(report)
     assert "closed today  1 position(s), realized" in text and "STOP_LOSS" in text
+
+
+def test_a_position_going_stale_and_a_flatten_each_reach_the_operator_once(book, conn, db_url, monkeypatch, webhook):
+    from services.adapters.alerts import Alerter, WebhookSink
+
+    b = book()
+    b.buy(conn, "F", 11, strategy="swing_trade")
+    with installed(Alerter([WebhookSink(webhook.url)], dedupe_seconds=0)) as a:
+        b.at(NOW + timedelta(hours=1))
+        b.manage(conn)
+        b.at(NOW + timedelta(hours=1, minutes=1))
+        b.manage(conn)  # still stale: not said again
+        assert _cli(b, monkeypatch, "flatten", "--ticker", "F", "--by", "operator:test") == 0
+        assert a.flush(5)
+    events = [(x["alert"]["event"], x["alert"]["subject"]) for x in webhook.bodies]
+    pid = position(conn, "F")["id"]
+    assert events == [("DATA_STALE", f"{ACCOUNT}:position:{pid}"), ("FLATTEN", ACCOUNT)]
+    assert webhook.bodies[0]["alert"]["fields"]["ticker"] == "F"
+    assert (webhook.bodies[1]["alert"]["fields"]["positions"], webhook.bodies[1]["alert"]["fields"]["ticker"]) == (1, "F")

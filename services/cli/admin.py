@@ -75,6 +75,11 @@ def cmd_flatten(args) -> int:
         exits = exits_repo.flatten(conn, _account(args), exits_repo.OPERATOR_FLATTEN, reason, SystemClock().now(),
                                    ticker=args.ticker.upper() if args.ticker else None, by=_actor(args))
     what = args.ticker.upper() if args.ticker else "every open position"
+    if exits:
+        from services.adapters import alerts
+
+        alerts.emit(alerts.Event.FLATTEN, _account(args), reason=reason, positions=len(exits), by=_actor(args),
+                    ticker=args.ticker.upper() if args.ticker else None)
     print(f"{_account(args)}: flatten {what} ({reason}) by {_actor(args)}")
     _print_exits(exits)
     if not exits:

@@ -32,6 +32,7 @@ from typing import Any
 
 import psycopg
 
+from services.adapters import alerts
 from services.adapters.postgres import exits_repo, kill_switch
 from services.common.market_calendar import CalendarUnavailable, SessionCalendar
 from services.common.numbers import to_decimal
@@ -177,6 +178,10 @@ def run_position_cycle(
                 continue  # flagged when it went stale; said again only when it changes
             log.warning("position flagged", extra={"account_id": account_id, "position_id": row.id,
                                                    "ticker": row.ticker, "flag": named.result.reason})
+            if named.result.code == "STALE_DATA":
+                # Not judged on its prices until its data returns; the end-of-day rule closes it at the latest.
+                alerts.emit(alerts.Event.DATA_STALE, f"{account_id}:position:{row.id}", ticker=row.ticker,
+                            symbol=row.symbol, reason=named.result.reason)
         if flatten_code is not None:
             code, reason = flatten_code, f"{flatten_code}: kill switch {state}: {switch_row['reason']}"
         elif evaluation.decision is not None:
