@@ -38,7 +38,7 @@ from services.adapters.sim.broker import SimBroker
 from services.adapters.sim.market import SimOptionMarket
 from services.common.clock import FixedClock
 from services.common.logs import json_default
-from services.common.market_calendar import SessionCalendar, nyse_calendar
+from services.common.market_calendar import ET, SessionCalendar, nyse_calendar
 from services.common.params import ParamsInForce
 from services.dispatcher.main import Dispatcher, StaticParams, start_trade_updates
 from services.dispatcher.wiring import option_quotes_source
@@ -273,7 +273,9 @@ def _print_summary(result: ReplayResult, url: str, out: TextIO | None = None) ->
         finished = conn.execute("SELECT finished_at FROM replay_runs WHERE run_id = %s",
                                 (result.run_id,)).fetchone()["finished_at"]
         report = status_report(conn, REPLAY_ACCOUNT, finished)
-    decisions = {k.split(":", 1)[1]: v for k, v in result.counts.items() if k.startswith("decision:")}
+        decisions = {r["status"]: r["n"] for r in conn.execute(
+            "SELECT status, count(*)::int AS n FROM dispatch_recommendations WHERE account_id = %s GROUP BY 1 ORDER BY 1",
+            (REPLAY_ACCOUNT,))}
     w(f"  signals emitted {result.counts.get('emitted', 0)}, decisions "
       + (", ".join(f"{k} {v}" for k, v in sorted(decisions.items())) or "none") + "\n")
     w(f"  closed positions {closed['n']}, realized P&L {closed['pnl']:+,.2f} (net of {closed['fees']:,.2f} fees); "
@@ -283,10 +285,137 @@ def _print_summary(result: ReplayResult, url: str, out: TextIO | None = None) ->
       f"--from {result.sessions[0]} --to {result.sessions[-1]}\n")
 
 
+# --- runs, and two runs side by side ------------------------------------------------------------
+
+
+def run_url(run_id: str) -> str:
+    """The database of replay `run_id` on the server of the live one."""
+    from psycopg.conninfo import make_conninfo
+
+    from services.common.db import database_url
+
+    if not run_id.isalnum():
+        raise SystemExit(f"not a replay run id: {run_id!r}")
+    return make_conninfo(database_url(), dbname=f"ops_replay_{run_id}")
+
+
+def find_run(run_id: str) -> tuple[str, dict[str, Any]]:
+    """(url, its replay_runs row) of a run id, or of the latest finished run for "latest"."""
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    from services.common.db import connect, database_url
+
+    if run_id != "latest":
+        url = run_url(run_id)
+        try:
+            with connect(url) as conn:
+                row = conn.execute("SELECT * FROM replay_runs WHERE run_id = %s", (run_id,)).fetchone()
+        except psycopg.OperationalError as e:
+            raise SystemExit(f"no replay run {run_id}: {e}") from e
+        if row is None:
+            raise SystemExit(f"no replay run {run_id} in its database")
+        return url, row
+    with psycopg.connect(make_conninfo(database_url(), dbname="postgres"), autocommit=True) as admin:
+        names = [r[0] for r in admin.execute("SELECT datname FROM pg_database WHERE datname LIKE 'ops_replay_%'")]
+    found: list[tuple[datetime, str, dict[str, Any]]] = []
+    for name in names:
+        url = make_conninfo(database_url(), dbname=name)
+        with connect(url) as conn:
+            for row in conn.execute("SELECT * FROM replay_runs WHERE finished_at IS NOT NULL"):
+                found.append((row["finished_at"], url, row))
+    if not found:
+        raise SystemExit("no finished replay run on this server")
+    _, url, row = max(found, key=lambda f: f[0])
+    return url, row
+
+
+def run_report(url: str, run: ReplayResult | dict[str, Any]):
+    """The report (services/domain/report.py) of a replay run, over its sessions."""
+    from services.adapters.postgres.report_data import gather_report_inputs
+    from services.common.db import connect
+    from services.common.market_calendar import et_day_bounds
+    from services.domain.report import build_report
+
+    sessions = run.sessions if isinstance(run, ReplayResult) else [date.fromisoformat(d) for d in run["inputs"]["sessions"]]
+    run_id = run.run_id if isinstance(run, ReplayResult) else run["run_id"]
+    with connect(url) as conn:
+        inputs = gather_report_inputs(conn, REPLAY_ACCOUNT, sessions[0], sessions[-1], source=f"replay {run_id}")
+    return build_report(inputs, period_end=et_day_bounds(sessions[-1])[1])
+
+
+COMPARED_DECISIONS = """
+SELECT ticker, action, instrument, created_at, status, outcome_code, exit_reason
+FROM dispatch_recommendations WHERE account_id = %(account_id)s ORDER BY created_at, id
+"""
+
+
+def flipped_decisions(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The decisions of run A and run B matched by (ticker, action, instrument, time), and what differs.
+
+    A decision flips when its status or its code changes ("EXECUTED -> SKIPPED by MAX_POSITIONS");
+    a recommendation only one run wrote (its signal or exit depends on what happened before) is
+    counted apart.
+    """
+    def key(r: dict[str, Any]) -> tuple:
+        return (r["ticker"], r["action"], r["instrument"], r["created_at"])
+
+    left = {key(r): r for r in a}
+    right = {key(r): r for r in b}
+    flips: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+    for k in sorted(left.keys() & right.keys(), key=lambda k: (k[3], k[0])):
+        x, y = left[k], right[k]
+        if (x["status"], x["outcome_code"]) == (y["status"], y["outcome_code"]):
+            continue
+        what = f"{x['status']} {x['outcome_code']} -> {y['status']} {y['outcome_code']}"
+        flips[what] += 1
+        examples.setdefault(what, []).append(f"{k[3].astimezone(ET):%Y-%m-%d %H:%M} ET {k[0]} {k[1]}")
+    return {"matched": len(left.keys() & right.keys()), "only_a": len(left.keys() - right.keys()),
+            "only_b": len(right.keys() - left.keys()), "flips": dict(flips.most_common()),
+            "examples": {k: v[:3] for k, v in examples.items()}}
+
+
+def print_comparison(a: tuple[str, ReplayResult], b: tuple[str, ReplayResult], out: TextIO | None = None) -> dict:
+    """Two runs side by side: trades, P&L, drawdown, win rate; then the decisions that flipped."""
+    from services.common.db import connect
+
+    w = (out or sys.stdout).write
+    (name_a, run_a), (name_b, run_b) = a, b
+    ta, tb = run_report(run_a.url, run_a).totals, run_report(run_b.url, run_b).totals
+    rows = [("trades", "trades"), ("wins", "wins"), ("realized P&L", "realized_pnl"), ("fees", "fees"),
+            ("max drawdown", "max_drawdown"), ("win rate", "win_rate"), ("profit factor", "profit_factor")]
+    width = max(len(name_a), len(name_b), 14)
+    w(f"\n{'':<16} {name_a:>{width}} {name_b:>{width}}\n")
+    for label, k in rows:
+        w(f"{label:<16} {_fmt(ta.get(k)):>{width}} {_fmt(tb.get(k)):>{width}}\n")
+    decisions = []
+    for run in (run_a, run_b):
+        with connect(run.url) as conn:
+            decisions.append(conn.execute(COMPARED_DECISIONS, {"account_id": REPLAY_ACCOUNT}).fetchall())
+    flips = flipped_decisions(*decisions)
+    w(f"\ndecisions matched {flips['matched']}, only in {name_a} {flips['only_a']}, only in {name_b} {flips['only_b']}\n")
+    if not flips["flips"]:
+        w("no decision flipped\n")
+    for what, n in flips["flips"].items():
+        w(f"  {n:>5}  {what}   e.g. {'; '.join(flips['examples'][what])}\n")
+    return {"a": ta, "b": tb, "decisions": flips}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, Decimal):
+        return f"{value:,.2f}" if abs(value) >= 1 or value == 0 else f"{value:.3f}"
+    return str(value)
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from services.common.db import database_url
     from services.common.params import load_params_file
 
+    # Quiet unless asked: a replay decides thousands of recommendations; the summary says what happened.
+    logging.getLogger().setLevel(logging.ERROR if not args.verbose else logging.INFO)
     in_force = load_params_file(args.params) if args.params else load_params_file()
     calendar = nyse_calendar()
     if args.csv:
@@ -309,8 +438,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not rows:
         print("no bars to replay", file=sys.stderr)
         return 1
-    result = run_replay(rows, in_force, inputs=inputs, seed=args.seed,
-                        progress=sys.stderr if sys.stderr.isatty() or args.progress else None, calendar=calendar)
+    progress = sys.stderr if sys.stderr.isatty() or args.progress else None
+    result = run_replay(rows, in_force, inputs=inputs, seed=args.seed, progress=progress, calendar=calendar)
     _print_summary(result, result.url)
+    if args.compare:
+        other = load_params_file(args.compare)
+        compared = run_replay(rows, other, inputs=inputs, seed=args.seed, progress=progress, calendar=calendar)
+        _print_summary(compared, compared.url)
+        print_comparison((Path(args.params).name if args.params else "params file", result),
+                         (Path(args.compare).name, compared))
     return 0
 

@@ -8,7 +8,8 @@ signal engine, the position manager and the dispatcher all have work: signals, o
 from __future__ import annotations
 
 import csv
-from datetime import date, timezone
+import json
+from datetime import date, timedelta, timezone
 from pathlib import Path
 
 import psycopg
@@ -18,7 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 from services.common.db import connect
 from services.common.market_calendar import nyse_calendar
 from services.common.params import load_params_file
-from services.replay import REPLAY_ACCOUNT, bars_from_csv, run_replay
+from services.replay import REPLAY_ACCOUNT, bars_from_csv, flipped_decisions, run_replay
 
 CALENDAR = nyse_calendar()
 DAY = CALENDAR.session_on(date(2026, 11, 24))
@@ -115,6 +116,33 @@ def test_a_replay_writes_into_its_own_database_never_the_live_one(market_csv, db
         assert replayed.execute("SELECT count(*) AS n FROM lane_telemetry").fetchone()["n"] == 390
         assert replayed.execute("SELECT count(*) AS n FROM replay_runs").fetchone()["n"] == 1
     name = conninfo_to_dict(replay_url)["dbname"]
-    with psycopg.connect(db_url, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    assert REPLAY_ACCOUNT == "replay"
+    run_id = name.removeprefix("ops_replay_")
+    try:
+        # The report of the run, from its own database, by id and as the latest.
+        for which in (run_id, "latest"):
+            assert main(["report", "--run", which, "--json"]) == 0
+            doc = json.loads(capsys.readouterr().out)
+            assert (doc["source"], doc["account_id"]) == (f"replay {run_id}", REPLAY_ACCOUNT)
+            assert doc["period"] == {"from": "2026-11-24", "to": "2026-11-24"}
+        with pytest.raises(SystemExit, match="no replay run nosuchrun"):
+            main(["report", "--run", "nosuchrun", "--json"])
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def _rec(ticker, minute, status, code, action="BUY"):
+    return {"ticker": ticker, "action": action, "instrument": "STOCK", "status": status, "outcome_code": code,
+            "created_at": DAY.open + timedelta(minutes=minute), "exit_reason": None}
+
+
+def test_flipped_decisions_match_by_ticker_and_minute_and_name_the_gate_and_direction():
+    a = [_rec("AAPL", 10, "EXECUTED", "ORDER_FILLED"), _rec("MSFT", 11, "EXECUTED", "ORDER_FILLED"),
+         _rec("NVDA", 12, "SKIPPED", "MAX_POSITIONS"), _rec("F", 13, "SKIPPED", "LOW_CONFIDENCE")]
+    b = [_rec("AAPL", 10, "EXECUTED", "ORDER_FILLED"), _rec("MSFT", 11, "SKIPPED", "MAX_POSITIONS"),
+         _rec("NVDA", 12, "EXECUTED", "ORDER_FILLED"), _rec("TSLA", 14, "SKIPPED", "LOW_CONFIDENCE")]
+    flips = flipped_decisions(a, b)
+    assert (flips["matched"], flips["only_a"], flips["only_b"]) == (3, 1, 1)
+    assert flips["flips"] == {"EXECUTED ORDER_FILLED -> SKIPPED MAX_POSITIONS": 1,
+                              "SKIPPED MAX_POSITIONS -> EXECUTED ORDER_FILLED": 1}
+    assert flips["examples"]["EXECUTED ORDER_FILLED -> SKIPPED MAX_POSITIONS"] == ["2026-11-24 09:41 ET MSFT BUY"]

@@ -41,8 +41,10 @@ def register_replay(subparsers) -> None:
     p.add_argument("--csv", nargs="+", metavar="PATH", help="CSV files or folders instead of the recorded bars")
     p.add_argument("--tz", default="America/New_York", help="zone of the CSV's naive times")
     p.add_argument("--params", help="a params file (default: config/trading_params.json)")
+    p.add_argument("--compare", metavar="B.json", help="replay again with this params file and print both side by side")
     p.add_argument("--seed", type=int, default=7, help="the simulated option market's seed")
     p.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    p.add_argument("--verbose", action="store_true", help="also print the JSON decision log")
     p.set_defaults(handler=replay.cmd_replay)
 
 

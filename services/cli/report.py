@@ -27,12 +27,21 @@ def cmd_report(args) -> int:
     from services.common.market_calendar import et_day_bounds
     from services.domain.report import build_report
 
-    start, end = period(args, et_date(SystemClock().now()))
+    url, account, source = None, _account(args), "live"
+    today = et_date(SystemClock().now())
+    if args.run:
+        from services.replay import REPLAY_ACCOUNT, find_run
+
+        url, run = find_run(args.run)
+        account, source = REPLAY_ACCOUNT, f"replay {run['run_id']}"
+        sessions = run["inputs"]["sessions"]
+        args.from_, args.to = args.from_ or sessions[0], args.to or sessions[-1]
+    start, end = period(args, today)
     if end < start:
         print(f"report: --to {end} is before --from {start}", file=sys.stderr)
         return 2
-    with connect(_url()) as conn:
-        inputs = gather_report_inputs(conn, _account(args), start, end)
+    with connect(url or _url()) as conn:
+        inputs = gather_report_inputs(conn, account, start, end, source=source)
     report = build_report(inputs, period_end=et_day_bounds(end)[1])
     if args.out:
         write_html(report, args.out)
@@ -49,6 +58,7 @@ def cmd_report(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="P&L, execution, signal and gate quality over a period")
     p.add_argument("--account", help="account id (default $ACCOUNT_ID or paper-main)")
+    p.add_argument("--run", metavar="ID|latest", help="the report of a replay run (its own database) instead of the live history")
     p.add_argument("--from", dest="from_", metavar="YYYY-MM-DD", help="first ET day (default: 6 days before --to)")
     p.add_argument("--to", metavar="YYYY-MM-DD", help="last ET day, included (default: today, ET)")
     p.add_argument("--out", metavar="FILE.html", help="also write a self-contained HTML report with plots")
