@@ -5,6 +5,7 @@
     diff FILE                  field-by-field changes against SSM
     push FILE [--yes]          validate, show the diff, confirm, PutParameter
     history                    SSM versions with their dates
+    whatif FILE [--since 10d]  the recorded decisions made again with FILE: what flips
 
 A document is validated by the same model the services use before anything reaches SSM, so a
 push can never install a document the dispatcher would refuse. The SSM client honours
@@ -58,6 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     history = sub.add_parser("history", parents=[settings_defaults], help="SSM versions with their dates")
     history.set_defaults(handler=cmd_history)
+
+    whatif = sub.add_parser("whatif", help="the recorded decisions made again with FILE: what would flip")
+    whatif.add_argument("file", type=Path)
+    whatif.add_argument("--since", default="10d", help="how far back: 10d, 36h (default 10d)")
+    whatif.add_argument("--account", help="account id (default $ACCOUNT_ID or paper-main)")
+    whatif.add_argument("--json", action="store_true", help="print the result as JSON")
+    whatif.set_defaults(handler=cmd_whatif)
 
 
 # -- handlers ---------------------------------------------------------------------------------
@@ -354,3 +362,63 @@ def _jsonable(value: Any) -> Any:
 
 def render_document(params: TradingParams) -> str:
     return json.dumps(_jsonable(params.model_dump()), indent=2)
+
+
+WHATIF_HORIZONS = (5, 15, 60)
+
+
+def _since(text: str) -> Any:
+    from datetime import timedelta
+
+    unit = {"d": "days", "h": "hours", "m": "minutes"}.get(text[-1:])
+    try:
+        amount = float(text[:-1])
+    except ValueError:
+        amount = -1
+    if unit is None or amount <= 0:
+        raise SystemExit(f"--since must look like 10d, 36h or 90m, got {text!r}")
+    return timedelta(**{unit: amount})
+
+
+def cmd_whatif(args: argparse.Namespace) -> int:
+    """Every recorded decision (with its stored inputs) since --since, decided again with FILE."""
+    from services.adapters.postgres.whatif_data import decisions_with_inputs
+    from services.cli.admin import _account, _url
+    from services.common.clock import SystemClock
+    from services.common.db import connect
+    from services.common.logs import json_default
+    from services.common.market_calendar import ET, nyse_calendar
+    from services.domain.whatif import whatif
+
+    try:
+        candidate = parse_params(args.file.read_text(), origin=str(args.file))
+    except (OSError, ParamsError) as e:
+        print(f"{args.file}: {e}", file=sys.stderr)
+        return 1
+    since = SystemClock().now() - _since(args.since)
+    account = _account(args)
+    with connect(_url()) as conn:
+        rows = decisions_with_inputs(conn, account, since, WHATIF_HORIZONS)
+    result = whatif(rows, candidate, nyse_calendar(), WHATIF_HORIZONS)
+    if args.json:
+        doc = {**{k: v for k, v in result.items() if k != "flips"},
+               "flips": [{"recommendation_id": f.recommendation_id, "ticker": f.ticker, "action": f.action,
+                          "at": f.at, "before": f.label.split(" -> ")[0], "after": f.label.split(" -> ")[1],
+                          "forward": f.forward} for f in result["flips"]]}
+        print(json.dumps(doc, default=json_default, indent=2))
+        return 0
+    print(f"what-if of {args.file} against {result['decisions']} recorded decision(s) of {account} "
+          f"since {since.astimezone(ET):%Y-%m-%d %H:%M} ET")
+    print(f"  unchanged {result['unchanged']}, flipped {result['flipped']}")
+    for label, n in result["by_kind"].items():
+        print(f"  {n:>5}  {label}")
+    if result["flips"]:
+        print("\nflipped decisions (forward move of the recommendation's direction from its bar):")
+    for f in result["flips"]:
+        moves = "  ".join(f"{h} {'n/a' if v is None else f'{v * 100:+.2f}%'}" for h, v in f.forward.items())
+        print(f"  {f.at.astimezone(ET):%Y-%m-%d %H:%M} ET  {f.ticker:<6} {f.action:<4} {f.label:<40} {moves}")
+    print("\nEach decision is made again on the inputs it was made from, one at a time: a trade the candidate"
+          "\ntakes or refuses would have changed what later decisions saw (positions, exposure, cooldowns),"
+          "\nand later decisions could differ. `ops-pipeline replay ... --params A.json --compare B.json` re-runs"
+          "\nthe whole path.")
+    return 0
