@@ -77,7 +77,8 @@ def quiet_logging(to_stderr: bool) -> None:
     configure_logging("INFO", None if to_stderr else open(os.devnull, "w"))
 
 
-def worker(url: str, offset_s: float, start, stop, mode: str, index: int, log_to_stderr: bool = False) -> None:
+def worker(url: str, offset_s: float, start, stop, mode: str, index: int, log_to_stderr: bool = False,
+           known_tickers: int = 0) -> None:
     import threading
 
     quiet_logging(log_to_stderr)
@@ -95,6 +96,10 @@ def worker(url: str, offset_s: float, start, stop, mode: str, index: int, log_to
     d = Dispatcher(pool, broker, StaticParams(bench_params(50 if mode == "drain" else 500)), ACCOUNT,
                    clock=clock, worker_id=worker_id)
     d.refresh_account(force=True)
+    # A dispatcher that has run a while has its session's asset records cached; the latency run
+    # gives each recommendation a new ticker (one position per ticker), all of them known ones.
+    for i in range(known_tickers):
+        d.assets.lookup(ticker(i), clock.now())
     start.wait()
     if mode == "drain":
         d.drain()
@@ -144,9 +149,10 @@ def pending(url: str) -> int:
 LOG_TO_STDERR = False
 
 
-def start_workers(ctx, url: str, offset_s: float, n: int, mode: str):
+def start_workers(ctx, url: str, offset_s: float, n: int, mode: str, known_tickers: int = 0):
     start, stop = ctx.Event(), ctx.Event()
-    procs = [ctx.Process(target=worker, args=(url, offset_s, start, stop, mode, i, LOG_TO_STDERR)) for i in range(n)]
+    procs = [ctx.Process(target=worker, args=(url, offset_s, start, stop, mode, i, LOG_TO_STDERR, known_tickers))
+             for i in range(n)]
     for p in procs:
         p.start()
     time.sleep(3.0)  # let every process import, connect and refresh its account
@@ -176,7 +182,7 @@ def latency(ctx, url: str, offset_s: float, n_workers: int, n: int, now: datetim
     from services.common.db import connect
 
     reset(url)
-    procs, start, stop = start_workers(ctx, url, offset_s, n_workers, "listen")
+    procs, start, stop = start_workers(ctx, url, offset_s, n_workers, "listen", known_tickers=n)
     start.set()
     time.sleep(1.0)
     committed: dict[int, float] = {}
