@@ -1207,7 +1207,21 @@ def test_a_lone_skip_costs_three_round_trips_begin_with_the_claim_then_the_recor
     assert RoundTrips.count - before == 3
 
 
-def test_a_lone_order_costs_four_round_trips_until_it_leaves_and_the_capacity_lock_travels_with_its_recheck(
+def submissions_after_round_trips(d: Dispatcher) -> list[int]:
+    """The round trips made before each order left, from the next decision on."""
+    seen: list[int] = []
+    start = RoundTrips.count
+    submit = d.broker.submit_order
+
+    def counting_submit(order):
+        seen.append(RoundTrips.count - start)
+        return submit(order)
+
+    d.broker.submit_order = counting_submit
+    return seen
+
+
+def test_a_lone_order_costs_three_round_trips_until_it_leaves_its_claim_taken_under_the_capacity_lock(
         harness, conn):
     d = counted_dispatcher(harness())
     for t in ("AAPL", "MSFT"):
@@ -1215,18 +1229,23 @@ def test_a_lone_order_costs_four_round_trips_until_it_leaves_and_the_capacity_lo
     add_recommendation(conn, "AAPL", NOW - timedelta(seconds=1))
     assert d.process_next().status == "EXECUTED"
     add_recommendation(conn, "MSFT", NOW)
-    submitted_after: list[int] = []
-    submit = d.broker.submit_order
-
-    def counting_submit(order):
-        submitted_after.append(RoundTrips.count - before)
-        return submit(order)
-
-    d.broker.submit_order = counting_submit
-    before = RoundTrips.count
+    seen = submissions_after_round_trips(d)
     assert d.process_next().status == "EXECUTED"
-    assert submitted_after == [4]  # BEGIN + claim, lock + recheck, intent, COMMIT
+    assert seen == [3]  # BEGIN + capacity lock + claim, intent, COMMIT
     assert count(conn, "SELECT count(*) AS n FROM active_positions WHERE status = 'OPEN'") == 2
+
+
+def test_orders_in_a_batch_each_take_the_capacity_lock_with_their_recheck_in_one_round_trip(harness, conn):
+    d = counted_dispatcher(harness())
+    for t in ("AAPL", "MSFT", "NVDA"):
+        add_market(conn, t, NOW, 200)
+    add_recommendation(conn, "AAPL", NOW - timedelta(seconds=2))
+    assert d.process_next().status == "EXECUTED"
+    add_recommendation(conn, "MSFT", NOW - timedelta(seconds=1))
+    add_recommendation(conn, "NVDA", NOW)
+    seen = submissions_after_round_trips(d)
+    assert [o.status for o in d.process_batch(2)] == ["EXECUTED", "EXECUTED"]
+    assert seen[0] == 6  # BEGIN + claim; lock + recheck, intent; lock + recheck, intent; COMMIT
 
 
 def test_a_claim_on_a_connection_the_pool_replaced_prepares_its_queries_again(harness, conn, db_url):

@@ -242,11 +242,14 @@ class Dispatcher:
         decided: list[tuple[Context, Decision, str]] = []
         try:
             # The transaction opens with the claim (one round trip) and ends when the connection
-            # goes back to the pool: committed, or rolled back on an exception.
+            # goes back to the pool: committed, or rolled back on an exception. A claim of one (an
+            # idle queue: the latency path) takes the account's capacity lock first, in the same
+            # message, and its order needs no recheck; a batch takes it only before its first order.
+            locked = size == 1
             with self.pool.connection() as conn:
                 rows = claims.begin_and_claim(
                     conn, {"account_id": self.account_id, "now": now, "day_start": day_start, "day_end": day_end,
-                           "limit": size})
+                           "limit": size}, lock=locked)
                 if not rows:
                     return None
                 self.claims.append(len(rows))
@@ -262,7 +265,7 @@ class Dispatcher:
                 loss: str | None = None
                 for ctx, option_inputs, exit_quote in prepared:
                     rec_id = ctx.recommendation["id"]
-                    decision, position_id = self._decide(conn, ctx, in_force, now, option_inputs, exit_quote)
+                    decision, position_id = self._decide(conn, ctx, in_force, now, option_inputs, exit_quote, locked)
                     cid = client_order_id(self.account_id, rec_id)
                     if decision.is_order:
                         self._record_intent(conn, ctx, decision, cid, in_force, now, position_id)
@@ -311,13 +314,17 @@ class Dispatcher:
         return ctx, option_inputs, exit_quote
 
     def _decide(self, conn, ctx: Context, in_force: ParamsInForce, now: datetime, option_inputs,
-                exit_quote) -> tuple[Decision, int | None]:
+                exit_quote, locked: bool = False) -> tuple[Decision, int | None]:
         """The decision, with capacity re-checked under the account lock (entries) or the position taken (exits)."""
         decision = decide(ctx, in_force.params, now, self._calendar, option_inputs, exit_quote=exit_quote)
         decision = live_trading_check(decision, not self.broker.paper, in_force.params)
         position_id = None
         if decision.is_order and decision.plan.opens_position:
-            fresh = claims.lock_and_recheck(conn, {"account_id": self.account_id, "ticker": ctx.ticker})
+            if locked:  # claimed alone under the lock: the claim's gather was read under it
+                fresh = {"open_positions": ctx.open_positions, "exposure": ctx.exposure,
+                         "has_open_position": ctx.open_position is not None, "kill_state": ctx.kill_state}
+            else:
+                fresh = claims.lock_and_recheck(conn, {"account_id": self.account_id, "ticker": ctx.ticker})
             decision = recheck_capacity(decision, ctx, fresh, in_force.params)
         elif decision.is_order:
             # An exit takes its position by id, under the row lock, or finds another exit has.

@@ -56,21 +56,27 @@ _CLAIM = _Prepared("dispatcher_claim_and_gather", queries.CLAIM_AND_GATHER, {
 _prepared: weakref.WeakKeyDictionary[psycopg.Connection, set[str]] = weakref.WeakKeyDictionary()
 
 
-def begin_and_claim(conn: psycopg.Connection, params: dict[str, Any]) -> list[dict[str, Any]]:
-    """BEGIN and CLAIM_AND_GATHER in one round trip; the transaction stays open with the rows locked."""
+def begin_and_claim(conn: psycopg.Connection, params: dict[str, Any], *, lock: bool = False) -> list[dict[str, Any]]:
+    """BEGIN and CLAIM_AND_GATHER in one round trip; the transaction stays open with the rows locked.
+
+    `lock`: CAPACITY_LOCK first, in the same message. The claim's snapshot is then taken under
+    the lock, so what it gathers of the account (positions, exposure, kill switch) is what a
+    recheck would read: a claim of one spares its order the recheck's round trip.
+    """
     done = _prepared.setdefault(conn, set())
     cur = psycopg.ClientCursor(conn)
     for attempt in range(2):
         _CLAIM.ensure(conn, done)
         try:
-            cur.execute(f"BEGIN; {_CLAIM.execute}", params)
+            cur.execute(f"BEGIN; {queries.CAPACITY_LOCK + '; ' if lock else ''}{_CLAIM.execute}", params)
             break
         except psycopg.errors.InvalidSqlStatementName:
             if attempt:
                 raise
             conn.rollback()  # the BEGIN went through and the EXECUTE failed: nothing was claimed
             done.clear()
-    cur.nextset()
+    while cur.nextset():  # past BEGIN (and the lock): the claim's rows are the last result
+        pass
     return cur.fetchall()
 
 
