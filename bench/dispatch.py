@@ -1,6 +1,6 @@
 """Dispatcher throughput and wake-up latency with the simulated paper broker.
 
-    python bench/dispatch.py [--recs 10000] [--tickers 2000] [--latency-recs 400]
+    python bench/dispatch.py [--recs 10000] [--tickers 2000] [--latency-recs 400] [--no-pgbench] [--log-to-stderr]
 
 1. Throughput: N pending recommendations over many tickers for one account with up to 50 open
    positions (the first 50 execute; the rest are denied by the position, exposure and cooldown
@@ -9,6 +9,20 @@
 2. Latency: dispatcher processes wait on LISTEN; the producer commits one recommendation at a
    time (each for a new ticker, so each leads to an order) and NOTIFYs; latency is the order's
    submission time at the broker minus the recommendation's commit time (p50, p99).
+3. Round trips per decision, on the skip path and on the order path: each time a dispatcher
+   connection blocks on the server's socket is one round trip (psycopg's `Connection.wait`, which
+   every statement, BEGIN and COMMIT goes through, counted when it does I/O; a libpq protocol
+   trace, counting the Query and Sync messages sent, gives the same figures). Counted for
+   recommendations decided alone (an idle queue, a batch of one) and across a drained queue
+   (batches). The order path is split: up to the order's submission (the intent), and the
+   recording of the broker's answer after it. The simulated broker has its own pool, not
+   counted: it stands in for HTTP requests to Alpaca.
+4. pgbench side by side (`--no-pgbench` to skip): the dispatcher's own claim-and-gather and
+   its outcome update, as SQL alone, on the same database and data, 2 clients: the floor the
+   database sets under the dispatcher's figure.
+
+Each process logs as production does (JSON lines, one per decision) into /dev/null, so the
+formatting is paid and the terminal is not; `--log-to-stderr` shows them.
 
 The database is an embedded Postgres in a temporary directory with its default durability
 settings (fsync and synchronous_commit on), as a production database would run.
@@ -55,8 +69,19 @@ def bench_params(max_open_positions: int = 50):
     return ParamsInForce(params, "bench", "1", params.content_hash())
 
 
-def worker(url: str, offset_s: float, start, stop, mode: str, index: int) -> None:
+def quiet_logging(to_stderr: bool) -> None:
+    """Production's JSON logging, into /dev/null unless asked: without a handler, Python's
+    last-resort handler would print every warning (each skip) as a bare "decision" on stderr."""
+    from services.common.logs import configure_logging
+
+    configure_logging("INFO", None if to_stderr else open(os.devnull, "w"))
+
+
+def worker(url: str, offset_s: float, start, stop, mode: str, index: int, log_to_stderr: bool = False,
+           known_tickers: int = 0) -> None:
     import threading
+
+    quiet_logging(log_to_stderr)
 
     from services.common.clock import OffsetClock
     from services.common.db import make_pool
@@ -71,6 +96,10 @@ def worker(url: str, offset_s: float, start, stop, mode: str, index: int) -> Non
     d = Dispatcher(pool, broker, StaticParams(bench_params(50 if mode == "drain" else 500)), ACCOUNT,
                    clock=clock, worker_id=worker_id)
     d.refresh_account(force=True)
+    # A dispatcher that has run a while has its session's asset records cached; the latency run
+    # gives each recommendation a new ticker (one position per ticker), all of them known ones.
+    for i in range(known_tickers):
+        d.assets.lookup(ticker(i), clock.now())
     start.wait()
     if mode == "drain":
         d.drain()
@@ -117,9 +146,13 @@ def pending(url: str) -> int:
         return conn.execute("SELECT count(*) AS n FROM dispatch_recommendations WHERE status IN ('PENDING', 'SUBMITTING')").fetchone()["n"]
 
 
-def start_workers(ctx, url: str, offset_s: float, n: int, mode: str):
+LOG_TO_STDERR = False
+
+
+def start_workers(ctx, url: str, offset_s: float, n: int, mode: str, known_tickers: int = 0):
     start, stop = ctx.Event(), ctx.Event()
-    procs = [ctx.Process(target=worker, args=(url, offset_s, start, stop, mode, i)) for i in range(n)]
+    procs = [ctx.Process(target=worker, args=(url, offset_s, start, stop, mode, i, LOG_TO_STDERR, known_tickers))
+             for i in range(n)]
     for p in procs:
         p.start()
     time.sleep(3.0)  # let every process import, connect and refresh its account
@@ -149,7 +182,7 @@ def latency(ctx, url: str, offset_s: float, n_workers: int, n: int, now: datetim
     from services.common.db import connect
 
     reset(url)
-    procs, start, stop = start_workers(ctx, url, offset_s, n_workers, "listen")
+    procs, start, stop = start_workers(ctx, url, offset_s, n_workers, "listen", known_tickers=n)
     start.set()
     time.sleep(1.0)
     committed: dict[int, float] = {}
@@ -180,12 +213,153 @@ def latency(ctx, url: str, offset_s: float, n_workers: int, n: int, now: datetim
             "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))], "max_ms": lat[-1]}
 
 
+def round_trips(url: str, offset_s: float, tickers: int, alone: int = 150, drained: int = 2000) -> dict:
+    """Round trips per decision: recommendations decided alone (the first 50 become orders, the
+    rest are skipped by the position limit), then a queue of `drained` drained in batches."""
+    import psycopg
+    from psycopg.rows import dict_row
+    from psycopg_pool import ConnectionPool
+
+    from services.common.clock import OffsetClock
+    from services.common.db import connect, make_pool
+    from services.dispatcher.main import Dispatcher, StaticParams
+    from services.adapters.sim.broker import SimBroker
+
+    class Counting(psycopg.Connection):
+        """A connection that counts its round trips: the waits that do I/O (a commit with no
+        transaction open goes through wait() too, and sends nothing)."""
+        waits = 0
+
+        def wait(self, gen, *args, **kwargs):
+            def counted():
+                try:
+                    ready = next(gen)
+                except StopIteration as done:
+                    return done.value
+                Counting.waits += 1
+                while True:
+                    sent = yield ready
+                    try:
+                        ready = gen.send(sent)
+                    except StopIteration as done:
+                        return done.value
+            return super().wait(counted(), *args, **kwargs)
+
+    reset(url)
+    clock = OffsetClock(timedelta(seconds=offset_s))
+    pool = ConnectionPool(url, min_size=2, max_size=2, connection_class=Counting,
+                          kwargs={"autocommit": True, "row_factory": dict_row}, open=True)
+    broker_pool = make_pool(url, min_size=1, max_size=2, check=False)
+    broker = SimBroker(broker_pool, ACCOUNT, clock, starting_cash=Decimal("100000000"))
+    d = Dispatcher(pool, broker, StaticParams(bench_params(50)), ACCOUNT, clock=clock, worker_id="bench-trips")
+    d.refresh_account(force=True)
+    for i in range(tickers):  # the asset cache warm, as in a process that has run a while
+        d.assets.lookup(ticker(i), clock.now())
+    answer = 0  # round trips recording the broker's answer, within the last decision
+    record_broker_answer = d.record_broker_answer
+
+    def counted_answer(*args, **kwargs):
+        nonlocal answer
+        before = Counting.waits
+        try:
+            return record_broker_answer(*args, **kwargs)
+        finally:
+            answer += Counting.waits - before
+
+    d.record_broker_answer = counted_answer
+    paths: dict[str, list[int]] = {}
+    answers: list[int] = []
+    with connect(url) as conn:
+        for i in range(alone):
+            conn.execute("""INSERT INTO dispatch_recommendations (account_id, ticker, action, instrument, strategy, confidence, created_at)
+                            VALUES (%s, %s, 'BUY', 'STOCK', 'day_trade', 0.8, %s)""", (ACCOUNT, ticker(i), SESSION_START))
+            before, answer = Counting.waits, 0
+            outcome = d.process_next()
+            paths.setdefault(outcome.status, []).append(Counting.waits - before - answer)
+            if outcome.status == "EXECUTED":
+                answers.append(answer)
+    insert_recs(url, drained, tickers, SESSION_START)
+    before = Counting.waits
+    decided = len(d.drain())
+    per_drained = (Counting.waits - before) / decided
+    pool.close()
+    broker_pool.close()
+    return {"order": statistics.median(paths.get("EXECUTED", [0])), "order_max": max(paths.get("EXECUTED", [0])),
+            "answer": statistics.median(answers or [0]),
+            "skip": statistics.median(paths.get("SKIPPED", [0])), "skip_max": max(paths.get("SKIPPED", [0])),
+            "drained": per_drained, "batches": decided / max(1, len(d.claims) - alone)}
+
+
+PGBENCH_CLAIM_AND_SKIP = """
+BEGIN;
+{claim};
+UPDATE dispatch_recommendations r
+SET status = 'SKIPPED', decided_at = now(), claimed_by = 'pgbench', claimed_at = now(),
+    outcome_code = s.outcome_code, outcome_detail = s.outcome_detail, gate_results = s.gate_results,
+    decision = s.decision, params_source = 'bench', params_version = '1', params_hash = 'x', version = r.version + 1
+FROM bench_sample s
+WHERE r.id IN (SELECT id FROM dispatch_recommendations
+               WHERE account_id = '{account}' AND status = 'PENDING'
+               ORDER BY created_at, id LIMIT {limit} FOR UPDATE SKIP LOCKED);
+END;
+"""
+
+
+def pgbench(url: str, recs: int, tickers: int, limit: int, clients: int = 2) -> dict:
+    """The dispatcher's SQL alone under pgbench: per transaction, CLAIM_AND_GATHER of `limit`
+    rows and the skip of those rows with a real decision's gate results (one round trip each
+    for BEGIN, the claim, the update and COMMIT, as the dispatcher's batch). The rows the claim
+    locked are the ones the update's own claim finds: a transaction does not skip its own locks."""
+    import re
+    import subprocess
+
+    import pgserver
+    from psycopg.conninfo import conninfo_to_dict
+
+    from services.adapters.postgres import queries
+    from services.common.db import connect
+    from services.common.market_calendar import et_date, et_day_bounds
+
+    day_start, day_end = et_day_bounds(et_date(SESSION_START))
+    # Times as epoch seconds: a colon in a literal would read as a pgbench variable.
+    values = {"account_id": f"'{ACCOUNT}'", "now": f"to_timestamp({SESSION_START.timestamp():.0f})",
+              "day_start": f"to_timestamp({day_start.timestamp():.0f})", "day_end": f"to_timestamp({day_end.timestamp():.0f})",
+              "limit": str(limit)}
+    claim = re.sub(r"%\((\w+)\)s", lambda m: values[m.group(1)], queries.CLAIM_AND_GATHER).strip()
+    script = Path(tempfile.mkdtemp(prefix="ops-pgbench-")) / "claim_and_skip.sql"
+    script.write_text(PGBENCH_CLAIM_AND_SKIP.format(claim=claim, account=ACCOUNT, limit=limit))
+    with connect(url) as conn:
+        # The account as the throughput run leaves it (50 positions), a fresh queue, a real decision's JSON.
+        conn.execute("DROP TABLE IF EXISTS bench_sample")
+        conn.execute("""CREATE TABLE bench_sample AS SELECT outcome_code, outcome_detail, gate_results, decision
+                        FROM dispatch_recommendations WHERE status = 'SKIPPED' ORDER BY id DESC LIMIT 1""")
+        conn.execute("DELETE FROM dispatch_recommendations WHERE status = 'SKIPPED'")
+    insert_recs(url, recs, tickers, SESSION_START)
+    with connect(url) as conn:
+        conn.execute("VACUUM ANALYZE dispatch_recommendations")
+    info = conninfo_to_dict(url)
+    exe = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pgbench"
+    per_client = int(recs * 0.95) // limit // clients  # stop short of an empty queue
+    out = subprocess.run([str(exe), "-n", "-M", "prepared", "-c", str(clients), "-j", str(clients), "-t", str(per_client),
+                          "-f", str(script), "-h", info["host"], "-U", info.get("user", "postgres"), info["dbname"]],
+                         capture_output=True, text=True, check=True).stdout
+    tps = float(re.search(r"tps = ([\d.]+)", out).group(1))
+    with connect(url) as conn:
+        conn.execute("DROP TABLE bench_sample")
+    return {"limit": limit, "tps": tps, "rows_per_second": tps * limit}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recs", type=int, default=10_000)
     parser.add_argument("--tickers", type=int, default=2_000)
     parser.add_argument("--latency-recs", type=int, default=400)
+    parser.add_argument("--no-pgbench", action="store_true")
+    parser.add_argument("--log-to-stderr", action="store_true")
     args = parser.parse_args()
+    global LOG_TO_STDERR
+    LOG_TO_STDERR = args.log_to_stderr
+    quiet_logging(args.log_to_stderr)
 
     from services.common.db import embedded_server
     from services.common.migrate import migrate
@@ -212,6 +386,17 @@ def main() -> int:
     for n in (1, 2):
         r = throughput(ctx, url, offset_s, n, args.recs, args.tickers, SESSION_START)
         print(f"  {n} process(es): {r['per_second']:,.0f} decisions/s ({r['seconds']:.2f} s)  outcomes {r['counts']}")
+    if not args.no_pgbench:
+        print(f"pgbench, the same SQL alone ({args.recs} recommendations, 2 clients, BEGIN / claim-and-gather / skip update / COMMIT)")
+        for limit in (64, 1):
+            r = pgbench(url, args.recs, args.tickers, limit)
+            print(f"  claim {limit:>2}: {r['rows_per_second']:,.0f} decisions/s ({r['tps']:,.0f} transactions/s)")
+        reset(url)
+    r = round_trips(url, offset_s, args.tickers)
+    print("round trips per decision (waits on the server by the dispatcher's connections)")
+    print(f"  alone (idle queue, batch of 1): skip {r['skip']:.0f} (max {r['skip_max']}), "
+          f"order {r['order']:.0f} up to its submission (max {r['order_max']}) + {r['answer']:.0f} recording the broker's answer")
+    print(f"  drained queue (batches of ~{r['batches']:.0f}): {r['drained']:.2f}")
     print(f"latency: commit -> order submission, woken by NOTIFY, {args.latency_recs} recommendations 10 ms apart")
     for n in (1, 2):
         r = latency(ctx, url, offset_s, n, args.latency_recs, SESSION_START)

@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import freezegun
+import psycopg
 import pytest
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
 
 from services.common.clock import FixedClock
 from services.common.db import connect, make_pool
@@ -1144,3 +1147,128 @@ def test_a_batch_with_a_recommendation_that_breaks_the_decision_is_decided_again
         (bad, "FAILED", "DECISION_ERROR"), (skip, "SKIPPED", "TICKER_COOLDOWN")]
     assert list(d.claims)[:2] == [3, 1]  # the failed batch of 3, then the same rows one by one
     assert count(conn, "SELECT count(*) AS n FROM dispatch_executions") == 1
+
+
+# --- round trips -------------------------------------------------------------------------------------
+
+
+class RoundTrips:
+    """The round trips of a pool's connections: each wait on the server that does I/O (a commit
+    with no transaction open goes through psycopg's wait() too, and sends nothing)."""
+
+    count = 0
+
+    class Connection(psycopg.Connection):
+        def wait(self, gen, *args, **kwargs):
+            def counted():
+                try:
+                    ready = next(gen)
+                except StopIteration as done:
+                    return done.value
+                RoundTrips.count += 1
+                while True:
+                    sent = yield ready
+                    try:
+                        ready = gen.send(sent)
+                    except StopIteration as done:
+                        return done.value
+            return super().wait(counted(), *args, **kwargs)
+
+
+def counted_dispatcher(h: Harness) -> Dispatcher:
+    """A dispatcher on a counted pool; the simulated broker keeps its own (it stands in for HTTP)."""
+    pool = ConnectionPool(h.db_url, min_size=1, max_size=2, connection_class=RoundTrips.Connection,
+                          kwargs={"autocommit": True, "row_factory": dict_row}, open=True)
+    h._pools.append(pool)
+    d = h.dispatcher(pool=pool)
+    d.refresh_account(force=True)
+    return d
+
+
+def test_a_lone_skip_costs_three_round_trips_begin_with_the_claim_then_the_record_then_commit(harness, conn):
+    d = counted_dispatcher(harness())
+    add_market(conn, "AAPL", NOW, 200)
+    add_position(conn, "AAPL", 1, 200)  # held: every AAPL entry is skipped
+    add_recommendation(conn, "AAPL", NOW - timedelta(seconds=1))
+    assert d.process_next().status == "SKIPPED"  # the connection's first claim also PREPAREs its queries
+    add_recommendation(conn, "AAPL", NOW)
+    before = RoundTrips.count
+    assert d.process_next().status == "SKIPPED"
+    assert RoundTrips.count - before == 3
+
+
+def submissions_after_round_trips(d: Dispatcher) -> list[int]:
+    """The round trips made before each order left, from the next decision on."""
+    seen: list[int] = []
+    start = RoundTrips.count
+    submit = d.broker.submit_order
+
+    def counting_submit(order):
+        seen.append(RoundTrips.count - start)
+        return submit(order)
+
+    d.broker.submit_order = counting_submit
+    return seen
+
+
+def test_a_lone_order_costs_three_round_trips_until_it_leaves_its_claim_taken_under_the_capacity_lock(
+        harness, conn):
+    d = counted_dispatcher(harness())
+    for t in ("AAPL", "MSFT"):
+        add_market(conn, t, NOW, 200)
+    add_recommendation(conn, "AAPL", NOW - timedelta(seconds=1))
+    assert d.process_next().status == "EXECUTED"
+    add_recommendation(conn, "MSFT", NOW)
+    seen = submissions_after_round_trips(d)
+    assert d.process_next().status == "EXECUTED"
+    assert seen == [3]  # BEGIN + capacity lock + claim, intent, COMMIT
+    assert count(conn, "SELECT count(*) AS n FROM active_positions WHERE status = 'OPEN'") == 2
+
+
+def test_orders_in_a_batch_each_take_the_capacity_lock_with_their_recheck_in_one_round_trip(harness, conn):
+    d = counted_dispatcher(harness())
+    for t in ("AAPL", "MSFT", "NVDA"):
+        add_market(conn, t, NOW, 200)
+    add_recommendation(conn, "AAPL", NOW - timedelta(seconds=2))
+    assert d.process_next().status == "EXECUTED"
+    add_recommendation(conn, "MSFT", NOW - timedelta(seconds=1))
+    add_recommendation(conn, "NVDA", NOW)
+    seen = submissions_after_round_trips(d)
+    assert [o.status for o in d.process_batch(2)] == ["EXECUTED", "EXECUTED"]
+    assert seen[0] == 6  # BEGIN + claim; lock + recheck, intent; lock + recheck, intent; COMMIT
+
+
+def test_a_claim_on_a_connection_the_pool_replaced_prepares_its_queries_again(harness, conn, db_url):
+    h = harness()
+    d = h.dispatcher()
+    for t in ("AAPL", "MSFT"):
+        add_market(conn, t, NOW, 200)
+    d.refresh_account(force=True)
+    add_recommendation(conn, "AAPL", NOW - timedelta(seconds=1))
+    assert d.process_next().status == "EXECUTED"
+    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                 "AND datname = current_database()")
+    wait_for(lambda: count(conn, "SELECT count(*) AS n FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                                 "AND datname = current_database() AND backend_type = 'client backend'") == 0, 5)
+    rec = add_recommendation(conn, "MSFT", NOW)
+    outcome = d.process_next()  # the pool's check replaces the dead connections on checkout
+    assert (outcome.recommendation_id, outcome.status) == (rec, "EXECUTED")  # the claim and the recheck ran
+
+
+def test_a_claim_whose_prepared_statement_was_deallocated_prepares_it_again_and_claims(harness, conn):
+    h = harness()
+    pool = h.new_pool(min_size=2, max_size=2)
+    d = h.dispatcher(pool=pool)
+    for t in ("AAPL", "MSFT"):
+        add_market(conn, t, NOW, 200)
+    d.refresh_account(force=True)
+    add_recommendation(conn, "AAPL", NOW - timedelta(seconds=1))
+    assert d.process_next().status == "EXECUTED"
+    with pool.connection() as one, pool.connection() as other:  # as psycopg does after a rollback
+        for pooled in (one, other):
+            pooled.execute("DEALLOCATE ALL")
+            assert pooled.execute("SELECT count(*) AS n FROM pg_prepared_statements").fetchone()["n"] == 0
+    rec = add_recommendation(conn, "MSFT", NOW)
+    outcome = d.process_next()
+    assert (outcome.recommendation_id, outcome.status) == (rec, "EXECUTED")
+    assert list(d.claims) == [1, 1]  # claimed once, not failed and retried as a batch

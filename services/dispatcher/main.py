@@ -39,7 +39,7 @@ from services.common.params import ParamsInForce
 from services.adapters.assets import MISSING as MISSING_ASSET
 from services.adapters.assets import AssetCache
 from services.adapters import alerts
-from services.adapters.postgres import exits_repo, kill_switch, orders_repo, queries
+from services.adapters.postgres import claims, exits_repo, kill_switch, orders_repo, queries
 from services.adapters.postgres.asset_records import AssetRecordStore
 from services.adapters.postgres.orders_repo import jsonb
 from services.dispatcher.execution import OrderDesk
@@ -84,6 +84,10 @@ MAX_FETCHES = 20
 MAX_BATCH = 64
 # An option exit is priced from a quote at most this old.
 EXIT_QUOTE_FRESH = timedelta(seconds=5)
+# The kill switch's enforcement and the re-pricing of working orders run after a pass that found
+# nothing to decide, and otherwise at most this often: each costs queries, and on a busy queue they
+# would sit between a wake-up and the next submission. A trip made here brings the next one forward.
+PERIODIC_SECONDS = 0.5
 # SIGTERM: the recommendation in hand gets this long; then its order is left SUBMITTING for recovery.
 SHUTDOWN_BUDGET_SECONDS = 15.0
 
@@ -165,6 +169,7 @@ class Dispatcher:
         self.reconciler = Reconciler(pool, broker, params, account_id, self.clock, self.worker_id, self.orders,
                                      self._session_day)
         self._last_reconcile: datetime | None = None
+        self._periodic_due = 0.0  # time.monotonic() of the next _periodic on a busy queue
         self._chain_errors: dict[str, str] = {}
         self._asset_errors: dict[str, AssetUnavailable] = {}
         self._exit_quotes: dict[str, tuple[datetime, Quote | None]] = {}
@@ -236,12 +241,15 @@ class Dispatcher:
         rec_id: int | None = None
         decided: list[tuple[Context, Decision, str]] = []
         try:
-            with self.pool.connection() as conn, conn.transaction():
-                rows = conn.execute(
-                    queries.CLAIM_AND_GATHER,
-                    {"account_id": self.account_id, "now": now, "day_start": day_start, "day_end": day_end,
-                     "limit": size},
-                ).fetchall()
+            # The transaction opens with the claim (one round trip) and ends when the connection
+            # goes back to the pool: committed, or rolled back on an exception. A claim of one (an
+            # idle queue: the latency path) takes the account's capacity lock first, in the same
+            # message, and its order needs no recheck; a batch takes it only before its first order.
+            locked = size == 1
+            with self.pool.connection() as conn:
+                rows = claims.begin_and_claim(
+                    conn, {"account_id": self.account_id, "now": now, "day_start": day_start, "day_end": day_end,
+                           "limit": size}, lock=locked)
                 if not rows:
                     return None
                 self.claims.append(len(rows))
@@ -257,7 +265,7 @@ class Dispatcher:
                 loss: str | None = None
                 for ctx, option_inputs, exit_quote in prepared:
                     rec_id = ctx.recommendation["id"]
-                    decision, position_id = self._decide(conn, ctx, in_force, now, option_inputs, exit_quote)
+                    decision, position_id = self._decide(conn, ctx, in_force, now, option_inputs, exit_quote, locked)
                     cid = client_order_id(self.account_id, rec_id)
                     if decision.is_order:
                         self._record_intent(conn, ctx, decision, cid, in_force, now, position_id)
@@ -306,16 +314,17 @@ class Dispatcher:
         return ctx, option_inputs, exit_quote
 
     def _decide(self, conn, ctx: Context, in_force: ParamsInForce, now: datetime, option_inputs,
-                exit_quote) -> tuple[Decision, int | None]:
+                exit_quote, locked: bool = False) -> tuple[Decision, int | None]:
         """The decision, with capacity re-checked under the account lock (entries) or the position taken (exits)."""
         decision = decide(ctx, in_force.params, now, self._calendar, option_inputs, exit_quote=exit_quote)
         decision = live_trading_check(decision, not self.broker.paper, in_force.params)
         position_id = None
         if decision.is_order and decision.plan.opens_position:
-            conn.execute(queries.CAPACITY_LOCK, {"account_id": self.account_id})
-            fresh = conn.execute(
-                queries.CAPACITY_RECHECK, {"account_id": self.account_id, "ticker": ctx.ticker}
-            ).fetchone()
+            if locked:  # claimed alone under the lock: the claim's gather was read under it
+                fresh = {"open_positions": ctx.open_positions, "exposure": ctx.exposure,
+                         "has_open_position": ctx.open_position is not None, "kill_state": ctx.kill_state}
+            else:
+                fresh = claims.lock_and_recheck(conn, {"account_id": self.account_id, "ticker": ctx.ticker})
             decision = recheck_capacity(decision, ctx, fresh, in_force.params)
         elif decision.is_order:
             # An exit takes its position by id, under the row lock, or finds another exit has.
@@ -489,6 +498,7 @@ class Dispatcher:
             return et_date(now)
 
     def _trip(self, conn, reason: str, now: datetime) -> None:
+        self._periodic_due = 0.0  # what the trip stops is enforced after this pass, busy or not
         kill_switch.trip_daily_loss(conn, self.account_id, reason, now, self._session_day(now),
                                     self.params.current().params.risk.on_daily_loss)
 
@@ -561,8 +571,8 @@ class Dispatcher:
                     listener.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
                     self.recover_in_flight()
                 self.refresh_account()
-                self.drain(stop)
-                self._periodic()
+                if not self.drain(stop) or time.monotonic() >= self._periodic_due:
+                    self._periodic()
                 alerts.loop_ok(f"dispatcher:{self.account_id}")
                 backoff = 0.5
                 self._wait_for_work(listener, stop)
@@ -595,6 +605,7 @@ class Dispatcher:
                 return
 
     def _periodic(self) -> None:
+        self._periodic_due = time.monotonic() + PERIODIC_SECONDS
         now = self.clock.now()
         if self._last_reconcile is None or now - self._last_reconcile >= RECONCILE_EVERY:
             self._last_reconcile = now

@@ -53,7 +53,8 @@ def jsonb(value: Any) -> Jsonb:
 
 # -- record_skips --
 # A batch's recommendations decided without an order, in one statement, each only from PENDING
-# under the claim's row lock.
+# under the claim's row lock. The ids come back rather than a row count: in pipeline mode a
+# count is only known once the results are fetched.
 RECORD_SKIPS = """
 UPDATE dispatch_recommendations r
 SET status = 'SKIPPED', decided_at = %(now)s, claimed_by = %(worker)s, claimed_at = coalesce(r.claimed_at, %(now)s),
@@ -62,13 +63,14 @@ SET status = 'SKIPPED', decided_at = %(now)s, claimed_by = %(worker)s, claimed_a
     version = r.version + 1
 FROM jsonb_to_recordset(%(skips)s) AS s(id bigint, code text, detail text, gates jsonb, decision jsonb)
 WHERE r.id = s.id AND r.account_id = %(account_id)s AND r.status = 'PENDING'
+RETURNING r.id
 """
 
 
 def record_skips(conn: psycopg.Connection, account_id: str, skips: list[dict[str, Any]], now: datetime,
                  worker: str, **params_columns: Any) -> None:
-    changed = conn.execute(RECORD_SKIPS, {"account_id": account_id, "skips": jsonb(skips), "now": now,
-                                          "worker": worker, **params_columns}).rowcount
+    changed = len(conn.execute(RECORD_SKIPS, {"account_id": account_id, "skips": jsonb(skips), "now": now,
+                                              "worker": worker, **params_columns}).fetchall())
     if changed != len(skips):
         raise Conflict(f"{len(skips) - changed} of {len(skips)} recommendations are no longer PENDING")
 
@@ -536,11 +538,13 @@ def close_vanished(conn: psycopg.Connection, account_id: str, ids: list[int], no
 
 
 # Marks live positions to the broker's current prices, all in one statement. A mark is not a
-# state change: it neither bumps the version nor counts as activity.
+# state change: it neither bumps the version nor counts as activity. A row whose price did not
+# move is not rewritten (a book of hundreds of positions costed ~9 ms a refresh otherwise).
 MARK_POSITIONS = """
 UPDATE active_positions p SET market_price = m.price
 FROM unnest(%(symbols)s::text[], %(prices)s::numeric[]) AS m(symbol, price)
 WHERE p.account_id = %(account_id)s AND p.symbol = m.symbol AND p.status IN ('OPEN', 'CLOSING')
+  AND p.market_price IS DISTINCT FROM m.price
 """
 
 

@@ -8,7 +8,10 @@ not the injected clock, and CURRENT_DATE is a UTC date.
 # Claims the oldest PENDING recommendations of one account (up to `limit`, a batch) and gathers
 # every input their gates need, in one round trip. FOR UPDATE SKIP LOCKED: a row another dispatcher is deciding is
 # skipped, not waited for; the lock lasts until this dispatcher's transaction ends.
-# The LATERAL subqueries use the (ticker, ts) keys and the per-account partial indexes.
+# The LATERAL subqueries use the (ticker, ts) keys and the per-account partial indexes. What is
+# the account's, not the row's (open positions and exposure, account state, kill switch), is read
+# once per batch: the MATERIALIZED CTE keeps the planner from re-running the aggregate per row.
+# A ticker's trades (the last one, today's count) come from one scan of its executions.
 CLAIM_AND_GATHER = """
 WITH claimed AS (
     SELECT r.*
@@ -17,19 +20,18 @@ WITH claimed AS (
     ORDER BY r.created_at, r.id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+), cap AS MATERIALIZED (
+    SELECT count(*)::int AS open_positions,
+           coalesce(sum(p.qty * coalesce(p.market_price, p.avg_price) * p.multiplier), 0) AS exposure
+    FROM active_positions p
+    WHERE p.account_id = %(account_id)s AND p.status IN ('PENDING', 'OPEN', 'CLOSING')
 )
 SELECT c.id, c.account_id, c.ticker, c.action, c.instrument, c.strategy, c.confidence,
        c.bar_ts, c.created_at, c.reason, c.position_id, c.exit_reason,
        b.ts AS bar_ts_latest, b.open AS bar_open, b.high AS bar_high, b.low AS bar_low,
        b.close AS bar_close, b.volume AS bar_volume,
        f.ts AS features_ts,
-       (SELECT max(e.submitted_at) FROM dispatch_executions e
-         WHERE e.account_id = c.account_id AND e.ticker = c.ticker
-           AND e.status NOT IN ('REJECTED', 'FAILED', 'CANCELED')) AS last_trade_time,
-       (SELECT count(*) FROM dispatch_executions e
-         WHERE e.account_id = c.account_id AND e.ticker = c.ticker
-           AND e.status NOT IN ('REJECTED', 'FAILED', 'CANCELED')
-           AND e.submitted_at >= %(day_start)s AND e.submitted_at < %(day_end)s)::int AS ticker_count_today,
+       t.last_trade_time, t.ticker_count_today,
        (SELECT to_jsonb(p) FROM active_positions p
          WHERE p.account_id = c.account_id AND p.ticker = c.ticker
            AND p.status IN ('PENDING', 'OPEN', 'CLOSING')) AS open_position,
@@ -44,12 +46,15 @@ LEFT JOIN LATERAL (
     SELECT f.ts FROM lane_features f WHERE f.ticker = c.ticker AND f.ts <= %(now)s
     ORDER BY f.ts DESC LIMIT 1) f ON true
 CROSS JOIN LATERAL (
-    SELECT count(*)::int AS open_positions,
-           coalesce(sum(p.qty * coalesce(p.market_price, p.avg_price) * p.multiplier), 0) AS exposure
-    FROM active_positions p
-    WHERE p.account_id = c.account_id AND p.status IN ('PENDING', 'OPEN', 'CLOSING')) cap
-LEFT JOIN account_state a ON a.account_id = c.account_id
-LEFT JOIN kill_switch k ON k.account_id = c.account_id
+    SELECT max(e.submitted_at) AS last_trade_time,
+           count(*) FILTER (WHERE e.submitted_at >= %(day_start)s AND e.submitted_at < %(day_end)s)::int
+               AS ticker_count_today
+    FROM dispatch_executions e
+    WHERE e.account_id = c.account_id AND e.ticker = c.ticker
+      AND e.status NOT IN ('REJECTED', 'FAILED', 'CANCELED')) t
+CROSS JOIN cap
+LEFT JOIN account_state a ON a.account_id = %(account_id)s
+LEFT JOIN kill_switch k ON k.account_id = %(account_id)s
 ORDER BY c.created_at, c.id
 """
 
