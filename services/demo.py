@@ -395,7 +395,7 @@ def _seed_carried_option(run: _Run, calm: Session, seed: int) -> dict[str, Any]:
         cid = client_order_id(DEMO_ACCOUNT, rec_id)
         orders_repo.record_intent(conn, **{
             "position_id": None, "recommendation_id": rec_id, "account_id": DEMO_ACCOUNT, "worker": "demo-seed",
-            "now": bought_at, "gates": jsonb([]), "decision": jsonb({"seeded": note}),
+            "now": bought_at, "gates": jsonb([]), "decision": jsonb({"seeded": note}), "inputs": None,
             "leg": 0, "client_order_id": cid, "ticker": CARRIED_TICKER, "instrument": "OPTION", "symbol": symbol,
             "side": "buy", "position_intent": "buy_to_open", "qty": CARRIED_QTY, "multiplier": 100,
             "est_price": bought.ask, "notional": bought.ask * CARRIED_QTY * 100, "position_side": "long",

@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     whatif = sub.add_parser("whatif", help="the recorded decisions made again with FILE: what would flip")
     whatif.add_argument("file", type=Path)
-    whatif.add_argument("--since", default="10d", help="how far back: 10d, 36h (default 10d)")
+    whatif.add_argument("--since", default="10d", help="how far back: 10d, 36h, or an ET date YYYY-MM-DD (default 10d)")
     whatif.add_argument("--account", help="account id (default $ACCOUNT_ID or paper-main)")
     whatif.add_argument("--json", action="store_true", help="print the result as JSON")
     whatif.set_defaults(handler=cmd_whatif)
@@ -367,17 +367,24 @@ def render_document(params: TradingParams) -> str:
 WHATIF_HORIZONS = (5, 15, 60)
 
 
-def _since(text: str) -> Any:
-    from datetime import timedelta
+def _since(text: str, now: Any) -> Any:
+    """--since: a duration back from now (10d, 36h, 90m) or an ET date (its start)."""
+    from datetime import date, timedelta
 
+    from services.common.market_calendar import et_day_bounds
+
+    try:
+        return et_day_bounds(date.fromisoformat(text))[0]
+    except ValueError:
+        pass
     unit = {"d": "days", "h": "hours", "m": "minutes"}.get(text[-1:])
     try:
         amount = float(text[:-1])
     except ValueError:
         amount = -1
     if unit is None or amount <= 0:
-        raise SystemExit(f"--since must look like 10d, 36h or 90m, got {text!r}")
-    return timedelta(**{unit: amount})
+        raise SystemExit(f"--since must be a duration (10d, 36h, 90m) or a date (YYYY-MM-DD), got {text!r}")
+    return now - timedelta(**{unit: amount})
 
 
 def cmd_whatif(args: argparse.Namespace) -> int:
@@ -395,7 +402,7 @@ def cmd_whatif(args: argparse.Namespace) -> int:
     except (OSError, ParamsError) as e:
         print(f"{args.file}: {e}", file=sys.stderr)
         return 1
-    since = SystemClock().now() - _since(args.since)
+    since = _since(args.since, SystemClock().now())
     account = _account(args)
     with connect(_url()) as conn:
         rows = decisions_with_inputs(conn, account, since, WHATIF_HORIZONS)

@@ -68,6 +68,7 @@ from services.domain.decision import (
     recheck_capacity,
 )
 from services.domain.lifecycle import TERMINAL_RECOMMENDATION
+from services.domain.snapshot import snapshot
 from services.domain.order_pricing import Quote
 
 log = logging.getLogger("dispatcher")
@@ -263,17 +264,24 @@ class Dispatcher:
                 if fetches:  # rolls the whole claim back: nothing recorded; every fetch, then claim again
                     raise _FetchFirst(", ".join(str(f) for f in fetches), lambda: [f.fetch() for f in fetches])
                 loss: str | None = None
+                skips: list[tuple[Context, Decision, dict]] = []
                 for ctx, option_inputs, exit_quote in prepared:
                     rec_id = ctx.recommendation["id"]
-                    decision, position_id = self._decide(conn, ctx, in_force, now, option_inputs, exit_quote, locked)
+                    decision, position_id, capacity = self._decide(conn, ctx, in_force, now, option_inputs,
+                                                                   exit_quote, locked)
+                    # What it was decided from, kept with it: `params whatif` decides it again.
+                    inputs = snapshot(ctx, now, option_inputs, exit_quote, capacity)
                     cid = client_order_id(self.account_id, rec_id)
                     if decision.is_order:
-                        self._record_intent(conn, ctx, decision, cid, in_force, now, position_id)
-                    elif loss is None:
-                        # Whichever gate failed first, the loss trips the switch (once a batch).
-                        loss = next((g.result.reason for g in decision.gates if g.result.code == "DAILY_LOSS_LIMIT"), None)
+                        self._record_intent(conn, ctx, decision, cid, in_force, now, position_id, inputs)
+                    else:
+                        skips.append((ctx, decision, inputs))
+                        if loss is None:
+                            # Whichever gate failed first, the loss trips the switch (once a batch).
+                            loss = next((g.result.reason for g in decision.gates
+                                         if g.result.code == "DAILY_LOSS_LIMIT"), None)
                     decided.append((ctx, decision, cid))
-                self._record_skips(conn, [(ctx, d) for ctx, d, _ in decided if not d.is_order], in_force, now)
+                self._record_skips(conn, skips, in_force, now)
                 if loss is not None:
                     self._trip(conn, loss, now)
         except _FetchFirst as fetch:
@@ -314,11 +322,12 @@ class Dispatcher:
         return ctx, option_inputs, exit_quote
 
     def _decide(self, conn, ctx: Context, in_force: ParamsInForce, now: datetime, option_inputs,
-                exit_quote, locked: bool = False) -> tuple[Decision, int | None]:
-        """The decision, with capacity re-checked under the account lock (entries) or the position taken (exits)."""
+                exit_quote, locked: bool = False) -> tuple[Decision, int | None, dict | None]:
+        """The decision, with capacity re-checked under the account lock (entries) or the position
+        taken (exits); the position an exit took, and the counts an entry was re-checked on."""
         decision = decide(ctx, in_force.params, now, self._calendar, option_inputs, exit_quote=exit_quote)
         decision = live_trading_check(decision, not self.broker.paper, in_force.params)
-        position_id = None
+        position_id = fresh = None
         if decision.is_order and decision.plan.opens_position:
             if locked:  # claimed alone under the lock: the claim's gather was read under it
                 fresh = {"open_positions": ctx.open_positions, "exposure": ctx.exposure,
@@ -333,7 +342,7 @@ class Dispatcher:
                 conn, self.account_id, position_id, ctx.open_position.get("version"), now)
             if not taken:
                 decision = exit_unavailable(decision, "CLOSING")
-        return decision, position_id
+        return decision, position_id, fresh
 
     def _after_commit(self, ctx: Context, decision: Decision, cid: str, now: datetime) -> Outcome:
         rec_id = ctx.recommendation["id"]
@@ -452,22 +461,24 @@ class Dispatcher:
     def _params_columns(self, in_force: ParamsInForce) -> dict[str, Any]:
         return {"params_source": in_force.source, "params_version": in_force.version, "params_hash": in_force.content_hash}
 
-    def _record_skips(self, conn, skips: list[tuple[Context, Decision]], in_force: ParamsInForce,
+    def _record_skips(self, conn, skips: list[tuple[Context, Decision, dict]], in_force: ParamsInForce,
                       now: datetime) -> None:
         if not skips:
             return
         orders_repo.record_skips(conn, self.account_id, [
             {"id": ctx.recommendation["id"], "code": d.code, "detail": d.detail, "gates": d.gates_json(),
-             "decision": d.info} for ctx, d in skips], now, self.worker_id, **self._params_columns(in_force))
+             "decision": d.info, "inputs": inputs} for ctx, d, inputs in skips], now, self.worker_id,
+            **self._params_columns(in_force))
 
     def _record_intent(self, conn, ctx: Context, decision: Decision, cid: str, in_force: ParamsInForce, now: datetime,
-                       position_id: int | None) -> None:
+                       position_id: int | None, inputs: dict | None = None) -> None:
         plan = decision.plan
         info = {**decision.info, "plan": {"instrument": plan.instrument, "symbol": plan.symbol, "side": plan.side,
                                           "qty": plan.qty, "est_price": plan.est_price, "notional": plan.notional}}
         orders_repo.record_intent(conn, **{
             "position_id": position_id, "recommendation_id": ctx.recommendation["id"], "account_id": self.account_id, "worker": self.worker_id,
             "now": now, "gates": jsonb(decision.gates_json()), "decision": jsonb(info),
+            "inputs": jsonb(inputs) if inputs is not None else None,
             "leg": 0, "client_order_id": cid, "ticker": ctx.ticker, "instrument": plan.instrument,
             "symbol": plan.symbol, "side": plan.side, "position_intent": plan.position_intent, "qty": plan.qty,
             "multiplier": plan.multiplier, "est_price": plan.est_price, "notional": plan.notional,

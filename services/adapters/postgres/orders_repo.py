@@ -59,9 +59,10 @@ RECORD_SKIPS = """
 UPDATE dispatch_recommendations r
 SET status = 'SKIPPED', decided_at = %(now)s, claimed_by = %(worker)s, claimed_at = coalesce(r.claimed_at, %(now)s),
     outcome_code = s.code, outcome_detail = s.detail, gate_results = s.gates, decision = s.decision,
-    params_source = %(params_source)s, params_version = %(params_version)s, params_hash = %(params_hash)s,
+    inputs = s.inputs, params_source = %(params_source)s, params_version = %(params_version)s, params_hash = %(params_hash)s,
     version = r.version + 1
-FROM jsonb_to_recordset(%(skips)s) AS s(id bigint, code text, detail text, gates jsonb, decision jsonb)
+FROM jsonb_to_recordset(%(skips)s) AS s(id bigint, code text, detail text, gates jsonb, decision jsonb,
+                                        inputs jsonb)
 WHERE r.id = s.id AND r.account_id = %(account_id)s AND r.status = 'PENDING'
 RETURNING r.id
 """
@@ -144,7 +145,7 @@ WITH reserved AS (
 ), rec AS (
     UPDATE dispatch_recommendations
     SET status = 'SUBMITTING', claimed_by = %(worker)s, claimed_at = %(now)s, outcome_code = 'ORDER_SUBMITTING',
-        gate_results = %(gates)s, decision = %(decision)s,
+        gate_results = %(gates)s, decision = %(decision)s, inputs = %(inputs)s,
         params_source = %(params_source)s, params_version = %(params_version)s, params_hash = %(params_hash)s,
         version = version + 1
     WHERE id = %(recommendation_id)s AND account_id = %(account_id)s AND status = 'PENDING'
