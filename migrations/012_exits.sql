@@ -31,6 +31,9 @@ ALTER TABLE dispatch_recommendations
 CREATE UNIQUE INDEX dispatch_recommendations_one_live_exit
     ON dispatch_recommendations (position_id)
     WHERE action = 'EXIT' AND position_id IS NOT NULL AND status IN ('PENDING', 'SUBMITTING');
+-- A position's exits, whatever their status: a flatten waits a minute after one that ended.
+CREATE INDEX dispatch_recommendations_exits_of_position
+    ON dispatch_recommendations (position_id, decided_at) WHERE action = 'EXIT' AND position_id IS NOT NULL;
 
 ALTER TABLE dispatch_executions ADD COLUMN fee_per_unit numeric NOT NULL DEFAULT 0;
 -- KILL_SWITCH: an entry order canceled because the kill switch flattens the book or halted it.

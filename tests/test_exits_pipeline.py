@@ -484,3 +484,41 @@ def test_a_position_going_stale_and_a_flatten_each_reach_the_operator_once(book,
     assert events == [("DATA_STALE", f"{ACCOUNT}:position:{pid}"), ("FLATTEN", ACCOUNT)]
     assert webhook.bodies[0]["alert"]["fields"]["ticker"] == "F"
     assert (webhook.bodies[1]["alert"]["fields"]["positions"], webhook.bodies[1]["alert"]["fields"]["ticker"]) == (1, "F")
+
+
+def test_halt_with_flatten_lets_a_rules_exit_already_queued_go_out_too(book, conn, monkeypatch):
+    b = book()
+    b.buy(conn, "AAPL", 200)
+    b.at(NOW + timedelta(minutes=5))
+    bar_at(conn, "AAPL", b.clock.now(), 190)
+    [stop] = b.manage(conn).exits  # a STOP_LOSS exit, PENDING: the flatten writes none beside it
+    assert _cli(b, monkeypatch, "halt", "--flatten", "--reason", "incident", "--by", "operator:test") == 0
+    b.dispatcher.drain()
+    rec = recommendation(conn, stop.recommendation_id)
+    assert (rec["status"], rec["exit_reason"]) == ("EXECUTED", "STOP_LOSS")
+    assert next(g for g in rec["gate_results"] if g["name"] == "kill_switch")["passed"] is True
+    assert position(conn, "AAPL")["status"] == "CLOSED"
+
+
+def test_flatten_while_the_market_is_closed_is_refused_and_writes_nothing(book, conn, monkeypatch, capsys):
+    b = book()
+    b.buy(conn, "AAPL", 200)
+    b.at(et("2026-11-30", "17:00"))
+    assert _cli(b, monkeypatch, "flatten") == 1
+    assert "the market is closed" in capsys.readouterr().err
+    assert conn.execute("SELECT count(*)::int AS n FROM dispatch_recommendations WHERE action = 'EXIT'").fetchone()["n"] == 0
+
+
+def test_a_flatten_whose_exit_just_ended_waits_a_minute_before_writing_another(book, conn):
+    from services.adapters.postgres import exits_repo
+
+    b = book()
+    pos = b.buy(conn, "AAPL", 200)
+    now = b.clock.now()
+    conn.execute("""INSERT INTO dispatch_recommendations (account_id, ticker, action, instrument, strategy, created_at,
+                                                          status, decided_at, position_id, exit_reason, outcome_code)
+                    VALUES (%s, 'AAPL', 'EXIT', 'STOCK', 'day_trade', %s, 'REJECTED', %s, %s, 'DAILY_LOSS_FLATTEN',
+                            'BROKER_REJECTED')""", (ACCOUNT, now, now, pos["id"]))
+    assert exits_repo.flatten(conn, ACCOUNT, "DAILY_LOSS_FLATTEN", "sweep", now + timedelta(seconds=59)) == []
+    [again] = exits_repo.flatten(conn, ACCOUNT, "DAILY_LOSS_FLATTEN", "sweep", now + timedelta(seconds=61))
+    assert again["position_id"] == pos["id"]

@@ -457,6 +457,12 @@ def test_kill_switch_lets_out_only_the_operators_flatten_while_halted(state, act
     assert_gate(check_kill_switch(state, action, exit_reason), passed, code)
 
 
+def test_a_halt_that_asked_to_flatten_lets_out_every_exit_and_still_no_entry():
+    assert_gate(check_kill_switch("HALTED", "EXIT", "STOP_LOSS", flatten=True), True, "OK")
+    assert_gate(check_kill_switch("HALTED", "EXIT", None, flatten=True), True, "OK")
+    assert_gate(check_kill_switch("HALTED", "BUY", None, flatten=True), False, "KILL_SWITCH_HALTED")
+
+
 # --- check_action_allowed / check_instrument_allowed --------------------------------------------
 
 

@@ -70,9 +70,22 @@ def cmd_flatten(args) -> int:
     from services.common.db import connect
     from services.adapters.postgres import exits_repo
 
+    from services.common.market_calendar import CalendarUnavailable, nyse_calendar
+
     reason = args.reason or "operator flatten"
+    now = SystemClock().now()
+    try:
+        market_open = nyse_calendar().is_open(now)
+    except CalendarUnavailable:
+        market_open = False
+    if not market_open:
+        # Exits written now would be refused by the market-closed gate, and nothing writes them
+        # again at the open: say so rather than report exits that will not go out.
+        print(f"{_account(args)}: the market is closed: no exit would go out now. Run flatten during the "
+              "session, or `halt --flatten`, which flattens at the open.", file=sys.stderr)
+        return 1
     with connect(_url()) as conn, conn.transaction():
-        exits = exits_repo.flatten(conn, _account(args), exits_repo.OPERATOR_FLATTEN, reason, SystemClock().now(),
+        exits = exits_repo.flatten(conn, _account(args), exits_repo.OPERATOR_FLATTEN, reason, now,
                                    ticker=args.ticker.upper() if args.ticker else None, by=_actor(args))
     what = args.ticker.upper() if args.ticker else "every open position"
     if exits:

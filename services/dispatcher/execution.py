@@ -223,7 +223,8 @@ class OrderDesk:
         with self.pool.connection() as conn:
             switch = kill_switch.read_state(conn, self.account_id)
         result = check_kill_switch(switch["state"] if switch else "ACTIVE",
-                                   "EXIT" if role == OrderRole.EXIT else "BUY", exit_reason)
+                                   "EXIT" if role == OrderRole.EXIT else "BUY", exit_reason,
+                                   bool(switch and switch.get("flatten")))
         return None if result.passed else result.reason
 
     def quote(self, symbol: str, instrument: str, now: datetime) -> Quote | None:

@@ -230,6 +230,9 @@ class Dispatcher:
             if not isinstance(outcome, _FetchFirst):
                 return outcome
             outcome.fetch()  # the claim was let go: fetch with no transaction open, then claim again
+            # Claim one next: the oldest row's inputs are fresh now, and a batch of rows that each
+            # need a fetch would fetch again what aged while the others were fetched.
+            size = 1
         # Each pass cached what the rows it claimed needed; other dispatchers kept taking those rows.
         log.warning("no decision after fetching inputs; yielding", extra={"account_id": self.account_id,
                                                                             "fetches": MAX_FETCHES})
@@ -306,7 +309,21 @@ class Dispatcher:
                 return [Outcome(rec_id, "PENDING", "DECISION_ERROR_NOT_RECORDED", str(e))]
             return [Outcome(rec_id, "FAILED", "DECISION_ERROR", str(e))]
 
-        return [self._after_commit(ctx, decision, cid, now) for ctx, decision, cid in decided]
+        # Every committed intent is sent, in order: a database error while one order's answer is
+        # recorded does not keep the next ones from leaving (recovery records the answer it
+        # missed); it is raised once the batch is out.
+        outcomes: list[Outcome] = []
+        database_error: Exception | None = None
+        for ctx, decision, cid in decided:
+            try:
+                outcomes.append(self._after_commit(ctx, decision, cid, now))
+            except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+                database_error = database_error or e
+                outcomes.append(Outcome(ctx.recommendation["id"], "SUBMITTING", "ANSWER_NOT_RECORDED", str(e),
+                                        ctx.ticker, ctx.action))
+        if database_error is not None:
+            raise database_error
+        return outcomes
 
     def _prepare(self, conn, row: dict[str, Any], in_force: ParamsInForce, now: datetime):
         """The context of one claimed row and its network inputs from the caches; _FetchFirst: fetch first."""
@@ -404,6 +421,7 @@ class Dispatcher:
             exposure=row["exposure"],
             account_state=account,
             kill_state=kill_state,
+            kill_flatten=bool(row["kill_flatten"]) and kill_state == "HALTED",
             asset=self._asset(row["ticker"], now),
         )
 
@@ -434,8 +452,10 @@ class Dispatcher:
 
     def _fetch_exit_quote(self, symbol: str, now: datetime) -> None:
         # A quote that cannot be had is remembered as None for its freshness window: the exit
-        # then goes at market, with the reason in its decision, rather than not at all.
-        self._exit_quotes[symbol] = (now, self.orders.quote(symbol, "OPTION", now))
+        # then goes at market, with the reason in its decision, rather than not at all. Dated
+        # when the answer came, not when the pass that asked for it began.
+        quote = self.orders.quote(symbol, "OPTION", now)
+        self._exit_quotes[symbol] = (self.clock.now(), quote)
 
     def _fetch_chain(self, ctx: Context) -> None:
         try:
@@ -562,7 +582,7 @@ class Dispatcher:
         while not (stop and stop.is_set()) and (limit is None or len(outcomes) < limit):
             want = size if limit is None else min(size, limit - len(outcomes))
             batch = self.process_batch(want)
-            if batch is None:
+            if not batch:  # none pending, or no decision after fetching: the loop's other duties come first
                 break
             outcomes.extend(batch)
             # A full claim means a deep queue: claim more next time (throughput); a short one, one.

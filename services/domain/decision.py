@@ -48,6 +48,8 @@ class Context:
     kill_state: str
     # The broker's record of the ticker: an AssetRecord, None (no such asset) or AssetUnavailable.
     asset: Any = ASSET_NOT_GATHERED
+    # HALTED with `halt --flatten`: every exit goes out (the operator asked for the book closed).
+    kill_flatten: bool = False
 
     @property
     def ticker(self) -> str:
@@ -111,7 +113,7 @@ def _evaluate(ctx: Context, rec: dict[str, Any], params: TradingParams, now: dat
     return evaluate_all_gates(
         rec, ctx.bar, ctx.features, ctx.ticker_count_today, ctx.last_trade_time,
         ctx.open_position is not None, params,
-        now=now, account_state=ctx.account_state, kill_switch_state=ctx.kill_state,
+        now=now, account_state=ctx.account_state, kill_switch_state=ctx.kill_state, kill_switch_flatten=ctx.kill_flatten,
         open_positions_count=ctx.open_positions, total_notional=ctx.exposure,
         proposed_order=proposed, calendar=calendar, asset=ctx.asset,
     )

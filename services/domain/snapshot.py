@@ -112,6 +112,7 @@ def snapshot(ctx: Context, now: datetime, option_inputs: OptionInputs | None = N
         "exposure": _text(ctx.exposure),
         "account_state": _text(ctx.account_state),
         "kill_state": ctx.kill_state,
+        "kill_flatten": ctx.kill_flatten,
         "asset": _asset(ctx.asset),
     }
     if option_inputs is not None:
@@ -158,6 +159,7 @@ def restore(data: dict[str, Any]) -> tuple[Context, datetime, OptionInputs | Non
         ticker_count_today=data["ticker_count_today"], open_position=data.get("open_position"),
         open_positions=data["open_positions"], exposure=_dec(data["exposure"]), account_state=account,
         kill_state=data["kill_state"], asset=_restore_asset(data.get("asset")),
+        kill_flatten=bool(data.get("kill_flatten", False)),
     )
     option_inputs = None
     if "option_inputs" in data:

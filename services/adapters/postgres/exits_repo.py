@@ -23,6 +23,8 @@ NOTIFY_RECOMMENDATIONS = "SELECT pg_notify('recommendations', %(account_id)s)"
 # Exit reasons that are not a rule of services/domain/exits.py.
 DAILY_LOSS_FLATTEN = "DAILY_LOSS_FLATTEN"
 OPERATOR_FLATTEN = "OPERATOR_FLATTEN"
+# A flatten's exit that ended without closing its position is written again after this long.
+FLATTEN_RETRY_SECONDS = 60
 
 # -- open_positions --
 # The account's OPEN positions with the newest session bar of what each holds (the stock's own
@@ -102,7 +104,9 @@ RETURNING id, position_id, ticker, exit_reason
 """
 
 # -- flatten --
-# An EXIT for every OPEN position of the account (or of one ticker), with one reason.
+# An EXIT for every OPEN position of the account (or of one ticker), with one reason; not for a
+# position whose last exit ended less than FLATTEN_RETRY_SECONDS ago (refused by the broker, say):
+# the sweep that runs twice a second would otherwise send it again at that pace.
 FLATTEN = """
 INSERT INTO dispatch_recommendations (account_id, ticker, action, instrument, strategy, reason, created_at,
                                       position_id, exit_reason)
@@ -110,6 +114,9 @@ SELECT p.account_id, p.ticker, 'EXIT', p.instrument, coalesce(p.strategy, 'day_t
        p.id, %(code)s
 FROM active_positions p
 WHERE p.account_id = %(account_id)s AND p.status = 'OPEN' AND (%(ticker)s::text IS NULL OR p.ticker = %(ticker)s)
+  AND NOT EXISTS (SELECT 1 FROM dispatch_recommendations r
+                  WHERE r.position_id = p.id AND r.action = 'EXIT'
+                    AND r.decided_at > %(now)s - make_interval(secs => %(retry_seconds)s))
 ORDER BY p.id
 ON CONFLICT (position_id) WHERE action = 'EXIT' AND position_id IS NOT NULL AND status IN ('PENDING', 'SUBMITTING')
 DO NOTHING
@@ -158,7 +165,7 @@ def flatten(conn: psycopg.Connection, account_id: str, code: str, detail: str, n
     """An EXIT for every OPEN position (or `ticker`'s) that has none live; NOTIFYs the dispatchers."""
     reason = {"source": by or "flatten", "exit": {"code": code, "reason": f"{code}: {detail}"}}
     rows = conn.execute(FLATTEN, {"account_id": account_id, "code": code, "reason": jsonb(reason), "now": now,
-                                  "ticker": ticker}).fetchall()
+                                  "ticker": ticker, "retry_seconds": FLATTEN_RETRY_SECONDS}).fetchall()
     if rows:
         conn.execute(NOTIFY_RECOMMENDATIONS, {"account_id": account_id})
     return rows

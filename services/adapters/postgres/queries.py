@@ -37,7 +37,8 @@ SELECT c.id, c.account_id, c.ticker, c.action, c.instrument, c.strategy, c.confi
            AND p.status IN ('PENDING', 'OPEN', 'CLOSING')) AS open_position,
        cap.open_positions, cap.exposure,
        a.equity, a.last_equity, a.as_of AS account_as_of, a.orders_reconciled_at,
-       k.state AS kill_state, k.changed_by AS kill_changed_by, k.tripped_session AS kill_tripped_session
+       k.state AS kill_state, k.changed_by AS kill_changed_by, k.tripped_session AS kill_tripped_session,
+       coalesce(k.flatten, false) AS kill_flatten
 FROM claimed c
 LEFT JOIN LATERAL (
     SELECT * FROM lane_telemetry b WHERE b.ticker = c.ticker AND b.ts <= %(now)s

@@ -251,13 +251,15 @@ def check_market_open_for_exit(
 OPERATOR_FLATTEN = "OPERATOR_FLATTEN"
 
 
-def check_kill_switch(state: Any, action: Any, exit_reason: Any = None) -> GateResult:
+def check_kill_switch(state: Any, action: Any, exit_reason: Any = None, flatten: bool = False) -> GateResult:
     """ACTIVE passes; REDUCING passes only risk-reducing orders (EXIT); HALTED passes nothing
-    but the exits of a flatten the operator asked for (exit reason OPERATOR_FLATTEN)."""
+    but the exits of a flatten the operator asked for: an exit with reason OPERATOR_FLATTEN, and
+    while the halt itself asked to flatten (`halt --flatten`), every exit (a rule's exit already
+    working is then re-priced and finished, not frozen)."""
     if state not in KILL_SWITCH_STATES:
         return deny("NO_KILL_SWITCH_STATE", f"state={state!r}", state, "ACTIVE")
     if state == "HALTED":
-        if action == "EXIT" and exit_reason == OPERATOR_FLATTEN:
+        if action == "EXIT" and (exit_reason == OPERATOR_FLATTEN or flatten is True):
             return ok("state=HALTED: the operator's flatten goes out", state, "ACTIVE")
         return deny("KILL_SWITCH_HALTED", "account halted by operator", state, "ACTIVE")
     if state == "REDUCING" and action != "EXIT":
@@ -552,6 +554,7 @@ def evaluate_all_gates(
     now: datetime | None = None,
     account_state: Any = None,
     kill_switch_state: Any = "ACTIVE",
+    kill_switch_flatten: bool = False,
     open_positions_count: Any = 0,
     total_notional: Any = Decimal(0),
     proposed_order: ProposedOrder | None = None,
@@ -594,7 +597,8 @@ def evaluate_all_gates(
         return gate
 
     gates = [
-        run("kill_switch", check_kill_switch, kill_switch_state, action, _field(recommendation, "exit_reason")),
+        run("kill_switch", check_kill_switch, kill_switch_state, action, _field(recommendation, "exit_reason"),
+            kill_switch_flatten),
         run("action_allowed", check_action_allowed, action, instrument, params),
         exit_informed("instrument_allowed", check_instrument_allowed, instrument, params),
         entry_only("confidence", check_confidence, _field(recommendation, "confidence"), _field(recommendation, "strategy"), params),
