@@ -32,22 +32,15 @@ from decimal import Decimal
 from typing import Any, TextIO
 
 from services.common.clock import FixedClock
-from services.common.market_calendar import ET, Session, SessionCalendar, nyse_calendar
+from services.common.market_calendar import ET, Session, nyse_calendar
 from services.common.params import ParamsInForce, load_params_file
 from services.adapters.postgres import kill_switch, orders_repo
+from services.simulation import Pipeline
 from services.adapters.postgres.orders_repo import jsonb
-from services.dispatcher.main import Dispatcher, Outcome, StaticParams, start_trade_updates
-from services.dispatcher.wiring import option_quotes_source
+from services.dispatcher.main import Outcome, start_trade_updates
 from services.domain.broker import OrderRequest, client_order_id
-from services.adapters.sim.broker import SimBroker
 from services.adapters.sim.options import contract_quote, occ_symbol, strike_step
-from services.adapters.option_data import OptionData
-from services.adapters.option_liquidity import OptionLiquiditySource
-from services.feature_computer.main import FeatureCycle, compute_features
-from services.position_manager.main import run_position_cycle
-from services.signal_engine.main import run_signal_cycle
-from services.adapters.sim.market import Move, SimMarket, SimOptionMarket, TickerSpec, write_bars
-from services.watchlist_engine.main import run_watchlist_cycle
+from services.adapters.sim.market import Move, SimMarket, TickerSpec, write_bars
 
 log = logging.getLogger("demo")
 
@@ -232,23 +225,17 @@ def run_demo(day: date = DEMO_DAY, seed: int = 7, in_force: ParamsInForce | None
     url = url or _demo_database()
     migrate(url)
     in_force = in_force or load_params_file()
-    fees = in_force.params.fees
     clock = FixedClock(calm.open)
     pool = make_pool(url, min_size=1, max_size=2, application_name="ops-dispatcher:demo")
     result = DemoResult()
     try:
         with connect(url) as conn:
             _reset_account(conn, DEMO_ACCOUNT)
-        broker = SimBroker(pool, DEMO_ACCOUNT, clock, slippage_bps=in_force.params.execution.slippage_bps,
-                           universe=ALL, starting_cash=STARTING_CASH, fee_per_share=fees.per_share,
-                           fee_per_contract=fees.per_contract)
-        options = SimOptionMarket(pool, seed=seed, liquidity={t.ticker: t.option_liquidity for t in TICKERS})
-        # The watchlist reads spread quality and open interest from the near-expiry chains, as in production.
-        liquidity = OptionLiquiditySource(options.near_chain, source="simulated option market")
-        dispatcher = Dispatcher(pool, broker, StaticParams(in_force), DEMO_ACCOUNT, clock=clock,
-                                calendar=calendar, worker_id="demo", option_data=OptionData(options.chain))
         with connect(url) as conn:
-            run = _Run(conn, clock, calendar, in_force, broker, options, dispatcher, liquidity)
+            run = _Run.simulated(conn, pool, DEMO_ACCOUNT, in_force, calendar, clock, seed=seed, worker_id="demo",
+                                 broker_options={"universe": ALL, "starting_cash": STARTING_CASH},
+                                 option_liquidity={t.ticker: t.option_liquidity for t in TICKERS})
+            broker, dispatcher = run.broker, run.dispatcher
             _seed_iv_history(conn, calendar, day, seed)
             carried = _seed_carried_option(run, calm, seed) if CALM.carried_option else None
             stop_updates = start_trade_updates(dispatcher, broker)  # the broker's events feed the lifecycle
@@ -269,24 +256,12 @@ def run_demo(day: date = DEMO_DAY, seed: int = 7, in_force: ParamsInForce | None
     return result
 
 
-@dataclass
-class _Run:
-    """What the sessions share: the database, the clock, the broker, the option market, the dispatcher."""
-
-    conn: Any
-    clock: FixedClock
-    calendar: SessionCalendar
-    in_force: ParamsInForce
-    broker: SimBroker
-    options: SimOptionMarket
-    dispatcher: Dispatcher
-    liquidity: OptionLiquiditySource
-    # The feature computer's incremental state (each ticker's last bars), as its loop keeps it.
-    features: FeatureCycle = field(default_factory=FeatureCycle)
+class _Run(Pipeline):
+    """What the sessions share: the services over the demo's database, its clock, broker and option market."""
 
     def session(self, session: Session, scenario: Scenario, market: SimMarket,
                 carried: dict[str, Any] | None) -> SessionResult:
-        conn, clock, dispatcher, in_force = self.conn, self.clock, self.dispatcher, self.in_force
+        conn, clock, dispatcher = self.conn, self.clock, self.dispatcher
         out = SessionResult(session, scenario.title)
         # The broker rolls its last_equity to the previous close at the session's first look.
         clock.set(session.open)
@@ -302,8 +277,7 @@ class _Run:
         for minute, ticker, score, confidence in scenario.sentiment:
             news.setdefault(minute, []).append((ticker, score, confidence))
         trip_seen: dict[str, Any] = {}
-        signal_counts: Counter = Counter()
-        option_quotes = option_quotes_source(self.broker)
+        self.signals = Counter()
         for minute in range(market.minutes):
             bars = market.next_bars(minute)
             clock.set(market.bar_time(minute) + timedelta(minutes=1))
@@ -312,17 +286,7 @@ class _Run:
             for ticker, score, confidence in news.get(minute, []):
                 conn.execute("INSERT INTO sentiment (ticker, ts, score, confidence, source) VALUES (%s, %s, %s, %s, 'demo-news')",
                              (ticker, now, score, confidence))
-            compute_features(conn, now=now, cycle=self.features)
-            if minute % 30 == 0:
-                run_watchlist_cycle(conn, DEMO_ACCOUNT, in_force, now, liquidity_source=self.liquidity)
-            signal_counts.update(run_signal_cycle(conn, DEMO_ACCOUNT, in_force, now).counts)
-            self.options.mark_held(conn, now)
-            # Resting limit orders the moved market has reached fill (the broker's events record
-            # them); those still unfilled are re-priced, or given up after their last attempt.
-            self.broker.match_resting(now)
-            dispatcher.reprice_working()
-            # The position manager judges the book on this minute's marks; its EXITs go out below.
-            run_position_cycle(conn, DEMO_ACCOUNT, in_force, now, self.calendar, option_quotes)
+            self.before_orders(minute, now)
             if minute == scenario.halt_minute:
                 with conn.transaction():
                     kill_switch.set_state(conn, DEMO_ACCOUNT, "HALTED", "operator halt (demo)", "operator:demo", now)
@@ -345,7 +309,7 @@ class _Run:
         # The last word on the session: the account and the marks as of its close.
         clock.set(session.close)
         dispatcher.refresh_account(force=True)
-        out.summary = {**_summary(conn, session, trip_seen), "signals": dict(signal_counts)}
+        out.summary = {**_summary(conn, session, trip_seen), "signals": dict(self.signals)}
         return out
 
 

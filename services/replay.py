@@ -32,21 +32,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
 
-from services.adapters.option_data import OptionData
-from services.adapters.option_liquidity import OptionLiquiditySource
-from services.adapters.sim.broker import SimBroker
-from services.adapters.sim.market import SimOptionMarket
 from services.common.clock import FixedClock
 from services.common.logs import json_default
 from services.common.market_calendar import ET, SessionCalendar, nyse_calendar
 from services.common.params import ParamsInForce
-from services.dispatcher.main import Dispatcher, StaticParams, start_trade_updates
-from services.dispatcher.wiring import option_quotes_source
-from services.feature_computer.main import FeatureCycle, compute_features
+from services.dispatcher.main import start_trade_updates
 from services.ingest import _write_bars, csv_paths, read_csv_file
-from services.position_manager.main import run_position_cycle
-from services.signal_engine.main import run_signal_cycle
-from services.watchlist_engine.main import run_watchlist_cycle
+from services.simulation import Pipeline
 
 log = logging.getLogger("replay")
 
@@ -197,26 +189,20 @@ def run_replay(
     result = ReplayResult(run_id, url, in_force.content_hash, inputs, [s.day for s in days])
     if not days:
         raise SystemExit("no bars inside a NYSE session to replay")
-    params = in_force.params
     clock = FixedClock(days[0].open)
     pool = make_pool(url, min_size=1, max_size=2, application_name="ops-dispatcher:replay")
     try:
-        broker = SimBroker(pool, REPLAY_ACCOUNT, clock, slippage_bps=params.execution.slippage_bps,
-                           starting_cash=STARTING_CASH, fee_per_share=params.fees.per_share,
-                           fee_per_contract=params.fees.per_contract)
-        options = SimOptionMarket(pool, seed=seed)
-        liquidity = OptionLiquiditySource(options.near_chain, source="simulated option market")
-        dispatcher = Dispatcher(pool, broker, StaticParams(in_force), REPLAY_ACCOUNT, clock=clock,
-                                calendar=calendar, worker_id="replay", option_data=OptionData(options.chain))
-        option_quotes = option_quotes_source(broker)
-        features = FeatureCycle()
         minutes_total = sum(int((s.close - s.open) / BAR) for s in days)
         bar = Progress(minutes_total, progress)
         with connect(url) as conn:
+            pipeline = Pipeline.simulated(conn, pool, REPLAY_ACCOUNT, in_force, calendar, clock, seed=seed,
+                                          broker_options={"starting_cash": STARTING_CASH}, worker_id="replay",
+                                          watchlist_every_minutes=WATCHLIST_EVERY_MINUTES)
+            dispatcher = pipeline.dispatcher
             conn.execute(RECORD_RUN, {"run_id": run_id, "started_at": days[0].open, "params_source": in_force.source,
                                       "params_version": in_force.version, "params_hash": in_force.content_hash,
                                       "seed": seed, "inputs": json.dumps(inputs, default=json_default)})
-            stop_updates = start_trade_updates(dispatcher, broker)
+            stop_updates = start_trade_updates(dispatcher, pipeline.broker)
             try:
                 for session in days:
                     clock.set(session.open)
@@ -230,18 +216,10 @@ def run_replay(
                         if fresh:
                             _write_bars(conn, fresh)
                             result.bars += len(fresh)
-                        compute_features(conn, now=now, cycle=features)
-                        if minute % WATCHLIST_EVERY_MINUTES == 0:
-                            run_watchlist_cycle(conn, REPLAY_ACCOUNT, in_force, now, liquidity_source=liquidity)
-                        result.counts.update(run_signal_cycle(conn, REPLAY_ACCOUNT, in_force, now).counts)
-                        options.mark_held(conn, now)
-                        broker.match_resting(now)
-                        dispatcher.reprice_working()
-                        run_position_cycle(conn, REPLAY_ACCOUNT, in_force, now, calendar, option_quotes)
+                        pipeline.before_orders(minute, now)
                         if on_minute is not None:
                             on_minute(conn, now)
-                        dispatcher.refresh_account()
-                        for outcome in dispatcher.drain():
+                        for outcome in pipeline.orders():
                             result.counts[f"decision:{outcome.status}"] += 1
                         bar.step(session.day, result.bars)
                         minute += 1
@@ -250,6 +228,7 @@ def run_replay(
                     dispatcher.refresh_account(force=True)
             finally:
                 stop_updates()
+            result.counts.update(pipeline.signals)
             result.seconds = time.perf_counter() - started
             conn.execute(FINISH_RUN, {"run_id": run_id, "finished_at": clock.now(),
                                       "counts": json.dumps(dict(result.counts), default=json_default)})
