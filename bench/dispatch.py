@@ -216,34 +216,15 @@ def latency(ctx, url: str, offset_s: float, n_workers: int, n: int, now: datetim
 def round_trips(url: str, offset_s: float, tickers: int, alone: int = 150, drained: int = 2000) -> dict:
     """Round trips per decision: recommendations decided alone (the first 50 become orders, the
     rest are skipped by the position limit), then a queue of `drained` drained in batches."""
-    import psycopg
     from psycopg.rows import dict_row
     from psycopg_pool import ConnectionPool
 
     from services.common.clock import OffsetClock
-    from services.common.db import connect, make_pool
+    from services.common.db import connect, make_pool, round_trip_counting
     from services.dispatcher.main import Dispatcher, StaticParams
     from services.adapters.sim.broker import SimBroker
 
-    class Counting(psycopg.Connection):
-        """A connection that counts its round trips: the waits that do I/O (a commit with no
-        transaction open goes through wait() too, and sends nothing)."""
-        waits = 0
-
-        def wait(self, gen, *args, **kwargs):
-            def counted():
-                try:
-                    ready = next(gen)
-                except StopIteration as done:
-                    return done.value
-                Counting.waits += 1
-                while True:
-                    sent = yield ready
-                    try:
-                        ready = gen.send(sent)
-                    except StopIteration as done:
-                        return done.value
-            return super().wait(counted(), *args, **kwargs)
+    Counting = round_trip_counting()
 
     reset(url)
     clock = OffsetClock(timedelta(seconds=offset_s))

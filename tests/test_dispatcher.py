@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import freezegun
-import psycopg
 import pytest
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from services.common.clock import FixedClock
-from services.common.db import connect, make_pool
+from services.common.db import connect, make_pool, round_trip_counting
 from services.common.market_calendar import CalendarUnavailable, SessionCalendar
 from services.common.params import ParamsInForce, as_params, load_params_file
 from services.domain.broker import (
@@ -1152,32 +1151,13 @@ def test_a_batch_with_a_recommendation_that_breaks_the_decision_is_decided_again
 # --- round trips -------------------------------------------------------------------------------------
 
 
-class RoundTrips:
-    """The round trips of a pool's connections: each wait on the server that does I/O (a commit
-    with no transaction open goes through psycopg's wait() too, and sends nothing)."""
-
-    count = 0
-
-    class Connection(psycopg.Connection):
-        def wait(self, gen, *args, **kwargs):
-            def counted():
-                try:
-                    ready = next(gen)
-                except StopIteration as done:
-                    return done.value
-                RoundTrips.count += 1
-                while True:
-                    sent = yield ready
-                    try:
-                        ready = gen.send(sent)
-                    except StopIteration as done:
-                        return done.value
-            return super().wait(counted(), *args, **kwargs)
+# Round trips of a pool's connections: each wait on the server that does I/O.
+RoundTrips = round_trip_counting()
 
 
 def counted_dispatcher(h: Harness) -> Dispatcher:
     """A dispatcher on a counted pool; the simulated broker keeps its own (it stands in for HTTP)."""
-    pool = ConnectionPool(h.db_url, min_size=1, max_size=2, connection_class=RoundTrips.Connection,
+    pool = ConnectionPool(h.db_url, min_size=1, max_size=2, connection_class=RoundTrips,
                           kwargs={"autocommit": True, "row_factory": dict_row}, open=True)
     h._pools.append(pool)
     d = h.dispatcher(pool=pool)
@@ -1192,19 +1172,19 @@ def test_a_lone_skip_costs_three_round_trips_begin_with_the_claim_then_the_recor
     add_recommendation(conn, "AAPL", NOW - timedelta(seconds=1))
     assert d.process_next().status == "SKIPPED"  # the connection's first claim also PREPAREs its queries
     add_recommendation(conn, "AAPL", NOW)
-    before = RoundTrips.count
+    before = RoundTrips.waits
     assert d.process_next().status == "SKIPPED"
-    assert RoundTrips.count - before == 3
+    assert RoundTrips.waits - before == 3
 
 
 def submissions_after_round_trips(d: Dispatcher) -> list[int]:
     """The round trips made before each order left, from the next decision on."""
     seen: list[int] = []
-    start = RoundTrips.count
+    start = RoundTrips.waits
     submit = d.broker.submit_order
 
     def counting_submit(order):
-        seen.append(RoundTrips.count - start)
+        seen.append(RoundTrips.waits - start)
         return submit(order)
 
     d.broker.submit_order = counting_submit

@@ -114,3 +114,30 @@ def make_pool(conninfo: str, *, min_size: int = 1, max_size: int = 4, applicatio
         open=True,
     )
 
+
+
+def round_trip_counting() -> type[psycopg.Connection]:
+    """A connection class counting its round trips in `.waits`: each wait on the server that does
+    I/O (a commit with no transaction open goes through psycopg's wait() too, and sends nothing).
+    The benchmark prints the dispatcher's round trips per decision with it, and tests hold the
+    dispatcher to its budget. Each call makes a class of its own, with its own count."""
+
+    class Counting(psycopg.Connection):
+        waits = 0
+
+        def wait(self, gen, *args, **kwargs):
+            def counted():
+                try:
+                    ready = next(gen)
+                except StopIteration as done:
+                    return done.value
+                Counting.waits += 1
+                while True:
+                    sent = yield ready
+                    try:
+                        ready = gen.send(sent)
+                    except StopIteration as done:
+                        return done.value
+            return super().wait(counted(), *args, **kwargs)
+
+    return Counting
