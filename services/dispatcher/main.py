@@ -658,10 +658,8 @@ class Dispatcher:
             row = kill_switch.read_state(conn, self.account_id)
             if row is None:
                 return {"exits": 0, "cancels": 0}
-            switch = kill_switch.KillSwitch(row["state"], row["changed_by"], row["tripped_session"], row["flatten"])
-            state, _ = kill_switch.effective_state(switch, self._session_day(now))
-            code = kill_switch.flatten_policy(state, switch.changed_by, switch.flatten,
-                                              self.params.current().params.risk.on_daily_loss)
+            state, code = kill_switch.in_force(row, self._session_day(now),
+                                               self.params.current().params.risk.on_daily_loss)
             exits = []
             if code is not None and self._market_open(now):
                 exits = exits_repo.flatten(conn, self.account_id, code, f"kill switch {state}: {row['reason']}", now,

@@ -130,13 +130,7 @@ def run_position_cycle(
     except CalendarUnavailable as e:
         session_day, market_open = None, False
         result.held_back = f"CALENDAR_UNAVAILABLE: {e}"
-    state, flatten_code = "ACTIVE", None
-    if switch_row is not None:
-        switch = kill_switch.KillSwitch(switch_row["state"], switch_row["changed_by"], switch_row["tripped_session"],
-                                        switch_row["flatten"])
-        # Without a session day the latch cannot be shown expired: it stays in force.
-        state = kill_switch.effective_state(switch, session_day)[0] if session_day else switch.state
-        flatten_code = kill_switch.flatten_policy(state, switch.changed_by, switch.flatten, params.risk.on_daily_loss)
+    state, flatten_code = kill_switch.in_force(switch_row, session_day, params.risk.on_daily_loss)
     if result.held_back is None and not market_open:
         result.held_back = "MARKET_CLOSED: exits are written while the market is open"
     elif state == "HALTED" and flatten_code is None:

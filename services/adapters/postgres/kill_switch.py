@@ -51,6 +51,19 @@ def flatten_policy(state: str, changed_by: str | None, flatten: bool, on_daily_l
     return None
 
 
+def in_force(row: dict | None, session_day: date | None, on_daily_loss: str) -> tuple[str, str | None]:
+    """(the state in force, the flatten's exit reason or None) of a `read_state` row.
+
+    Without a session day (the calendar unavailable) a daily-loss latch cannot be shown expired:
+    it stays in force.
+    """
+    if row is None:
+        return "ACTIVE", None
+    switch = KillSwitch(row["state"], row["changed_by"], row["tripped_session"], bool(row["flatten"]))
+    state = effective_state(switch, session_day)[0] if session_day is not None else switch.state
+    return state, flatten_policy(state, switch.changed_by, switch.flatten, on_daily_loss)
+
+
 def effective_state(switch: KillSwitch | None, session_day: date) -> tuple[str, bool]:
     """The state in force on a trading day, and whether a latched daily-loss trip has expired.
 
