@@ -10,7 +10,6 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from services.adapters import alerts
 from services.adapters.alerts import Alerter, WebhookSink
 from services.adapters.postgres import kill_switch
 from services.adapters.sim.broker import SimBroker

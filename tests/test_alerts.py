@@ -4,7 +4,6 @@ and carries no secret."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from datetime import timedelta
 

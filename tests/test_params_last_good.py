@@ -8,9 +8,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import boto3
-import pytest
 from botocore.config import Config
-from moto import mock_aws
 
 from services.adapters.alerts import Alerter, WebhookSink
 from services.adapters.params_source import SsmParamsProvider
@@ -19,25 +17,11 @@ from services.cli import main as cli_main
 from services.common.clock import FixedClock
 from services.common.params import DEFAULT_PARAMS_PATH
 from tests.alert_doubles import installed, webhook  # noqa: F401
+from tests.test_params_source import aws_env, ssm  # noqa: F401  (the moto SSM fixtures)
 
 NAME = "/ops-pipeline/trading-params"
 START = datetime(2026, 3, 2, 15, 0, tzinfo=timezone.utc)
 CLOSED_PORT = "http://127.0.0.1:9"
-
-
-@pytest.fixture
-def aws_env(monkeypatch):
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SSM", "AWS_PROFILE", "AWS_REGION"):
-        monkeypatch.delenv(var, raising=False)
-
-
-@pytest.fixture
-def ssm(aws_env):
-    with mock_aws():
-        yield boto3.client("ssm", region_name="us-east-1")
 
 
 def unreachable_ssm():
