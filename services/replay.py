@@ -25,7 +25,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -168,7 +168,6 @@ def run_replay(
     run_id: str | None = None,
     progress: TextIO | None = None,
     calendar: SessionCalendar | None = None,
-    on_minute: Callable[[Any, datetime], None] | None = None,
 ) -> ReplayResult:
     """Replay `rows` (sorted by time) through the pipeline, into `url` or a new replay database."""
     from services.common.db import connect, make_pool
@@ -217,8 +216,6 @@ def run_replay(
                             _write_bars(conn, fresh)
                             result.bars += len(fresh)
                         pipeline.before_orders(minute, now)
-                        if on_minute is not None:
-                            on_minute(conn, now)
                         for outcome in pipeline.orders():
                             result.counts[f"decision:{outcome.status}"] += 1
                         bar.step(session.day, result.bars)
