@@ -28,16 +28,21 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, TextIO
+
+import numpy as np
 
 from services.common.clock import FixedClock
 from services.common.logs import json_default
 from services.common.market_calendar import ET, SessionCalendar, nyse_calendar
 from services.common.params import ParamsInForce
 from services.dispatcher.main import start_trade_updates
+from services.domain.features import PRICE_SCALE, Features, bar_windows, session_groups, window_features
+from services.feature_computer.main import write_features
 from services.ingest import _write_bars, csv_paths, read_csv_file
+from services.signal_engine.rules import could_emit
 from services.simulation import Pipeline
 
 log = logging.getLogger("replay")
@@ -75,6 +80,66 @@ class ReplayResult:
     @property
     def bars_per_second(self) -> float:
         return self.bars / self.seconds if self.seconds else 0.0
+
+
+# Bars per window_features call when a session is planned (bounds the windows' memory).
+PLAN_CHUNK = 20_000
+
+
+@dataclass
+class SessionPlan:
+    """What a replay works out for a session before stepping it, from the session's bars alone.
+
+    features: every bar's features, by the shared definitions over the windows the live cycle
+    holds (one ticker's bars of the session day), computed for the whole session at once as a
+    backfill does; they are written minute by minute as the bars are, so nothing reads ahead.
+    signal_due: the minutes (epoch seconds of `now`) in which the signal engine could emit, and
+    for which tickers: a bar that passes the rules' screen (rules.could_emit) stays the ticker's
+    latest features from its end until the ticker's next bar ends, or until it is too old
+    (risk.max_feature_age_seconds). In every other minute the engine would write nothing.
+    """
+
+    tickers: list[str]
+    features: Features
+    rows_at: dict[int, np.ndarray]
+    signal_due: dict[int, set[str]]
+
+    def features_at(self, bar_start: datetime) -> tuple[list[str], Features] | None:
+        """The features of the bars that began at `bar_start`, with their tickers."""
+        idx = self.rows_at.get(int(bar_start.timestamp()))
+        if idx is None:
+            return None
+        return [self.tickers[i] for i in idx], self.features.take(idx)
+
+
+def plan_session(rows: Sequence[tuple], in_force: ParamsInForce) -> SessionPlan:
+    """The plan of one session from its bars (ticker, ts, open, high, low, close, volume, ...)."""
+    rows = sorted(rows, key=lambda r: (r[0], r[1]))
+    tickers = [r[0] for r in rows]
+    number = {t: i for i, t in enumerate(sorted(set(tickers)))}
+    key = np.array([number[t] for t in tickers], np.int64)
+    ts = np.array([int(r[1].timestamp()) for r in rows], np.int64)
+    close = np.array([int((Decimal(r[5]) * PRICE_SCALE).to_integral_value(ROUND_HALF_UP)) for r in rows], np.int64)
+    volume = np.array([int(r[6]) for r in rows], np.int64)
+    group = session_groups(key, np.zeros(len(rows), np.int64))  # one session: one ET day
+    parts = [window_features(bar_windows(ts, close, volume, group, np.arange(lo, min(lo + PLAN_CHUNK, len(rows)))))
+             for lo in range(0, len(rows), PLAN_CHUNK)]
+    features = Features(**{name: np.concatenate([getattr(f, name) for f in parts])
+                           for name in Features.__dataclass_fields__})
+    order = np.argsort(ts, kind="stable")
+    starts, cuts = np.unique(ts[order], return_index=True)
+    rows_at = dict(zip(starts.tolist(), np.split(order, cuts[1:])))
+
+    max_age = in_force.params.risk.max_feature_age_seconds
+    bar = int(BAR.total_seconds())
+    last_of_ticker = np.r_[key[1:] != key[:-1], True]
+    signal_due: dict[int, set[str]] = {}
+    for i in np.flatnonzero(could_emit(features, in_force.params)).tolist():
+        first = int(ts[i]) + bar
+        until = first + max_age if last_of_ticker[i] else min(first + max_age, int(ts[i + 1]) + bar - 1)
+        for now in range(first, until + 1, bar):
+            signal_due.setdefault(now, set()).add(tickers[i])
+    return SessionPlan(tickers, features, rows_at, signal_due)
 
 
 def bars_digest(rows: Sequence[tuple]) -> str:
@@ -203,24 +268,34 @@ def run_replay(
                                       "seed": seed, "inputs": json.dumps(inputs, default=json_default)})
             stop_updates = start_trade_updates(dispatcher, pipeline.broker)
             try:
+                cooldown = timedelta(minutes=in_force.params.signal.signal_cooldown_minutes)
+                last_emitted: dict[str, datetime] = {}
                 for session in days:
                     clock.set(session.open)
                     dispatcher.refresh_account(force=True)  # the broker rolls its day at the first look
+                    plan = plan_session([r for ts in _minutes(session) for r in by_minute.get(ts, ())], in_force)
                     minute = 0
-                    ts = session.open
-                    while ts < session.close:
+                    for ts in _minutes(session):
                         now = ts + BAR
                         clock.set(now)
                         fresh = by_minute.get(ts, [])
                         if fresh:
                             _write_bars(conn, fresh)
+                            write_features(conn, *plan.features_at(ts))
                             result.bars += len(fresh)
-                        pipeline.before_orders(minute, now)
+                        # The engine runs when a ticker passing the screen is out of its cooldown
+                        # (the engine's own check, on the times of its own recommendations).
+                        due = [t for t in plan.signal_due.get(int(now.timestamp()), ())
+                               if not (cooldown and t in last_emitted and now - last_emitted[t] < cooldown)]
+                        signals = pipeline.before_orders(minute, now, features=False, signals=bool(due))
+                        result.counts["signal_cycles" if due else "signal_cycles_skipped"] += 1
+                        for o in signals.outcomes if signals else ():
+                            if o.outcome == "emitted":
+                                last_emitted[o.ticker] = now
                         for outcome in pipeline.orders():
                             result.counts[f"decision:{outcome.status}"] += 1
                         bar.step(session.day, result.bars)
                         minute += 1
-                        ts = now
                     clock.set(session.close)
                     dispatcher.refresh_account(force=True)
             finally:
@@ -232,6 +307,11 @@ def run_replay(
     finally:
         pool.close()
     return result
+
+
+def _minutes(session) -> list[datetime]:
+    """The start of every minute of the session."""
+    return [session.open + BAR * i for i in range(int((session.close - session.open) / BAR))]
 
 
 def _print_summary(result: ReplayResult, url: str, out: TextIO | None = None) -> None:

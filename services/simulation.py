@@ -27,7 +27,7 @@ from services.dispatcher.main import Dispatcher, Outcome, StaticParams
 from services.dispatcher.wiring import option_quotes_source
 from services.feature_computer.main import FeatureCycle, compute_features
 from services.position_manager.main import run_position_cycle
-from services.signal_engine.main import run_signal_cycle
+from services.signal_engine.main import CycleResult, run_signal_cycle
 from services.watchlist_engine.main import run_watchlist_cycle
 
 
@@ -69,13 +69,25 @@ class Pipeline:
         return cls(conn, account_id, in_force, calendar, clock, broker, options, dispatcher,
                    watchlist_every_minutes=watchlist_every_minutes)
 
-    def before_orders(self, minute: int, now: datetime) -> None:
-        """Every service's cycle for the minute that ends at `now`, up to the order phase."""
+    def before_orders(self, minute: int, now: datetime, *, features: bool = True,
+                      signals: bool = True) -> CycleResult | None:
+        """Every service's cycle for the minute that ends at `now`, up to the order phase; the
+        signal engine's result, None when it did not run.
+
+        features=False: the caller has written this minute's features itself (a replay computes
+        a session's at once, with the same definitions). signals=False: the caller knows that no
+        ticker can emit this minute (a replay's screen, rules.could_emit), so the cycle would
+        write nothing.
+        """
         conn, in_force = self.conn, self.in_force
-        compute_features(conn, now=now, cycle=self.features)
+        if features:
+            compute_features(conn, now=now, cycle=self.features)
         if minute % self.watchlist_every_minutes == 0:
             run_watchlist_cycle(conn, self.account_id, in_force, now, liquidity_source=self.liquidity)
-        self.signals.update(run_signal_cycle(conn, self.account_id, in_force, now).counts)
+        result = None
+        if signals:
+            result = run_signal_cycle(conn, self.account_id, in_force, now)
+            self.signals.update(result.counts)
         self.options.mark_held(conn, now)
         # Resting limit orders the moved market has reached fill (the broker's events record
         # them); those still unfilled are re-priced, or given up after their last attempt.
@@ -83,6 +95,7 @@ class Pipeline:
         self.dispatcher.reprice_working()
         # The position manager judges the book on this minute's marks; its EXITs go out in the order phase.
         run_position_cycle(conn, self.account_id, in_force, now, self.calendar, self._option_quotes)
+        return result
 
     def orders(self) -> list[Outcome]:
         """The order phase: the account refreshed (a loss past the limit trips the switch here,

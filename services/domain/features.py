@@ -29,7 +29,7 @@ doubles). The closes copied into prev_close / close_5m_ago / close_15m_ago are t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -88,6 +88,10 @@ class Features:
     volume_ratio: np.ndarray
     volume_surge: np.ndarray
     trend_state: np.ndarray
+
+    def take(self, index: np.ndarray) -> Features:
+        """The rows at `index` (an integer array or a mask)."""
+        return Features(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
 
 def _close_exactly_before(w: Windows, valid: np.ndarray, seconds: int) -> np.ndarray:
@@ -163,6 +167,12 @@ def window_features(w: Windows) -> Features:
         volume_ratio=volume_ratio, volume_surge=volume_surge.astype(np.float64),
         trend_state=trend_state.astype(np.float64),
     )
+
+
+def session_groups(key: np.ndarray, day: np.ndarray) -> np.ndarray:
+    """Group numbers of a series sorted by (key, ts): a new group at each change of key (the
+    ticker) or of ET session day, since a window never crosses either."""
+    return np.cumsum(np.r_[True, (key[1:] != key[:-1]) | (day[1:] != day[:-1])])
 
 
 def bar_windows(ts: np.ndarray, close: np.ndarray, volume: np.ndarray, group: np.ndarray,

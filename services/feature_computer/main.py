@@ -33,7 +33,8 @@ from psycopg import pq
 from psycopg.adapt import Dumper, Loader
 from psycopg.rows import tuple_row
 
-from services.domain.features import LOOKBACK_BARS, PRICE_SCALE, Features, Windows, bar_windows, window_features
+from services.domain.features import (LOOKBACK_BARS, PRICE_SCALE, Features, Windows, bar_windows, session_groups,
+                                      window_features)
 from services.feature_computer import features as q
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class FeatureCycle:
             return 0
         order = np.lexsort((bars[1], bars[0]))  # by ticker, then time
         slots, got = self._extend(wanted, reload, *(a[order] for a in bars))
-        return _write(conn, [wanted[k] for k in got], window_features(Windows(
+        return write_features(conn, [wanted[k] for k in got], window_features(Windows(
             ts=self._ts[slots], close=self._close[slots], volume=self._volume[slots], n=self._n[slots])))
 
     def _extend(self, wanted: list[str], reload: list[bool], ord_: np.ndarray, ts: np.ndarray,
@@ -273,7 +274,8 @@ def _arrays_cursor(conn: psycopg.Connection) -> psycopg.Cursor:
     return cur
 
 
-def _write(conn: psycopg.Connection, tickers: list[str], f: Features) -> int:
+def write_features(conn: psycopg.Connection, tickers: Sequence[str], f: Features) -> int:
+    """Upsert the rows of `f`, the i-th for tickers[i]; return the rows written (changed)."""
     params = {"ticker": "\n".join(tickers), "ts": np.asarray(f.ts, np.int64).view(_Int8s),
               "volume": f.volume.astype(np.int64).view(_Int8s),
               **_numeric_columns(f),
@@ -311,15 +313,13 @@ def backfill_features(conn: psycopg.Connection, start: datetime, end: datetime,
     ts, close, volume, day = (np.concatenate([r[k] for r in per_ticker]) for k in range(1, 5))
     order = np.lexsort((ts, ticker_of))
     ticker_of, ts, close, volume, day = (a[order] for a in (ticker_of, ts, close, volume, day))
-    # A window never crosses a change of ticker or of ET day.
-    changed = np.r_[True, (ticker_of[1:] != ticker_of[:-1]) | (day[1:] != day[:-1])]
-    group = np.cumsum(changed)
+    group = session_groups(ticker_of, day)
     written = 0
     wanted = np.flatnonzero(ts >= start.timestamp())  # earlier bars of the day only fill windows
     for lo in range(0, len(wanted), BACKFILL_CHUNK):
         idx = wanted[lo:lo + BACKFILL_CHUNK]
         f = window_features(bar_windows(ts, close, volume, group, idx))
-        written += _write(conn, [names[i] for i in ticker_of[idx]], f)
+        written += write_features(conn, [names[i] for i in ticker_of[idx]], f)
     return written
 
 

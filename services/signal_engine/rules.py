@@ -23,6 +23,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
+
 from services.common.numbers import to_decimal
 from services.common.params import TradingParams, as_params
 
@@ -40,8 +42,6 @@ FILTER_ORDER = ("trend", "volume", "breakout", "momentum")
 
 ONE = Decimal(1)
 ZERO = Decimal(0)
-
-
 
 
 def _get(obj: Any, name: str) -> Any:
@@ -292,3 +292,45 @@ def evaluate_signal(features: Any, sentiment: Any, params: TradingParams | Mappi
         filters=filters,
         reason=reason,
     )
+
+
+# How far the screen below relaxes each threshold: the rules compare Decimals read back from the
+# stored features (15 significant digits) where the screen compares the doubles they came from.
+_SCREEN_SLACK = 1e-9
+
+
+def _at_least(x: np.ndarray, threshold: float) -> np.ndarray:
+    return x >= threshold - (abs(threshold) * _SCREEN_SLACK + 1e-12)
+
+
+def _at_most(x: np.ndarray, threshold: float) -> np.ndarray:
+    return x <= threshold + (abs(threshold) * _SCREEN_SLACK + 1e-12)
+
+
+def could_emit(features: Any, params: TradingParams | Mapping[str, Any]) -> np.ndarray:
+    """A necessary condition of `evaluate_signal` emitting, over arrays of bars at once.
+
+    `features` has the arrays of services.domain.features.Features (prices in any one unit).
+    The mask is True wherever evaluate_signal could emit on those features: each filter's
+    condition with its threshold relaxed by a part in 10**9, and the best confidence sentiment
+    could give (base + boost) against the strategy's threshold. It decides nothing: a replay runs
+    the signal engine only in the minutes where some ticker passes it, and the engine's own
+    rules decide there. False means no emit, whatever the sentiment, cooldown or watchlist.
+    """
+    p = as_params(params)
+    s = p.signal
+    best = min(ONE, to_decimal(s.base_confidence) + to_decimal(s.sentiment_boost))
+    if best < min_confidence(p, s.default_strategy):
+        return np.zeros(len(features.trend_state), dtype=bool)
+    trend = features.trend_state
+    close = features.close
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ret_5m = np.where(features.close_5m_ago > 0, close / features.close_5m_ago - 1, np.nan)
+        ret_15m = np.where(features.close_15m_ago > 0, close / features.close_15m_ago - 1, np.nan)
+    history = ~np.isnan(ret_5m) & ~np.isnan(ret_15m)
+    volume = _at_least(features.volume_ratio, s.min_volume_ratio)
+    bull = ((trend == 1) & _at_least(features.distance_sma20, s.breakout_min_distance_sma20)
+            & (_at_least(ret_5m, s.bull_min_ret_5m) | _at_least(ret_15m, s.bull_min_ret_15m)))
+    bear = ((trend == -1) & _at_most(features.distance_sma20, -s.breakout_min_distance_sma20)
+            & (_at_most(ret_5m, s.bear_max_ret_5m) | _at_most(ret_15m, s.bear_max_ret_15m)))
+    return volume & history & (bull | bear)
