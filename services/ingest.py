@@ -57,9 +57,9 @@ CREATE TEMPORARY TABLE IF NOT EXISTS staged_bars (
 # -- upsert_staged_bars --
 # Insert new bars, replace revised ones, and leave identical ones untouched (no dead tuples,
 # ingested_at keeps the first arrival). Volume may come as "1234.0" from some vendors.
-UPSERT_STAGED_BARS = """
+_UPSERT_BARS_FROM = """
 INSERT INTO lane_telemetry (ticker, ts, open, high, low, close, volume, extended_hours)
-SELECT ticker, ts, open, high, low, close, round(volume)::bigint, extended_hours FROM staged_bars
+SELECT ticker, ts, open, high, low, close, round(volume)::bigint, extended_hours FROM {source}
 ON CONFLICT (ticker, ts) DO UPDATE SET
     open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low,
     close = EXCLUDED.close, volume = EXCLUDED.volume, extended_hours = EXCLUDED.extended_hours,
@@ -69,6 +69,13 @@ WHERE (lane_telemetry.open, lane_telemetry.high, lane_telemetry.low, lane_teleme
       IS DISTINCT FROM (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.volume,
                         EXCLUDED.extended_hours)
 """
+UPSERT_STAGED_BARS = _UPSERT_BARS_FROM.format(source="staged_bars")
+# -- upsert_bar_arrays --
+# The same upsert from parallel arrays, in one statement: a few bars at a time (a replay's minute).
+UPSERT_BAR_ARRAYS = _UPSERT_BARS_FROM.format(source=(
+    "unnest(%(ticker)s::text[], %(ts)s::timestamptz[], %(open)s::numeric[], %(high)s::numeric[], "
+    "%(low)s::numeric[], %(close)s::numeric[], %(volume)s::numeric[], %(extended_hours)s::boolean[]) "
+    "AS b(ticker, ts, open, high, low, close, volume, extended_hours)"))
 
 # -- latest_bar_ts --
 # The newest stored bar of each ticker: where the telemetry task resumes. One backward probe
@@ -120,6 +127,14 @@ def _write_bars(conn: psycopg.Connection, rows: Iterable[tuple]) -> int:
                     copy.write_row(row)
             cur.execute(UPSERT_STAGED_BARS)
             return cur.rowcount
+
+
+def write_bar_arrays(conn: psycopg.Connection, rows: Sequence[tuple]) -> None:
+    """Upsert a few rows (ticker, ts, open, high, low, close, volume, extended_hours) in one
+    statement, which a pipeline can send with others in one round trip."""
+    columns = list(zip(*rows))
+    conn.execute(UPSERT_BAR_ARRAYS, dict(zip(
+        ("ticker", "ts", "open", "high", "low", "close", "volume", "extended_hours"), map(list, columns))))
 
 
 def calendar_for(days: Iterable[date]) -> SessionCalendar:

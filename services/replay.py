@@ -39,9 +39,10 @@ from services.common.logs import json_default
 from services.common.market_calendar import ET, SessionCalendar, nyse_calendar
 from services.common.params import ParamsInForce
 from services.dispatcher.main import start_trade_updates
+from services.domain.lifecycle import LIVE_POSITION, TERMINAL_EXECUTION, TERMINAL_RECOMMENDATION
 from services.domain.features import PRICE_SCALE, Features, bar_windows, session_groups, window_features
 from services.feature_computer.main import write_features
-from services.ingest import _write_bars, csv_paths, read_csv_file
+from services.ingest import csv_paths, read_csv_file, write_bar_arrays
 from services.signal_engine.rules import could_emit
 from services.simulation import Pipeline
 
@@ -56,6 +57,14 @@ RECORDED_BARS = """
 SELECT ticker, ts, open, high, low, close, volume, extended_hours FROM lane_telemetry
 WHERE ts >= %(start)s AND ts < %(end)s AND (%(tickers)s::text[] IS NULL OR ticker = ANY(%(tickers)s))
 ORDER BY ts, ticker
+"""
+# Anything for the book's services to do: a live position, an order working (ours or resting at
+# the simulated broker), a recommendation not yet decided.
+BOOK_BUSY = """
+SELECT EXISTS (SELECT 1 FROM active_positions WHERE account_id = %(account_id)s AND status = ANY(%(live)s))
+    OR EXISTS (SELECT 1 FROM dispatch_executions WHERE account_id = %(account_id)s AND status <> ALL(%(terminal)s))
+    OR EXISTS (SELECT 1 FROM dispatch_recommendations WHERE account_id = %(account_id)s AND status <> ALL(%(decided)s))
+    OR EXISTS (SELECT 1 FROM sim_orders WHERE account_id = %(account_id)s AND status IN ('new', 'accepted')) AS busy
 """
 RECORD_RUN = """
 INSERT INTO replay_runs (run_id, started_at, params_source, params_version, params_hash, seed, inputs)
@@ -94,15 +103,16 @@ class SessionPlan:
     holds (one ticker's bars of the session day), computed for the whole session at once as a
     backfill does; they are written minute by minute as the bars are, so nothing reads ahead.
     signal_due: the minutes (epoch seconds of `now`) in which the signal engine could emit, and
-    for which tickers: a bar that passes the rules' screen (rules.could_emit) stays the ticker's
-    latest features from its end until the ticker's next bar ends, or until it is too old
-    (risk.max_feature_age_seconds). In every other minute the engine would write nothing.
+    for which tickers (with the bar whose features it would judge): a bar that passes the rules'
+    screen (rules.could_emit) stays the ticker's latest features from its end until the
+    ticker's next bar ends, or until it is too old (risk.max_feature_age_seconds). In every
+    other minute the engine would write nothing.
     """
 
     tickers: list[str]
     features: Features
     rows_at: dict[int, np.ndarray]
-    signal_due: dict[int, set[str]]
+    signal_due: dict[int, dict[str, int]]
 
     def features_at(self, bar_start: datetime) -> tuple[list[str], Features] | None:
         """The features of the bars that began at `bar_start`, with their tickers."""
@@ -112,34 +122,54 @@ class SessionPlan:
         return [self.tickers[i] for i in idx], self.features.take(idx)
 
 
-def plan_session(rows: Sequence[tuple], in_force: ParamsInForce) -> SessionPlan:
-    """The plan of one session from its bars (ticker, ts, open, high, low, close, volume, ...)."""
+@dataclass(frozen=True)
+class SessionBars:
+    """One session's bars as arrays, sorted by (ticker, ts): prices in PRICE_SCALE units, ts in
+    epoch seconds, `key` a number per ticker."""
+
+    tickers: list[str]
+    key: np.ndarray
+    ts: np.ndarray
+    close: np.ndarray
+    volume: np.ndarray
+
+
+def session_bars(rows: Sequence[tuple]) -> SessionBars:
+    """The arrays of one session's rows (ticker, ts, open, high, low, close, volume, ...), the
+    closes converted as the feature computer's query converts them (round half away from zero)."""
     rows = sorted(rows, key=lambda r: (r[0], r[1]))
     tickers = [r[0] for r in rows]
     number = {t: i for i, t in enumerate(sorted(set(tickers)))}
-    key = np.array([number[t] for t in tickers], np.int64)
-    ts = np.array([int(r[1].timestamp()) for r in rows], np.int64)
-    close = np.array([int((Decimal(r[5]) * PRICE_SCALE).to_integral_value(ROUND_HALF_UP)) for r in rows], np.int64)
-    volume = np.array([int(r[6]) for r in rows], np.int64)
-    group = session_groups(key, np.zeros(len(rows), np.int64))  # one session: one ET day
-    parts = [window_features(bar_windows(ts, close, volume, group, np.arange(lo, min(lo + PLAN_CHUNK, len(rows)))))
-             for lo in range(0, len(rows), PLAN_CHUNK)]
-    features = Features(**{name: np.concatenate([getattr(f, name) for f in parts])
-                           for name in Features.__dataclass_fields__})
-    order = np.argsort(ts, kind="stable")
-    starts, cuts = np.unique(ts[order], return_index=True)
+    return SessionBars(
+        tickers, np.array([number[t] for t in tickers], np.int64),
+        np.array([int(r[1].timestamp()) for r in rows], np.int64),
+        np.array([int((Decimal(r[5]) * PRICE_SCALE).to_integral_value(ROUND_HALF_UP)) for r in rows], np.int64),
+        np.array([int(r[6]) for r in rows], np.int64))
+
+
+def plan_session(bars: SessionBars | Sequence[tuple], in_force: ParamsInForce) -> SessionPlan:
+    """The plan of one session from its bars."""
+    b = bars if isinstance(bars, SessionBars) else session_bars(bars)
+    n = len(b.ts)
+    group = session_groups(b.key, np.zeros(n, np.int64))  # one session: one ET day
+    parts = [window_features(bar_windows(b.ts, b.close, b.volume, group, np.arange(lo, min(lo + PLAN_CHUNK, n))))
+             for lo in range(0, n, PLAN_CHUNK)]
+    features = parts[0] if len(parts) == 1 else Features(
+        **{name: np.concatenate([getattr(f, name) for f in parts]) for name in Features.__dataclass_fields__})
+    order = np.argsort(b.ts, kind="stable")
+    starts, cuts = np.unique(b.ts[order], return_index=True)
     rows_at = dict(zip(starts.tolist(), np.split(order, cuts[1:])))
 
     max_age = in_force.params.risk.max_feature_age_seconds
     bar = int(BAR.total_seconds())
-    last_of_ticker = np.r_[key[1:] != key[:-1], True]
-    signal_due: dict[int, set[str]] = {}
+    last_of_ticker = np.r_[b.key[1:] != b.key[:-1], True]
+    signal_due: dict[int, dict[str, int]] = {}
     for i in np.flatnonzero(could_emit(features, in_force.params)).tolist():
-        first = int(ts[i]) + bar
-        until = first + max_age if last_of_ticker[i] else min(first + max_age, int(ts[i + 1]) + bar - 1)
+        first = int(b.ts[i]) + bar
+        until = first + max_age if last_of_ticker[i] else min(first + max_age, int(b.ts[i + 1]) + bar - 1)
         for now in range(first, until + 1, bar):
-            signal_due.setdefault(now, set()).add(tickers[i])
-    return SessionPlan(tickers, features, rows_at, signal_due)
+            signal_due.setdefault(now, {})[b.tickers[i]] = i
+    return SessionPlan(b.tickers, features, rows_at, signal_due)
 
 
 def bars_digest(rows: Sequence[tuple]) -> str:
@@ -254,7 +284,7 @@ def run_replay(
     if not days:
         raise SystemExit("no bars inside a NYSE session to replay")
     clock = FixedClock(days[0].open)
-    pool = make_pool(url, min_size=1, max_size=2, application_name="ops-dispatcher:replay")
+    pool = make_pool(url, min_size=1, max_size=2, application_name="ops-dispatcher:replay", check=False)
     try:
         minutes_total = sum(int((s.close - s.open) / BAR) for s in days)
         bar = Progress(minutes_total, progress)
@@ -269,6 +299,8 @@ def run_replay(
             stop_updates = start_trade_updates(dispatcher, pipeline.broker)
             try:
                 cooldown = timedelta(minutes=in_force.params.signal.signal_cooldown_minutes)
+                busy_params = {"account_id": REPLAY_ACCOUNT, "live": sorted(LIVE_POSITION),
+                               "terminal": sorted(TERMINAL_EXECUTION), "decided": sorted(TERMINAL_RECOMMENDATION)}
                 last_emitted: dict[str, datetime] = {}
                 for session in days:
                     clock.set(session.open)
@@ -279,21 +311,29 @@ def run_replay(
                         now = ts + BAR
                         clock.set(now)
                         fresh = by_minute.get(ts, [])
-                        if fresh:
-                            _write_bars(conn, fresh)
-                            write_features(conn, *plan.features_at(ts))
+                        if fresh:  # the minute's bars and their features, in one round trip
+                            with conn.pipeline():
+                                write_bar_arrays(conn, fresh)
+                                write_features(conn, *plan.features_at(ts))
                             result.bars += len(fresh)
                         # The engine runs when a ticker passing the screen is out of its cooldown
                         # (the engine's own check, on the times of its own recommendations).
                         due = [t for t in plan.signal_due.get(int(now.timestamp()), ())
                                if not (cooldown and t in last_emitted and now - last_emitted[t] < cooldown)]
-                        signals = pipeline.before_orders(minute, now, features=False, signals=bool(due))
+                        signals = pipeline.signals_phase(minute, now, features=False, signals=bool(due))
                         result.counts["signal_cycles" if due else "signal_cycles_skipped"] += 1
                         for o in signals.outcomes if signals else ():
                             if o.outcome == "emitted":
                                 last_emitted[o.ticker] = now
-                        for outcome in pipeline.orders():
-                            result.counts[f"decision:{outcome.status}"] += 1
+                        # A flat book with nothing pending or working leaves the position manager,
+                        # the broker and the dispatcher nothing to do: the minute ends here. (The
+                        # account, all cash, is refreshed when work next comes, before it is decided.)
+                        if not conn.execute(BOOK_BUSY, busy_params).fetchone()["busy"]:
+                            result.counts["idle_minutes"] += 1
+                        else:
+                            pipeline.book(now)
+                            for outcome in pipeline.orders():
+                                result.counts[f"decision:{outcome.status}"] += 1
                         bar.step(session.day, result.bars)
                         minute += 1
                     clock.set(session.close)

@@ -69,10 +69,15 @@ class Pipeline:
         return cls(conn, account_id, in_force, calendar, clock, broker, options, dispatcher,
                    watchlist_every_minutes=watchlist_every_minutes)
 
-    def before_orders(self, minute: int, now: datetime, *, features: bool = True,
+    def before_orders(self, minute: int, now: datetime) -> None:
+        """Every service's cycle for the minute that ends at `now`, up to the order phase."""
+        self.signals_phase(minute, now)
+        self.book(now)
+
+    def signals_phase(self, minute: int, now: datetime, *, features: bool = True,
                       signals: bool = True) -> CycleResult | None:
-        """Every service's cycle for the minute that ends at `now`, up to the order phase; the
-        signal engine's result, None when it did not run.
+        """The feature computer, the watchlist engine (on its minutes) and the signal engine for
+        the minute that ends at `now`; the signal engine's result, None when it did not run.
 
         features=False: the caller has written this minute's features itself (a replay computes
         a session's at once, with the same definitions). signals=False: the caller knows that no
@@ -88,6 +93,12 @@ class Pipeline:
         if signals:
             result = run_signal_cycle(conn, self.account_id, in_force, now)
             self.signals.update(result.counts)
+        return result
+
+    def book(self, now: datetime) -> None:
+        """The minute's work on the book: held contracts re-marked, resting orders matched and
+        re-priced, the position manager's judgement."""
+        conn, in_force = self.conn, self.in_force
         self.options.mark_held(conn, now)
         # Resting limit orders the moved market has reached fill (the broker's events record
         # them); those still unfilled are re-priced, or given up after their last attempt.
@@ -95,7 +106,6 @@ class Pipeline:
         self.dispatcher.reprice_working()
         # The position manager judges the book on this minute's marks; its EXITs go out in the order phase.
         run_position_cycle(conn, self.account_id, in_force, now, self.calendar, self._option_quotes)
-        return result
 
     def orders(self) -> list[Outcome]:
         """The order phase: the account refreshed (a loss past the limit trips the switch here,

@@ -10,7 +10,6 @@ the database returns them (15 significant digits) and the screen sees the double
 from __future__ import annotations
 
 import random
-from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,12 @@ import pytest
 
 from services.common.params import as_params, load_params_file
 from services.domain.features import PRICE_SCALE, Features
+from services.feature_computer.main import stored_rows, write_features
 from services.replay import bars_from_csv, plan_session
 from services.signal_engine.rules import could_emit, evaluate_signal
 
 DATA = Path(__file__).parent / "data"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-PRICES = ("close", "close_5m_ago", "close_15m_ago")
 
 
 def loose(doc: dict | None = None):
@@ -33,21 +32,9 @@ def loose(doc: dict | None = None):
     return as_params(doc)
 
 
-def stored(x: float, price: bool = False) -> Decimal | None:
-    """A feature as the signal engine reads it back: prices exact, the rest to 15 digits."""
-    if np.isnan(x):
-        return None
-    return Decimal(int(x)) / PRICE_SCALE if price else Decimal(f"{x:.15g}")
-
-
 def rows_of(f: Features) -> list[dict]:
-    out = []
-    for i in range(len(f.ts)):
-        row = {c: stored(getattr(f, c)[i], c in PRICES) for c in (
-            *PRICES, "sma20", "sma50", "distance_sma20", "volume_ratio", "vol_ratio")}
-        row["trend_state"] = None if np.isnan(f.trend_state[i]) else int(f.trend_state[i])
-        out.append(row)
-    return out
+    """Each bar's features as the signal engine reads them back from the database."""
+    return stored_rows(f, range(len(f.ts)))
 
 
 def emits(f: Features, params) -> np.ndarray:
@@ -125,3 +112,18 @@ def test_the_screen_passes_nothing_when_no_sentiment_could_lift_the_confidence_t
     p = loose(doc)
     f = features_of(DATA / "sp500_2019-11-05_08_1min.csv", p)
     assert not could_emit(f, p).any() and not emits(f, p).any()
+
+
+def test_stored_rows_equal_what_the_database_returns_for_the_written_features(conn):
+    p = load_params_file()
+    rows, _ = bars_from_csv([DATA / "sp500_2019-11-05_08_1min.csv"])
+    plan = plan_session([r for r in rows if not r[7] and r[1].day == 6], p)
+    write_features(conn, plan.tickers, plan.features)
+    columns = ("close", "close_5m_ago", "close_15m_ago", "prev_close", "sma20", "sma50", "distance_sma20",
+               "distance_sma50", "recent_vol", "baseline_vol", "vol_ratio", "volume_ratio", "trend_state")
+    read = conn.execute(f"SELECT {', '.join(columns)}, volume_surge FROM lane_features ORDER BY ts").fetchall()
+    mine = stored_rows(plan.features, np.argsort(plan.features.ts))
+    assert len(read) == len(mine) == 390
+    for db, ours in zip(read, mine):
+        assert {c: db[c] for c in columns} == {c: ours[c] for c in columns}
+        assert db["volume_surge"] == (None if ours["volume_surge"] is None else bool(ours["volume_surge"]))

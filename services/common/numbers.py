@@ -13,6 +13,8 @@ from typing import Any
 
 def to_decimal(value: Any) -> Decimal | None:
     """A finite Decimal (a float through its shortest text), or None for missing, NaN, infinite or non-numeric."""
+    if type(value) is Decimal:  # the common case, a database numeric: no conversion
+        return value if value.is_finite() else None
     if value is None or isinstance(value, bool):
         return None
     try:

@@ -44,7 +44,21 @@ ONE = Decimal(1)
 ZERO = Decimal(0)
 
 
+_THRESHOLDS: dict[tuple[type, Any], Decimal | None] = {}
+
+
+def _threshold(value: Any) -> Decimal | None:
+    """A param's Decimal (from its decimal text: 0.002 stays 0.002), converted once per value."""
+    key = (type(value), value)
+    d = _THRESHOLDS.get(key)
+    if d is None:
+        d = _THRESHOLDS[key] = to_decimal(value)
+    return d
+
+
 def _get(obj: Any, name: str) -> Any:
+    if type(obj) is dict:  # the common case, a database row: no ABC check
+        return obj.get(name)
     if obj is None:
         return None
     if isinstance(obj, Mapping):
@@ -87,11 +101,11 @@ def check_momentum(features: Any, direction: str, config: TradingParams | Mappin
         missing = [name for name, r in (("close_5m_ago", ret_5m), ("close_15m_ago", ret_15m)) if r is None]
         return MomentumCheck(False, f"{NO_MOMENTUM_HISTORY}: missing {','.join(missing)}", ret_5m, ret_15m)
     if direction == "BULL":
-        t5, t15 = to_decimal(signal.bull_min_ret_5m), to_decimal(signal.bull_min_ret_15m)
+        t5, t15 = _threshold(signal.bull_min_ret_5m), _threshold(signal.bull_min_ret_15m)
         hit5, hit15 = ret_5m >= t5, ret_15m >= t15
         cmp5, cmp15 = (">=" if hit5 else "<"), (">=" if hit15 else "<")
     else:
-        t5, t15 = to_decimal(signal.bear_max_ret_5m), to_decimal(signal.bear_max_ret_15m)
+        t5, t15 = _threshold(signal.bear_max_ret_5m), _threshold(signal.bear_max_ret_15m)
         hit5, hit15 = ret_5m <= t5, ret_15m <= t15
         cmp5, cmp15 = ("<=" if hit5 else ">"), ("<=" if hit15 else ">")
     detail = f"{direction} ret_5m={ret_5m:.6f} {cmp5} {t5} {'or' if hit5 or hit15 else 'and'} ret_15m={ret_15m:.6f} {cmp15} {t15}"
@@ -165,7 +179,7 @@ def _trend(features: Any) -> tuple[Direction | None, FilterResult]:
 
 def _volume(features: Any, signal) -> FilterResult:
     ratio = to_decimal(_get(features, "volume_ratio"))
-    limit = to_decimal(signal.min_volume_ratio)
+    limit = _threshold(signal.min_volume_ratio)
     if ratio is None:
         return FilterResult("volume", False, f"{LOW_VOLUME}: volume_ratio missing", None, limit)
     if ratio >= limit:
@@ -175,7 +189,7 @@ def _volume(features: Any, signal) -> FilterResult:
 
 def _breakout(features: Any, direction: Direction | None, signal) -> FilterResult:
     distance = to_decimal(_get(features, "distance_sma20"))
-    minimum = to_decimal(signal.breakout_min_distance_sma20)
+    minimum = _threshold(signal.breakout_min_distance_sma20)
     if direction is None:
         return FilterResult("breakout", None, f"{NO_BREAKOUT}: no trend direction", distance, minimum)
     threshold = minimum if direction == "BULL" else -minimum
@@ -194,9 +208,9 @@ def _momentum(features: Any, direction: Direction | None, params: TradingParams)
         return FilterResult("momentum", None, f"{NO_MOMENTUM}: no trend direction",
                             {"ret_5m": m.ret_5m, "ret_15m": m.ret_15m}, None)
     m = check_momentum(features, direction, params)
-    threshold = ({"ret_5m": to_decimal(s.bull_min_ret_5m), "ret_15m": to_decimal(s.bull_min_ret_15m)}
+    threshold = ({"ret_5m": _threshold(s.bull_min_ret_5m), "ret_15m": _threshold(s.bull_min_ret_15m)}
                  if direction == "BULL" else
-                 {"ret_5m": to_decimal(s.bear_max_ret_5m), "ret_15m": to_decimal(s.bear_max_ret_15m)})
+                 {"ret_5m": _threshold(s.bear_max_ret_5m), "ret_15m": _threshold(s.bear_max_ret_15m)})
     return FilterResult("momentum", m.confirmed, m.reason, {"ret_5m": m.ret_5m, "ret_15m": m.ret_15m}, threshold)
 
 
@@ -214,19 +228,19 @@ def confidence_for(direction: Direction, sentiment: Any, params: TradingParams) 
     sentiment_penalty when it opposes it (only if |score| >= sentiment_min_abs_score), clamped
     to [0, 1]. Returns the confidence and its factors."""
     s = params.signal
-    base = to_decimal(s.base_confidence)
+    base = _threshold(s.base_confidence)
     score = sentiment_score(sentiment)
-    min_abs = to_decimal(s.sentiment_min_abs_score)
+    min_abs = _threshold(s.sentiment_min_abs_score)
     adjustment = ZERO
     if score is None:
         effect = "none: no sentiment in the lookback"
     elif abs(score) < min_abs:
         effect = f"none: |score|={abs(score)} < {min_abs}"
     elif (score > 0) == (direction == "BULL"):
-        adjustment = to_decimal(s.sentiment_boost)
+        adjustment = _threshold(s.sentiment_boost)
         effect = "boost: sentiment agrees"
     else:
-        adjustment = -to_decimal(s.sentiment_penalty)
+        adjustment = -_threshold(s.sentiment_penalty)
         effect = "penalty: sentiment opposes"
     raw = base + adjustment
     confidence = min(ONE, max(ZERO, raw))
@@ -319,7 +333,7 @@ def could_emit(features: Any, params: TradingParams | Mapping[str, Any]) -> np.n
     """
     p = as_params(params)
     s = p.signal
-    best = min(ONE, to_decimal(s.base_confidence) + to_decimal(s.sentiment_boost))
+    best = min(ONE, _threshold(s.base_confidence) + _threshold(s.sentiment_boost))
     if best < min_confidence(p, s.default_strategy):
         return np.zeros(len(features.trend_state), dtype=bool)
     trend = features.trend_state

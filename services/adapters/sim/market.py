@@ -103,10 +103,21 @@ def write_bars(conn, bars: list[dict]) -> None:
 
 # -- Options ------------------------------------------------------------------------------------
 
+# One statement for a chain's marks: a chain lists hundreds of contracts.
 UPSERT_OPTION_MARKS = """
-INSERT INTO sim_option_marks (symbol, ts, bid, ask) VALUES (%(symbol)s, %(ts)s, %(bid)s, %(ask)s)
+INSERT INTO sim_option_marks (symbol, ts, bid, ask)
+SELECT m.symbol, %(ts)s, m.bid, m.ask FROM unnest(%(symbol)s::text[], %(bid)s::numeric[], %(ask)s::numeric[]) AS m(symbol, bid, ask)
 ON CONFLICT (symbol, ts) DO UPDATE SET bid = EXCLUDED.bid, ask = EXCLUDED.ask
 """
+
+
+def _write_marks(conn, quotes, now: datetime) -> int:
+    """Publish the two-sided quotes among `quotes` at `now`; return how many."""
+    sided = [q for q in quotes if q.bid is not None and q.ask is not None]
+    if sided:
+        conn.execute(UPSERT_OPTION_MARKS, {"ts": now, "symbol": [q.symbol for q in sided],
+                                           "bid": [q.bid for q in sided], "ask": [q.ask for q in sided]})
+    return len(sided)
 
 # Live option positions and the latest close of their underlying, to re-mark them each minute.
 HELD_OPTIONS = """
@@ -148,10 +159,8 @@ class SimOptionMarket:
         from services.adapters.sim.options import simulate_chain
 
         chain = simulate_chain(ticker, spot, now, seed=self.seed, spec=self.spec_for(ticker), window=window)
-        marks = [{"symbol": q.symbol, "ts": now, "bid": q.bid, "ask": q.ask}
-                 for q in chain if q.bid is not None and q.ask is not None]
-        with self.pool.connection() as conn, conn.cursor() as cur:
-            cur.executemany(UPSERT_OPTION_MARKS, marks)
+        with self.pool.connection() as conn:
+            _write_marks(conn, chain, now)
         return chain
 
     def near_chain(self, ticker: str, spot, now: datetime, window) -> list:
@@ -177,7 +186,5 @@ class SimOptionMarket:
                 continue  # expired: no market, as for a listed contract after 16:00 ET on its day
             q = contract_quote(h["ticker"], occ.expiration, occ.strike, occ.right, float(h["spot"]), now,
                                seed=self.seed, spec=self.spec_for(h["ticker"]))
-            marks.append({"symbol": q.symbol, "ts": now, "bid": q.bid, "ask": q.ask})
-        with conn.cursor() as cur:
-            cur.executemany(UPSERT_OPTION_MARKS, marks)
-        return len(marks)
+            marks.append(q)
+        return _write_marks(conn, marks, now)

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import NamedTuple
 
 from services.common.market_calendar import SessionCalendar, et_date, nyse_calendar, option_expiry_instant
 from services.domain.market_data import OptionQuote
@@ -55,6 +56,7 @@ def strike_step(spot: float) -> Decimal:
     return Decimal("10")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a chain lists the same contracts minute after minute
 def occ_symbol(underlying: str, expiration: date, right: str, strike: Decimal) -> str:
     """SPY261204C00600000: root, YYMMDD, C/P, strike x 1000 in 8 digits."""
     return f"{underlying}{expiration:%y%m%d}{'C' if right == 'call' else 'P'}{int(strike * 1000):08d}"
@@ -96,31 +98,55 @@ class BSResult:
     vega: float  # per 1.00 of volatility / 100 (per vol point)
 
 
-def black_scholes(right: str, spot: float, strike: float, years: float, rate: float, vol: float) -> BSResult:
-    """European Black-Scholes price and greeks, no dividends."""
+class _BSCore(NamedTuple):
+    """What a call and a put on the same strike and expiry share."""
+
+    d1: float
+    d2: float
+    disc: float
+    pdf: float
+    sqrt_t: float
+
+
+def _bs_core(spot: float, strike: float, years: float, rate: float, vol: float) -> _BSCore:
     years = max(years, 1e-6)
     sqrt_t = math.sqrt(years)
     d1 = (math.log(spot / strike) + (rate + 0.5 * vol * vol) * years) / (vol * sqrt_t)
-    d2 = d1 - vol * sqrt_t
-    disc = math.exp(-rate * years)
-    pdf = _norm_pdf(d1)
-    gamma = pdf / (spot * vol * sqrt_t)
-    vega = spot * pdf * sqrt_t / 100.0
+    return _BSCore(d1, d1 - vol * sqrt_t, math.exp(-rate * years), _norm_pdf(d1), sqrt_t)
+
+
+def _bs_right(right: str, c: _BSCore, spot: float, strike: float, rate: float, vol: float) -> BSResult:
+    gamma = c.pdf / (spot * vol * c.sqrt_t)
+    vega = spot * c.pdf * c.sqrt_t / 100.0
+    n_d1 = _norm_cdf(c.d1)
     if right == "call":
-        price = spot * _norm_cdf(d1) - strike * disc * _norm_cdf(d2)
-        delta = _norm_cdf(d1)
-        theta = (-spot * pdf * vol / (2 * sqrt_t) - rate * strike * disc * _norm_cdf(d2)) / 365.0
+        n_d2 = _norm_cdf(c.d2)
+        price = spot * n_d1 - strike * c.disc * n_d2
+        delta = n_d1
+        theta = (-spot * c.pdf * vol / (2 * c.sqrt_t) - rate * strike * c.disc * n_d2) / 365.0
     else:
-        price = strike * disc * _norm_cdf(-d2) - spot * _norm_cdf(-d1)
-        delta = _norm_cdf(d1) - 1.0
-        theta = (-spot * pdf * vol / (2 * sqrt_t) + rate * strike * disc * _norm_cdf(-d2)) / 365.0
+        n_minus_d2 = _norm_cdf(-c.d2)
+        price = strike * c.disc * n_minus_d2 - spot * _norm_cdf(-c.d1)
+        delta = n_d1 - 1.0
+        theta = (-spot * c.pdf * vol / (2 * c.sqrt_t) + rate * strike * c.disc * n_minus_d2) / 365.0
     return BSResult(max(price, 0.0), delta, gamma, theta, vega)
 
 
-@functools.lru_cache(maxsize=1 << 16)  # a chain is priced again every minute; a contract's draws are per day
+def black_scholes(right: str, spot: float, strike: float, years: float, rate: float, vol: float) -> BSResult:
+    """European Black-Scholes price and greeks, no dividends."""
+    return _bs_right(right, _bs_core(spot, strike, years, rate, vol), spot, strike, rate, vol)
+
+
 def _uniform(seed: int, symbol: str, day: date, salt: str) -> float:
     digest = hashlib.blake2b(f"{seed}|{symbol}|{day}|{salt}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64
+
+
+@functools.lru_cache(maxsize=1 << 16)  # a chain is priced again every minute; a contract's draws are per day
+def _draws(seed: int, symbol: str, day: date) -> tuple[float, float, float]:
+    """A contract's three draws of the day: illiquid, activity, size."""
+    return (_uniform(seed, symbol, day, "illiquid"), _uniform(seed, symbol, day, "activity"),
+            _uniform(seed, symbol, day, "size"))
 
 
 def smile_vol(base_vol: float, moneyness: float) -> float:
@@ -146,15 +172,19 @@ def contract_quote(
     """
     today = et_date(now)
     years = (option_expiry_instant(expiration) - now).total_seconds() / _SECONDS_PER_YEAR
-    days_out = (expiration - today).days
     k = float(strike)
     moneyness = math.log(k / spot)
     vol = smile_vol(spec.base_vol, moneyness)
+    return _quote(underlying, expiration, strike, right, spot, now.astimezone(timezone.utc), today,
+                  (expiration - today).days, moneyness, vol, _bs_core(spot, k, years, spec.rate, vol), seed, spec)
+
+
+def _quote(underlying: str, expiration: date, strike: Decimal, right: str, spot: float, quote_time: datetime,
+           today: date, days_out: int, moneyness: float, vol: float, core: _BSCore, seed: int,
+           spec: SimChainSpec) -> OptionQuote:
     symbol = occ_symbol(underlying, expiration, right, strike)
-    bs = black_scholes(right, spot, k, years, spec.rate, vol)
-    u_illiquid = _uniform(seed, symbol, today, "illiquid")
-    u_activity = _uniform(seed, symbol, today, "activity")
-    u_size = _uniform(seed, symbol, today, "size")
+    bs = _bs_right(right, core, spot, float(strike), spec.rate, vol)
+    u_illiquid, u_activity, u_size = _draws(seed, symbol, today)
     illiquid = u_illiquid < spec.illiquid_share
     # Spread as a share of the price: tight at the money, wider away from it and
     # further out in time.
@@ -173,25 +203,11 @@ def contract_quote(
         volume = int(spec.base_volume * activity / (1 + days_out / 14))
         open_interest = int(spec.base_open_interest * activity)
     size = 1 + int(u_size * 50)
-    return OptionQuote(
-        symbol=symbol,
-        underlying=underlying,
-        expiration=expiration,
-        strike=strike,
-        right=right,
-        bid=bid,
-        ask=ask,
-        bid_size=size,
-        ask_size=size + 3,
-        quote_time=now.astimezone(timezone.utc),
-        volume=volume,
-        open_interest=open_interest,
-        implied_volatility=round(vol, 6),
-        delta=round(bs.delta, 6),
-        gamma=round(bs.gamma, 6),
-        theta=round(bs.theta, 6),
-        vega=round(bs.vega, 6),
-    )
+    # Positional: the dataclass's field order (symbol, underlying, expiration, strike, right, bid,
+    # ask, bid_size, ask_size, quote_time, volume, open_interest, iv, delta, gamma, theta, vega).
+    return OptionQuote(symbol, underlying, expiration, strike, right, bid, ask, size, size + 3, quote_time,
+                       volume, open_interest, round(vol, 6), round(bs.delta, 6), round(bs.gamma, 6),
+                       round(bs.theta, 6), round(bs.vega, 6))
 
 
 def simulate_chain(
@@ -221,9 +237,22 @@ def simulate_chain(
     expirations = weekly_expirations(now, cal, spec.max_days)
     if window is not None:
         expirations = [e for e in expirations if window[0] <= e <= window[1]]
-    return [
-        contract_quote(underlying, expiration, strike, right, spot_f, now, seed=seed, spec=spec)
-        for expiration in expirations
-        for strike in strikes
-        for right in ("call", "put")
-    ]
+    # What a contract's quote shares with the rest of its expiry, and with the other right of
+    # its strike, is computed once: the same arithmetic as contract_quote, in the same order.
+    today = et_date(now)
+    quote_time = now.astimezone(timezone.utc)
+    per_strike = []
+    for strike in strikes:
+        k = float(strike)
+        moneyness = math.log(k / spot_f)
+        per_strike.append((strike, k, moneyness, smile_vol(spec.base_vol, moneyness)))
+    out = []
+    for expiration in expirations:
+        years = (option_expiry_instant(expiration) - now).total_seconds() / _SECONDS_PER_YEAR
+        days_out = (expiration - today).days
+        for strike, k, moneyness, vol in per_strike:
+            core = _bs_core(spot_f, k, years, spec.rate, vol)
+            for right in ("call", "put"):
+                out.append(_quote(underlying, expiration, strike, right, spot_f, quote_time, today, days_out,
+                                  moneyness, vol, core, seed, spec))
+    return out
