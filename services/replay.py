@@ -66,6 +66,8 @@ SELECT EXISTS (SELECT 1 FROM active_positions WHERE account_id = %(account_id)s 
     OR EXISTS (SELECT 1 FROM dispatch_recommendations WHERE account_id = %(account_id)s AND status <> ALL(%(decided)s))
     OR EXISTS (SELECT 1 FROM sim_orders WHERE account_id = %(account_id)s AND status IN ('new', 'accepted')) AS busy
 """
+# The signal engine's universe, when the watchlist has selected any ticker.
+SELECTED = "SELECT ticker FROM watchlist_state WHERE account_id = %(account_id)s AND selected"
 RECORD_RUN = """
 INSERT INTO replay_runs (run_id, started_at, params_source, params_version, params_hash, seed, inputs)
 VALUES (%(run_id)s, %(started_at)s, %(params_source)s, %(params_version)s, %(params_hash)s, %(seed)s, %(inputs)s)
@@ -302,6 +304,7 @@ def run_replay(
                 busy_params = {"account_id": REPLAY_ACCOUNT, "live": sorted(LIVE_POSITION),
                                "terminal": sorted(TERMINAL_EXECUTION), "decided": sorted(TERMINAL_RECOMMENDATION)}
                 last_emitted: dict[str, datetime] = {}
+                universe: set[str] | None = None
                 for session in days:
                     clock.set(session.open)
                     dispatcher.refresh_account(force=True)  # the broker rolls its day at the first look
@@ -317,10 +320,15 @@ def run_replay(
                                 write_features(conn, *plan.features_at(ts))
                             result.bars += len(fresh)
                         # The engine runs when a ticker passing the screen is out of its cooldown
-                        # (the engine's own check, on the times of its own recommendations).
+                        # (the engine's own check, on the times of its own recommendations) and in
+                        # its universe: the watchlist's selection, or every ticker when nothing is
+                        # selected (a watchlist minute may change it: the engine runs then).
                         due = [t for t in plan.signal_due.get(int(now.timestamp()), ())
-                               if not (cooldown and t in last_emitted and now - last_emitted[t] < cooldown)]
+                               if not (cooldown and t in last_emitted and now - last_emitted[t] < cooldown)
+                               and (universe is None or t in universe or minute % WATCHLIST_EVERY_MINUTES == 0)]
                         signals = pipeline.signals_phase(minute, now, features=False, signals=bool(due))
+                        if minute % WATCHLIST_EVERY_MINUTES == 0:
+                            universe = {r["ticker"] for r in conn.execute(SELECTED, {"account_id": REPLAY_ACCOUNT})} or None
                         result.counts["signal_cycles" if due else "signal_cycles_skipped"] += 1
                         for o in signals.outcomes if signals else ():
                             if o.outcome == "emitted":

@@ -100,6 +100,52 @@ def test_two_replays_with_the_same_seed_write_identical_decisions_fills_and_posi
     assert run["finished_at"] == DAY.close and run["counts"]["emitted"] == first.counts["emitted"]
 
 
+def every_service_every_minute(url: str, rows: list[tuple], in_force) -> None:
+    """The reference a replay's shortcuts are held to: each minute, the bars written, then every
+    service's cycle (features computed by the live incremental cycle, the signal engine and the
+    book's services whatever the book holds) and the order phase."""
+    from services.common.clock import FixedClock
+    from services.common.db import make_pool
+    from services.dispatcher.main import start_trade_updates
+    from services.ingest import _write_bars
+    from services.replay import STARTING_CASH, WATCHLIST_EVERY_MINUTES
+    from services.simulation import Pipeline
+
+    clock = FixedClock(DAY.open)
+    pool = make_pool(url, min_size=1, max_size=2)
+    try:
+        with connect(url) as conn:
+            pipeline = Pipeline.simulated(conn, pool, REPLAY_ACCOUNT, in_force, CALENDAR, clock, seed=7,
+                                          broker_options={"starting_cash": STARTING_CASH}, worker_id="replay",
+                                          watchlist_every_minutes=WATCHLIST_EVERY_MINUTES)
+            stop = start_trade_updates(pipeline.dispatcher, pipeline.broker)
+            pipeline.dispatcher.refresh_account(force=True)
+            for minute in range(390):
+                ts = DAY.open + timedelta(minutes=minute)
+                clock.set(ts + timedelta(minutes=1))
+                _write_bars(conn, [r for r in rows if r[1] == ts])
+                pipeline.before_orders(minute, clock.now())
+                pipeline.orders()
+            clock.set(DAY.close)
+            pipeline.dispatcher.refresh_account(force=True)
+            stop()
+    finally:
+        pool.close()
+
+
+def test_a_replay_that_skips_quiet_minutes_equals_every_service_run_every_minute(market_csv, db_url, second_db_url):
+    """The replay's shortcuts (features planned for the session, the signal engine only where the
+    screen, the cooldowns and the watchlist leave a ticker, nothing for a flat idle book) change
+    no decision, gate result, fill or position of a day that trades nine tickers."""
+    rows, names = bars_from_csv([market_csv], tz="UTC")
+    in_force = load_params_file()
+    replay = run_replay(rows, in_force, inputs={"source": "csv", "files": names}, seed=7, url=db_url, run_id="a")
+    every_service_every_minute(second_db_url, rows, in_force)
+    assert tables(db_url) == tables(second_db_url)
+    assert replay.counts["decision:EXECUTED"] >= 5
+    assert replay.counts["signal_cycles_skipped"] > 100 and replay.counts["idle_minutes"] > 0
+
+
 def test_a_replay_writes_into_its_own_database_never_the_live_one(market_csv, db_url, monkeypatch, capsys):
     from services.cli import main
 
