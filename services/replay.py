@@ -2,12 +2,15 @@
 
 The bars come from the live database's lane_telemetry (`--from D --to D [--tickers ...]`) or from
 CSV files (`--csv PATH...`, read by the loader `load-csv` uses). Each NYSE session minute of the
-period, in order, on a fixed clock: that minute's bars are written, then the same code as the
-services runs: the feature computer's incremental cycle, the watchlist engine (every 30 minutes,
-its option liquidity from the simulated chain), the signal engine, the position manager and the
-dispatcher with the simulated paper broker (fills at the quote plus slippage; options from the
-simulated chain anchored to the replayed underlying). Nothing of the pipeline is re-implemented
-here: this module only orders the steps and feeds the bars.
+period, in order, on a fixed clock: that minute's bars and their features are written (a
+session's features are computed at once before it, by the feature computer's definitions), then
+the same code as the services runs: the watchlist engine (every 30 minutes, its option liquidity
+from the simulated chain), the signal engine (in the minutes where the rules' screen leaves a
+ticker that could emit), the position manager and the dispatcher with the simulated paper broker
+(fills at the quote plus slippage; options from the simulated chain anchored to the replayed
+underlying), unless the book is flat with nothing pending or working. Nothing of the pipeline is
+re-implemented here: this module only orders the steps, feeds the bars and skips the cycles that
+would write nothing (tests hold it to every service run every minute).
 
 A replay writes into a database of its own (`ops_replay_<run id>` on the same server), never into
 the live tables, and records its run (id, params source and hash, seed, inputs, counts) in
@@ -39,10 +42,11 @@ from services.common.logs import json_default
 from services.common.market_calendar import ET, SessionCalendar, nyse_calendar
 from services.common.params import ParamsInForce
 from services.dispatcher.main import start_trade_updates
-from services.domain.lifecycle import LIVE_POSITION, TERMINAL_EXECUTION, TERMINAL_RECOMMENDATION
 from services.domain.features import PRICE_SCALE, Features, bar_windows, session_groups, window_features
+from services.domain.lifecycle import LIVE_POSITION, TERMINAL_EXECUTION, TERMINAL_RECOMMENDATION
 from services.feature_computer.main import write_features
 from services.ingest import csv_paths, read_csv_file, write_bar_arrays
+from services.signal_engine.main import CycleResult
 from services.signal_engine.rules import could_emit
 from services.simulation import Pipeline
 
@@ -300,11 +304,9 @@ def run_replay(
                                       "seed": seed, "inputs": json.dumps(inputs, default=json_default)})
             stop_updates = start_trade_updates(dispatcher, pipeline.broker)
             try:
-                cooldown = timedelta(minutes=in_force.params.signal.signal_cooldown_minutes)
+                engine = _SignalMinutes(timedelta(minutes=in_force.params.signal.signal_cooldown_minutes))
                 busy_params = {"account_id": REPLAY_ACCOUNT, "live": sorted(LIVE_POSITION),
                                "terminal": sorted(TERMINAL_EXECUTION), "decided": sorted(TERMINAL_RECOMMENDATION)}
-                last_emitted: dict[str, datetime] = {}
-                universe: set[str] | None = None
                 for session in days:
                     clock.set(session.open)
                     dispatcher.refresh_account(force=True)  # the broker rolls its day at the first look
@@ -319,20 +321,12 @@ def run_replay(
                                 write_bar_arrays(conn, fresh)
                                 write_features(conn, *plan.features_at(ts))
                             result.bars += len(fresh)
-                        # The engine runs when a ticker passing the screen is out of its cooldown
-                        # (the engine's own check, on the times of its own recommendations) and in
-                        # its universe: the watchlist's selection, or every ticker when nothing is
-                        # selected (a watchlist minute may change it: the engine runs then).
-                        due = [t for t in plan.signal_due.get(int(now.timestamp()), ())
-                               if not (cooldown and t in last_emitted and now - last_emitted[t] < cooldown)
-                               and (universe is None or t in universe or minute % WATCHLIST_EVERY_MINUTES == 0)]
-                        signals = pipeline.signals_phase(minute, now, features=False, signals=bool(due))
-                        if minute % WATCHLIST_EVERY_MINUTES == 0:
-                            universe = {r["ticker"] for r in conn.execute(SELECTED, {"account_id": REPLAY_ACCOUNT})} or None
+                        watchlist = minute % WATCHLIST_EVERY_MINUTES == 0
+                        due = engine.due(plan, now, watchlist)
+                        engine.ran(pipeline.signals_phase(minute, now, features=False, signals=due), now)
+                        if watchlist:
+                            engine.universe_from(conn)
                         result.counts["signal_cycles" if due else "signal_cycles_skipped"] += 1
-                        for o in signals.outcomes if signals else ():
-                            if o.outcome == "emitted":
-                                last_emitted[o.ticker] = now
                         # A flat book with nothing pending or working leaves the position manager,
                         # the broker and the dispatcher nothing to do: the minute ends here. (The
                         # account, all cash, is refreshed when work next comes, before it is decided.)
@@ -355,6 +349,35 @@ def run_replay(
     finally:
         pool.close()
     return result
+
+
+class _SignalMinutes:
+    """Whether the signal engine could write anything this minute: a ticker the session's plan
+    screened in, out of its cooldown (the engine's own check, on the times of its own
+    recommendations) and in its universe (the watchlist's selection, or every ticker when nothing
+    is selected; a watchlist minute may change it, so the engine runs then)."""
+
+    def __init__(self, cooldown: timedelta):
+        self.cooldown = cooldown
+        self.last_emitted: dict[str, datetime] = {}
+        self.universe: set[str] | None = None
+
+    def due(self, plan: SessionPlan, now: datetime, watchlist_minute: bool) -> bool:
+        for ticker in plan.signal_due.get(int(now.timestamp()), ()):
+            last = self.last_emitted.get(ticker)
+            if self.cooldown and last is not None and now - last < self.cooldown:
+                continue
+            if self.universe is None or ticker in self.universe or watchlist_minute:
+                return True
+        return False
+
+    def ran(self, result: CycleResult | None, now: datetime) -> None:
+        for o in result.outcomes if result is not None else ():
+            if o.outcome == "emitted":
+                self.last_emitted[o.ticker] = now
+
+    def universe_from(self, conn) -> None:
+        self.universe = {r["ticker"] for r in conn.execute(SELECTED, {"account_id": REPLAY_ACCOUNT})} or None
 
 
 def _minutes(session) -> list[datetime]:
