@@ -1165,7 +1165,7 @@ def counted_dispatcher(h: Harness) -> Dispatcher:
     return d
 
 
-def test_a_lone_skip_costs_three_round_trips_begin_with_the_claim_then_the_record_then_commit(harness, conn):
+def test_a_lone_skip_costs_two_round_trips_begin_with_the_claim_then_the_record_with_commit(harness, conn):
     d = counted_dispatcher(harness())
     add_market(conn, "AAPL", NOW, 200)
     add_position(conn, "AAPL", 1, 200)  # held: every AAPL entry is skipped
@@ -1174,7 +1174,7 @@ def test_a_lone_skip_costs_three_round_trips_begin_with_the_claim_then_the_recor
     add_recommendation(conn, "AAPL", NOW)
     before = RoundTrips.waits
     assert d.process_next().status == "SKIPPED"
-    assert RoundTrips.waits - before == 3
+    assert RoundTrips.waits - before == 2
 
 
 def submissions_after_round_trips(d: Dispatcher) -> list[int]:
@@ -1191,7 +1191,7 @@ def submissions_after_round_trips(d: Dispatcher) -> list[int]:
     return seen
 
 
-def test_a_lone_order_costs_three_round_trips_until_it_leaves_its_claim_taken_under_the_capacity_lock(
+def test_a_lone_order_costs_two_round_trips_until_it_leaves_its_claim_taken_under_the_capacity_lock(
         harness, conn):
     d = counted_dispatcher(harness())
     for t in ("AAPL", "MSFT"):
@@ -1201,8 +1201,31 @@ def test_a_lone_order_costs_three_round_trips_until_it_leaves_its_claim_taken_un
     add_recommendation(conn, "MSFT", NOW)
     seen = submissions_after_round_trips(d)
     assert d.process_next().status == "EXECUTED"
-    assert seen == [3]  # BEGIN + capacity lock + claim, intent, COMMIT
+    assert seen == [2]  # BEGIN + capacity lock + claim; intent + COMMIT
     assert count(conn, "SELECT count(*) AS n FROM active_positions WHERE status = 'OPEN'") == 2
+
+
+def test_a_lone_order_on_an_idle_queue_costs_at_most_four_round_trips_counted_whole_intent_and_answer(
+        harness, conn):
+    d = counted_dispatcher(harness())
+    for t in ("AAPL", "MSFT"):
+        add_market(conn, t, NOW, 200)
+    add_recommendation(conn, "AAPL", NOW - timedelta(seconds=1))
+    assert d.process_next().status == "EXECUTED"  # the connection's first claim also PREPAREs its queries
+    rec = add_recommendation(conn, "MSFT", NOW)
+    before = RoundTrips.waits
+    outcome = d.process_next()
+    trips = RoundTrips.waits - before
+    assert (outcome.recommendation_id, outcome.status, outcome.code) == (rec, "EXECUTED", "ORDER_FILLED")
+    assert trips <= 4
+    assert trips == 3  # BEGIN + capacity lock + claim; intent + COMMIT; the broker's answer in one statement
+    row = conn.execute("""SELECT e.status, e.filled_qty, e.version, p.status AS position_status, p.qty,
+                                 r.status AS rec_status, r.outcome_code
+                          FROM dispatch_executions e JOIN active_positions p ON p.id = e.position_id
+                          JOIN dispatch_recommendations r ON r.id = e.recommendation_id
+                          WHERE e.recommendation_id = %s""", (rec,)).fetchone()
+    assert (row["status"], row["version"], row["position_status"], row["qty"], row["rec_status"],
+            row["outcome_code"]) == ("FILLED", 1, "OPEN", row["filled_qty"], "EXECUTED", "ORDER_FILLED")
 
 
 def test_orders_in_a_batch_each_take_the_capacity_lock_with_their_recheck_in_one_round_trip(harness, conn):

@@ -183,7 +183,7 @@ class Dispatcher:
 
     # The components' entry points, for the loop, the process wiring and the operator's tools.
 
-    def record_broker_answer(self, cid: str, result: OrderResult | None, **outcome: str) -> str:
+    def record_broker_answer(self, cid: str, result: OrderResult | None, **outcome: Any) -> str:
         return self.orders.record_broker_answer(cid, result, **outcome)
 
     def on_trade_update(self, update: TradeUpdate) -> None:
@@ -243,7 +243,7 @@ class Dispatcher:
         in_force = self.params.current()
         day_start, day_end = et_day_bounds(et_date(now))
         rec_id: int | None = None
-        decided: list[tuple[Context, Decision, str]] = []
+        decided: list[tuple[Context, Decision, str, orders_repo.Intent | None]] = []
         try:
             # The transaction opens with the claim (one round trip) and ends when the connection
             # goes back to the pool: committed, or rolled back on an exception. A claim of one (an
@@ -268,6 +268,10 @@ class Dispatcher:
                     raise _FetchFirst(", ".join(str(f) for f in fetches), lambda: [f.fetch() for f in fetches])
                 loss: str | None = None
                 skips: list[tuple[Context, Decision, dict]] = []
+                # The transaction's last statement carries its COMMIT in the same round trip when
+                # nothing committed with it could be left unsent: the intent of a lone decision,
+                # the skips of a batch without orders.
+                alone = len(prepared) == 1
                 for ctx, option_inputs, exit_quote in prepared:
                     rec_id = ctx.recommendation["id"]
                     decision, position_id, capacity = self._decide(conn, ctx, in_force, now, option_inputs,
@@ -275,16 +279,19 @@ class Dispatcher:
                     # What it was decided from, kept with it: `params whatif` decides it again.
                     inputs = snapshot(ctx, now, option_inputs, exit_quote, capacity)
                     cid = client_order_id(self.account_id, rec_id)
+                    intent = None
                     if decision.is_order:
-                        self._record_intent(conn, ctx, decision, cid, in_force, now, position_id, inputs)
+                        intent = self._record_intent(conn, ctx, decision, cid, in_force, now, position_id, inputs,
+                                                     commit=alone)
                     else:
                         skips.append((ctx, decision, inputs))
                         if loss is None:
                             # Whichever gate failed first, the loss trips the switch (once a batch).
                             loss = next((g.result.reason for g in decision.gates
                                          if g.result.code == "DAILY_LOSS_LIMIT"), None)
-                    decided.append((ctx, decision, cid))
-                self._record_skips(conn, skips, in_force, now)
+                    decided.append((ctx, decision, cid, intent))
+                self._record_skips(conn, skips, in_force, now,
+                                   commit=loss is None and not any(d.is_order for _, d, _, _ in decided))
                 if loss is not None:
                     self._trip(conn, loss, now)
         except _FetchFirst as fetch:
@@ -314,9 +321,9 @@ class Dispatcher:
         # missed); it is raised once the batch is out.
         outcomes: list[Outcome] = []
         database_error: Exception | None = None
-        for ctx, decision, cid in decided:
+        for ctx, decision, cid, intent in decided:
             try:
-                outcomes.append(self._after_commit(ctx, decision, cid, now))
+                outcomes.append(self._after_commit(ctx, decision, cid, now, intent))
             except (psycopg.OperationalError, psycopg.InterfaceError) as e:
                 database_error = database_error or e
                 outcomes.append(Outcome(ctx.recommendation["id"], "SUBMITTING", "ANSWER_NOT_RECORDED", str(e),
@@ -361,13 +368,14 @@ class Dispatcher:
                 decision = exit_unavailable(decision, "CLOSING")
         return decision, position_id, fresh
 
-    def _after_commit(self, ctx: Context, decision: Decision, cid: str, now: datetime) -> Outcome:
+    def _after_commit(self, ctx: Context, decision: Decision, cid: str, now: datetime,
+                      intent: orders_repo.Intent | None = None) -> Outcome:
         rec_id = ctx.recommendation["id"]
         if not decision.is_order:
             self._log_decision(ctx, "SKIPPED", decision.code, decision.detail)
             return Outcome(rec_id, "SKIPPED", decision.code, decision.detail, ctx.ticker, ctx.action)
         try:
-            return self._submit(ctx, decision, cid, now)
+            return self._submit(ctx, decision, cid, now, intent)
         except (psycopg.OperationalError, psycopg.InterfaceError):
             raise
         except Exception as e:  # after the intent's commit: the order may be out, recovery asks the broker
@@ -482,20 +490,21 @@ class Dispatcher:
         return {"params_source": in_force.source, "params_version": in_force.version, "params_hash": in_force.content_hash}
 
     def _record_skips(self, conn, skips: list[tuple[Context, Decision, dict]], in_force: ParamsInForce,
-                      now: datetime) -> None:
+                      now: datetime, commit: bool = False) -> None:
         if not skips:
             return
         orders_repo.record_skips(conn, self.account_id, [
             {"id": ctx.recommendation["id"], "code": d.code, "detail": d.detail, "gates": d.gates_json(),
              "decision": d.info, "inputs": inputs} for ctx, d, inputs in skips], now, self.worker_id,
-            **self._params_columns(in_force))
+            commit=commit, **self._params_columns(in_force))
 
     def _record_intent(self, conn, ctx: Context, decision: Decision, cid: str, in_force: ParamsInForce, now: datetime,
-                       position_id: int | None, inputs: dict | None = None) -> None:
+                       position_id: int | None, inputs: dict | None = None,
+                       commit: bool = False) -> orders_repo.Intent:
         plan = decision.plan
         info = {**decision.info, "plan": {"instrument": plan.instrument, "symbol": plan.symbol, "side": plan.side,
                                           "qty": plan.qty, "est_price": plan.est_price, "notional": plan.notional}}
-        orders_repo.record_intent(conn, **{
+        return orders_repo.record_intent(conn, commit=commit, exit_reason=ctx.recommendation.get("exit_reason"), **{
             "position_id": position_id, "recommendation_id": ctx.recommendation["id"], "account_id": self.account_id, "worker": self.worker_id,
             "now": now, "gates": jsonb(decision.gates_json()), "decision": jsonb(info),
             "inputs": jsonb(inputs) if inputs is not None else None,
@@ -535,7 +544,8 @@ class Dispatcher:
 
     # --- the order ------------------------------------------------------------------------
 
-    def _submit(self, ctx: Context, decision: Decision, cid: str, now: datetime) -> Outcome:
+    def _submit(self, ctx: Context, decision: Decision, cid: str, now: datetime,
+                intent: orders_repo.Intent | None = None) -> Outcome:
         plan = decision.plan
         rec_id = ctx.recommendation["id"]
         order = OrderRequest(
@@ -547,7 +557,7 @@ class Dispatcher:
             result = submit_exactly_once(self.broker, order)
             metrics.COMMIT_TO_SUBMIT.observe((self.clock.now() - now).total_seconds())
         except BrokerRejected as e:
-            self.record_broker_answer(cid, None, rejected=str(e))
+            self.record_broker_answer(cid, None, rejected=str(e), intent=intent)
             self._log_decision(ctx, "REJECTED", "BROKER_REJECTED", str(e))
             return Outcome(rec_id, "REJECTED", "BROKER_REJECTED", str(e), ctx.ticker, ctx.action)
         except BrokerUnavailable as e:
@@ -555,7 +565,7 @@ class Dispatcher:
             # asks the broker again. Never resubmitted under a new id.
             log.warning("order state unknown", extra={"recommendation_id": rec_id, "client_order_id": cid, "error": str(e)})
             return Outcome(rec_id, "SUBMITTING", "ORDER_STATE_UNKNOWN", str(e), ctx.ticker, ctx.action)
-        status = self.record_broker_answer(cid, result)
+        status = self.record_broker_answer(cid, result, intent=intent)
         self.refresh_account(min_interval=FILL_REFRESH_SECONDS)
         code = "ORDER_FILLED" if result.is_filled else "ORDER_ACCEPTED"
         detail = f"{plan.side} {result.filled_qty or plan.qty} {plan.symbol} @ {result.filled_avg_price}"
