@@ -1,6 +1,7 @@
 """Dispatcher throughput and wake-up latency with the simulated paper broker.
 
     python bench/dispatch.py [--recs 10000] [--tickers 2000] [--latency-recs 400] [--no-pgbench] [--log-to-stderr]
+                             [--only throughput,pgbench,trips,latency]
 
 1. Throughput: N pending recommendations over many tickers for one account with up to 50 open
    positions (the first 50 execute; the rest are denied by the position, exposure and cooldown
@@ -14,9 +15,10 @@
    every statement, BEGIN and COMMIT goes through, counted when it does I/O; a libpq protocol
    trace, counting the Query and Sync messages sent, gives the same figures). Counted for
    recommendations decided alone (an idle queue, a batch of one) and across a drained queue
-   (batches). The order path is split: up to the order's submission (the intent), and the
-   recording of the broker's answer after it. The simulated broker has its own pool, not
-   counted: it stands in for HTTP requests to Alpaca.
+   (batches). The order path is counted whole and split: up to the order's submission (the
+   intent), and the recording of the broker's answer after it. In pipeline mode a Sync and its
+   answers are one round trip, whatever number of statements it carries. The simulated broker
+   has its own pool, not counted: it stands in for HTTP requests to Alpaca.
 4. pgbench side by side (`--no-pgbench` to skip): the dispatcher's own claim-and-gather and
    its outcome update, as SQL alone, on the same database and data, 2 clients: the floor the
    database sets under the dispatcher's figure.
@@ -266,7 +268,7 @@ def round_trips(url: str, offset_s: float, tickers: int, alone: int = 150, drain
     pool.close()
     broker_pool.close()
     return {"order": statistics.median(paths.get("EXECUTED", [0])), "order_max": max(paths.get("EXECUTED", [0])),
-            "answer": statistics.median(answers or [0]),
+            "answer": statistics.median(answers or [0]), "answer_max": max(answers or [0]),
             "skip": statistics.median(paths.get("SKIPPED", [0])), "skip_max": max(paths.get("SKIPPED", [0])),
             "drained": per_drained, "batches": decided / max(1, len(d.claims) - alone)}
 
@@ -337,7 +339,10 @@ def main() -> int:
     parser.add_argument("--latency-recs", type=int, default=400)
     parser.add_argument("--no-pgbench", action="store_true")
     parser.add_argument("--log-to-stderr", action="store_true")
+    parser.add_argument("--only", default="throughput,pgbench,trips,latency",
+                        help="the parts to run, comma-separated")
     args = parser.parse_args()
+    parts = set(args.only.split(","))
     global LOG_TO_STDERR
     LOG_TO_STDERR = args.log_to_stderr
     quiet_logging(args.log_to_stderr)
@@ -363,25 +368,32 @@ def main() -> int:
 
     # Untimed warm-up: the tables see their first updates, autovacuum analyzes them, plans settle.
     throughput(ctx, url, offset_s, 1, min(args.recs, 2000), args.tickers, SESSION_START)
-    print(f"throughput: {args.recs} recommendations over {args.tickers} tickers, simulated broker")
-    for n in (1, 2):
-        r = throughput(ctx, url, offset_s, n, args.recs, args.tickers, SESSION_START)
-        print(f"  {n} process(es): {r['per_second']:,.0f} decisions/s ({r['seconds']:.2f} s)  outcomes {r['counts']}")
-    if not args.no_pgbench:
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    if "throughput" in parts:
+        print(f"throughput: {args.recs} recommendations over {args.tickers} tickers, simulated broker")
+        for n in (1, 2):
+            r = throughput(ctx, url, offset_s, n, args.recs, args.tickers, SESSION_START)
+            print(f"  {n} process(es): {r['per_second']:,.0f} decisions/s ({r['seconds']:.2f} s)  outcomes {r['counts']}")
+    if "pgbench" in parts and not args.no_pgbench:
         print(f"pgbench, the same SQL alone ({args.recs} recommendations, 2 clients, BEGIN / claim-and-gather / skip update / COMMIT)")
         for limit in (64, 1):
             r = pgbench(url, args.recs, args.tickers, limit)
             print(f"  claim {limit:>2}: {r['rows_per_second']:,.0f} decisions/s ({r['tps']:,.0f} transactions/s)")
         reset(url)
-    r = round_trips(url, offset_s, args.tickers)
-    print("round trips per decision (waits on the server by the dispatcher's connections)")
-    print(f"  alone (idle queue, batch of 1): skip {r['skip']:.0f} (max {r['skip_max']}), "
-          f"order {r['order']:.0f} up to its submission (max {r['order_max']}) + {r['answer']:.0f} recording the broker's answer")
-    print(f"  drained queue (batches of ~{r['batches']:.0f}): {r['drained']:.2f}")
-    print(f"latency: commit -> order submission, woken by NOTIFY, {args.latency_recs} recommendations 10 ms apart")
-    for n in (1, 2):
-        r = latency(ctx, url, offset_s, n, args.latency_recs, SESSION_START)
-        print(f"  {n} process(es): p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.2f} ms ({r['orders']} orders)")
+    if "trips" in parts:
+        r = round_trips(url, offset_s, args.tickers)
+        print("round trips per decision (waits on the server by the dispatcher's connections)")
+        print(f"  alone (idle queue, batch of 1): skip {r['skip']:.0f} (max {r['skip_max']}), "
+              f"order {r['order'] + r['answer']:.0f} whole (max {r['order_max'] + r['answer_max']}): "
+              f"{r['order']:.0f} up to its submission + {r['answer']:.0f} recording the broker's answer")
+        print(f"  drained queue (batches of ~{r['batches']:.0f}): {r['drained']:.2f}")
+    if "latency" in parts:
+        print(f"latency: commit -> order submission, woken by NOTIFY, {args.latency_recs} recommendations 10 ms apart")
+        for n in (1, 2):
+            r = latency(ctx, url, offset_s, n, args.latency_recs, SESSION_START)
+            print(f"  {n} process(es): p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.2f} ms "
+                  f"({r['orders']} orders)")
+    print(f"load average {os.getloadavg()[0]:.2f}")
     return 0
 
 

@@ -89,6 +89,12 @@ EXIT_QUOTE_FRESH = timedelta(seconds=5)
 # nothing to decide, and otherwise at most this often: each costs queries, and on a busy queue they
 # would sit between a wake-up and the next submission. A trip made here brings the next one forward.
 PERIODIC_SECONDS = 0.5
+# Work that can wait (a fill's account refresh, ~13 ms with 400 positions and two broker requests
+# against a live account; on a busy queue, the periodic pass above) is done by the loop once no
+# recommendation has come for this long, not between a wake-up and the next order...
+QUIET_SECONDS = 0.02
+# ...and is never put off longer than this, however busy the queue.
+DEFER_AT_MOST_SECONDS = 2.0
 # SIGTERM: the recommendation in hand gets this long; then its order is left SUBMITTING for recovery.
 SHUTDOWN_BUDGET_SECONDS = 15.0
 
@@ -171,6 +177,7 @@ class Dispatcher:
                                      self._session_day)
         self._last_reconcile: datetime | None = None
         self._periodic_due = 0.0  # time.monotonic() of the next _periodic on a busy queue
+        self._fill_refresh_since: float | None = None  # time.monotonic() of the first fill not refreshed after
         self._chain_errors: dict[str, str] = {}
         self._asset_errors: dict[str, AssetUnavailable] = {}
         self._exit_quotes: dict[str, tuple[datetime, Quote | None]] = {}
@@ -566,7 +573,8 @@ class Dispatcher:
             log.warning("order state unknown", extra={"recommendation_id": rec_id, "client_order_id": cid, "error": str(e)})
             return Outcome(rec_id, "SUBMITTING", "ORDER_STATE_UNKNOWN", str(e), ctx.ticker, ctx.action)
         status = self.record_broker_answer(cid, result, intent=intent)
-        self.refresh_account(min_interval=FILL_REFRESH_SECONDS)
+        if self._fill_refresh_since is None:  # the account is refreshed after the pending work (drain, the loop)
+            self._fill_refresh_since = time.monotonic()
         code = "ORDER_FILLED" if result.is_filled else "ORDER_ACCEPTED"
         detail = f"{plan.side} {result.filled_qty or plan.qty} {plan.symbol} @ {result.filled_avg_price}"
         if decision.code == "ORDER_PLANNED_FALLBACK":
@@ -585,8 +593,11 @@ class Dispatcher:
 
     # --- the loop -------------------------------------------------------------------------
 
-    def drain(self, stop: threading.Event | None = None, limit: int | None = None) -> list[Outcome]:
-        """Decide pending recommendations until none is left (or `stop`, or `limit`)."""
+    def drain(self, stop: threading.Event | None = None, limit: int | None = None, *,
+              defer: bool = False) -> list[Outcome]:
+        """Decide pending recommendations until none is left (or `stop`, or `limit`), then refresh
+        the account if an order was answered. `defer`: leave that refresh to the caller (the loop
+        does it at a quiet moment)."""
         outcomes: list[Outcome] = []
         size = 1  # an idle queue's recommendation is claimed alone, at once
         while not (stop and stop.is_set()) and (limit is None or len(outcomes) < limit):
@@ -597,7 +608,25 @@ class Dispatcher:
             outcomes.extend(batch)
             # A full claim means a deep queue: claim more next time (throughput); a short one, one.
             size = min(size * 4, MAX_BATCH) if len(batch) >= want else 1
+        if not defer:
+            self._refresh_after_fills()
         return outcomes
+
+    def _refresh_after_fills(self) -> None:
+        if self._fill_refresh_since is not None:
+            self._fill_refresh_since = None
+            self.refresh_account(min_interval=FILL_REFRESH_SECONDS)
+
+    def _deferred_due(self) -> float | None:
+        """Since when (time.monotonic()) work that waits for a quiet moment has been due; None: none is."""
+        due = [t for t in (self._fill_refresh_since, self._periodic_due) if t is not None and t <= time.monotonic()]
+        return min(due) if due else None
+
+    def _run_deferred(self) -> None:
+        if self._fill_refresh_since is not None:
+            self._refresh_after_fills()
+        if time.monotonic() >= self._periodic_due:
+            self._periodic()
 
     def run_forever(self, conninfo: str, stop: threading.Event) -> None:
         """LISTEN for new recommendations, poll as the fallback, survive a database restart."""
@@ -612,8 +641,12 @@ class Dispatcher:
                     listener.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
                     self.recover_in_flight()
                 self.refresh_account()
-                if not self.drain(stop) or time.monotonic() >= self._periodic_due:
+                idle = not self.drain(stop, defer=True)
+                if idle or self._periodic_due == 0.0:  # nothing decided, or a trip brought it forward
                     self._periodic()
+                due = self._deferred_due()
+                if due is not None and time.monotonic() - due >= DEFER_AT_MOST_SECONDS:
+                    self._run_deferred()  # a queue never quiet for long: waited long enough
                 alerts.loop_ok(f"dispatcher:{self.account_id}")
                 backoff = 0.5
                 self._wait_for_work(listener, stop)
@@ -634,16 +667,21 @@ class Dispatcher:
             listener.close()
 
     def _wait_for_work(self, listener: psycopg.Connection, stop: threading.Event) -> None:
-        """Until a NOTIFY, the poll interval, or `stop`, whichever comes first."""
+        """Until a NOTIFY, the poll interval, or `stop`, whichever comes first. Work put off for a
+        quiet moment is done once QUIET_SECONDS pass without a NOTIFY."""
         poll = self.params.current().params.execution.poll_interval_seconds
         deadline = time.monotonic() + poll
         while not stop.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
+            deferred = self._deferred_due() is not None
             # Short slices so a SIGTERM is seen within a quarter second.
-            if any(True for _ in listener.notifies(timeout=min(remaining, 0.25), stop_after=1)):
+            timeout = min(remaining, QUIET_SECONDS if deferred else 0.25)
+            if any(True for _ in listener.notifies(timeout=timeout, stop_after=1)):
                 return
+            if deferred:
+                self._run_deferred()
 
     def _periodic(self) -> None:
         self._periodic_due = time.monotonic() + PERIODIC_SECONDS
