@@ -1,7 +1,7 @@
 """Dispatcher throughput and wake-up latency with the simulated paper broker.
 
     python bench/dispatch.py [--recs 10000] [--tickers 2000] [--latency-recs 400] [--no-pgbench] [--log-to-stderr]
-                             [--only throughput,pgbench,trips,latency]
+                             [--only throughput,pgbench,trips,latency,floor]
 
 1. Throughput: N pending recommendations over many tickers for one account with up to 50 open
    positions (the first 50 execute; the rest are denied by the position, exposure and cooldown
@@ -19,7 +19,9 @@
    intent), and the recording of the broker's answer after it. In pipeline mode a Sync and its
    answers are one round trip, whatever number of statements it carries. The simulated broker
    has its own pool, not counted: it stands in for HTTP requests to Alpaca.
-4. pgbench side by side (`--no-pgbench` to skip): the dispatcher's own claim-and-gather and
+4. The floor under the latency: the same wake-up, two round trips and durable commit with nothing
+   to decide and one-row statements, in a process of its own.
+5. pgbench side by side (`--no-pgbench` to skip): the dispatcher's own claim-and-gather and
    its outcome update, as SQL alone, on the same database and data, 2 clients: the floor the
    database sets under the dispatcher's figure.
 
@@ -215,6 +217,55 @@ def latency(ctx, url: str, offset_s: float, n_workers: int, n: int, now: datetim
             "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))], "max_ms": lat[-1]}
 
 
+def floor_listener(url: str, ready, results) -> None:
+    """The mechanics of the latency path with nothing to decide: woken by NOTIFY, BEGIN + the
+    capacity lock + a one-row read in one message, then an insert and its COMMIT in one round trip."""
+    import psycopg
+
+    listener = psycopg.connect(url, autocommit=True)
+    listener.execute("LISTEN bench_floor")
+    conn = psycopg.connect(url, autocommit=True)
+    ready.set()
+    done = []
+    for note in listener.notifies():
+        if note.payload == "stop":
+            break
+        psycopg.ClientCursor(conn).execute("BEGIN; SELECT pg_advisory_xact_lock(1); SELECT 1")
+        with conn.pipeline():
+            conn.execute("INSERT INTO bench_floor (n) VALUES (%s)", (int(note.payload),))
+            conn.execute("COMMIT")
+        done.append((int(note.payload), time.time()))
+    results.put(done)
+
+
+def floor(ctx, url: str, n: int) -> dict:
+    """commit -> the end of a durable intent with no work in it: what the machine itself costs."""
+    from services.common.db import connect
+
+    with connect(url) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_floor")
+        conn.execute("CREATE TABLE bench_floor (id bigserial PRIMARY KEY, n int)")
+    ready, results = ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=floor_listener, args=(url, ready, results))
+    proc.start()
+    ready.wait()
+    time.sleep(0.5)
+    sent: dict[int, float] = {}
+    with connect(url) as conn:
+        for i in range(n):
+            with conn.transaction():
+                conn.execute("SELECT pg_notify('bench_floor', %s)", (str(i),))
+            sent[i] = time.time()
+            time.sleep(0.01)
+        conn.execute("SELECT pg_notify('bench_floor', 'stop')")
+    done = results.get()
+    proc.join()
+    with connect(url) as conn:
+        conn.execute("DROP TABLE bench_floor")
+    lat = sorted((at - sent[i]) * 1000 for i, at in done)
+    return {"p50_ms": statistics.median(lat), "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
+
+
 def round_trips(url: str, offset_s: float, tickers: int, alone: int = 150, drained: int = 2000) -> dict:
     """Round trips per decision: recommendations decided alone (the first 50 become orders, the
     rest are skipped by the position limit), then a queue of `drained` drained in batches."""
@@ -339,7 +390,7 @@ def main() -> int:
     parser.add_argument("--latency-recs", type=int, default=400)
     parser.add_argument("--no-pgbench", action="store_true")
     parser.add_argument("--log-to-stderr", action="store_true")
-    parser.add_argument("--only", default="throughput,pgbench,trips,latency",
+    parser.add_argument("--only", default="throughput,pgbench,trips,latency,floor",
                         help="the parts to run, comma-separated")
     args = parser.parse_args()
     parts = set(args.only.split(","))
@@ -393,6 +444,10 @@ def main() -> int:
             r = latency(ctx, url, offset_s, n, args.latency_recs, SESSION_START)
             print(f"  {n} process(es): p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.2f} ms "
                   f"({r['orders']} orders)")
+    if "floor" in parts:
+        r = floor(ctx, url, args.latency_recs)
+        print(f"  the same path with nothing to decide (wake, lock + one-row read, insert + durable COMMIT): "
+              f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
     print(f"load average {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -2,8 +2,10 @@
 
 The answer to a submit, a pushed trade update (Alpaca's stream, the simulated broker), a poll and
 recovery all reach `record_broker_answer`, which hands the event to the one write path
-(`orders_repo.apply_event`). Limit orders still unfilled after their time are canceled and sent
-again more aggressively, attempt by attempt, each step committed before it leaves.
+(`orders_repo.apply_event`; the answer to a submission first to `orders_repo.apply_answer`, the
+same compare-and-sets in one statement on the state the intent recorded). Limit orders still
+unfilled after their time are canceled and sent again more aggressively, attempt by attempt, each
+step committed before it leaves.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ changed meanwhile is left alone, and the function says so (`Conflict`) instead o
 it. Which changes are legal is decided by the pure table in `services/domain/lifecycle.py`; this module only
 loads, asks and writes. Positions are addressed by id, never by ticker.
 
-Each function runs on the caller's connection, inside the caller's transaction.
+Each function runs on the caller's connection, inside the caller's transaction; `commit=True`
+ends that transaction with the function's statement, and `apply_answer` runs with none open (its
+one statement is its own transaction).
 """
 
 from __future__ import annotations
