@@ -1,6 +1,7 @@
 """Dispatcher throughput and wake-up latency with the simulated paper broker.
 
     python bench/dispatch.py [--recs 10000] [--tickers 2000] [--latency-recs 400] [--no-pgbench] [--log-to-stderr]
+                             [--only throughput,pgbench,trips,latency,floor]
 
 1. Throughput: N pending recommendations over many tickers for one account with up to 50 open
    positions (the first 50 execute; the rest are denied by the position, exposure and cooldown
@@ -14,10 +15,13 @@
    every statement, BEGIN and COMMIT goes through, counted when it does I/O; a libpq protocol
    trace, counting the Query and Sync messages sent, gives the same figures). Counted for
    recommendations decided alone (an idle queue, a batch of one) and across a drained queue
-   (batches). The order path is split: up to the order's submission (the intent), and the
-   recording of the broker's answer after it. The simulated broker has its own pool, not
-   counted: it stands in for HTTP requests to Alpaca.
-4. pgbench side by side (`--no-pgbench` to skip): the dispatcher's own claim-and-gather and
+   (batches). The order path is counted whole and split: up to the order's submission (the
+   intent), and the recording of the broker's answer after it. In pipeline mode a Sync and its
+   answers are one round trip, whatever number of statements it carries. The simulated broker
+   has its own pool, not counted: it stands in for HTTP requests to Alpaca.
+4. The floor under the latency: the same wake-up, two round trips and durable commit with nothing
+   to decide and one-row statements, in a process of its own.
+5. pgbench side by side (`--no-pgbench` to skip): the dispatcher's own claim-and-gather and
    its outcome update, as SQL alone, on the same database and data, 2 clients: the floor the
    database sets under the dispatcher's figure.
 
@@ -213,6 +217,55 @@ def latency(ctx, url: str, offset_s: float, n_workers: int, n: int, now: datetim
             "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))], "max_ms": lat[-1]}
 
 
+def floor_listener(url: str, ready, results) -> None:
+    """The mechanics of the latency path with nothing to decide: woken by NOTIFY, BEGIN + the
+    capacity lock + a one-row read in one message, then an insert and its COMMIT in one round trip."""
+    import psycopg
+
+    listener = psycopg.connect(url, autocommit=True)
+    listener.execute("LISTEN bench_floor")
+    conn = psycopg.connect(url, autocommit=True)
+    ready.set()
+    done = []
+    for note in listener.notifies():
+        if note.payload == "stop":
+            break
+        psycopg.ClientCursor(conn).execute("BEGIN; SELECT pg_advisory_xact_lock(1); SELECT 1")
+        with conn.pipeline():
+            conn.execute("INSERT INTO bench_floor (n) VALUES (%s)", (int(note.payload),))
+            conn.execute("COMMIT")
+        done.append((int(note.payload), time.time()))
+    results.put(done)
+
+
+def floor(ctx, url: str, n: int) -> dict:
+    """commit -> the end of a durable intent with no work in it: what the machine itself costs."""
+    from services.common.db import connect
+
+    with connect(url) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_floor")
+        conn.execute("CREATE TABLE bench_floor (id bigserial PRIMARY KEY, n int)")
+    ready, results = ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=floor_listener, args=(url, ready, results))
+    proc.start()
+    ready.wait()
+    time.sleep(0.5)
+    sent: dict[int, float] = {}
+    with connect(url) as conn:
+        for i in range(n):
+            with conn.transaction():
+                conn.execute("SELECT pg_notify('bench_floor', %s)", (str(i),))
+            sent[i] = time.time()
+            time.sleep(0.01)
+        conn.execute("SELECT pg_notify('bench_floor', 'stop')")
+    done = results.get()
+    proc.join()
+    with connect(url) as conn:
+        conn.execute("DROP TABLE bench_floor")
+    lat = sorted((at - sent[i]) * 1000 for i, at in done)
+    return {"p50_ms": statistics.median(lat), "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
+
+
 def round_trips(url: str, offset_s: float, tickers: int, alone: int = 150, drained: int = 2000) -> dict:
     """Round trips per decision: recommendations decided alone (the first 50 become orders, the
     rest are skipped by the position limit), then a queue of `drained` drained in batches."""
@@ -266,7 +319,7 @@ def round_trips(url: str, offset_s: float, tickers: int, alone: int = 150, drain
     pool.close()
     broker_pool.close()
     return {"order": statistics.median(paths.get("EXECUTED", [0])), "order_max": max(paths.get("EXECUTED", [0])),
-            "answer": statistics.median(answers or [0]),
+            "answer": statistics.median(answers or [0]), "answer_max": max(answers or [0]),
             "skip": statistics.median(paths.get("SKIPPED", [0])), "skip_max": max(paths.get("SKIPPED", [0])),
             "drained": per_drained, "batches": decided / max(1, len(d.claims) - alone)}
 
@@ -337,7 +390,10 @@ def main() -> int:
     parser.add_argument("--latency-recs", type=int, default=400)
     parser.add_argument("--no-pgbench", action="store_true")
     parser.add_argument("--log-to-stderr", action="store_true")
+    parser.add_argument("--only", default="throughput,pgbench,trips,latency,floor",
+                        help="the parts to run, comma-separated")
     args = parser.parse_args()
+    parts = set(args.only.split(","))
     global LOG_TO_STDERR
     LOG_TO_STDERR = args.log_to_stderr
     quiet_logging(args.log_to_stderr)
@@ -363,25 +419,36 @@ def main() -> int:
 
     # Untimed warm-up: the tables see their first updates, autovacuum analyzes them, plans settle.
     throughput(ctx, url, offset_s, 1, min(args.recs, 2000), args.tickers, SESSION_START)
-    print(f"throughput: {args.recs} recommendations over {args.tickers} tickers, simulated broker")
-    for n in (1, 2):
-        r = throughput(ctx, url, offset_s, n, args.recs, args.tickers, SESSION_START)
-        print(f"  {n} process(es): {r['per_second']:,.0f} decisions/s ({r['seconds']:.2f} s)  outcomes {r['counts']}")
-    if not args.no_pgbench:
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    if "throughput" in parts:
+        print(f"throughput: {args.recs} recommendations over {args.tickers} tickers, simulated broker")
+        for n in (1, 2):
+            r = throughput(ctx, url, offset_s, n, args.recs, args.tickers, SESSION_START)
+            print(f"  {n} process(es): {r['per_second']:,.0f} decisions/s ({r['seconds']:.2f} s)  outcomes {r['counts']}")
+    if "pgbench" in parts and not args.no_pgbench:
         print(f"pgbench, the same SQL alone ({args.recs} recommendations, 2 clients, BEGIN / claim-and-gather / skip update / COMMIT)")
         for limit in (64, 1):
             r = pgbench(url, args.recs, args.tickers, limit)
             print(f"  claim {limit:>2}: {r['rows_per_second']:,.0f} decisions/s ({r['tps']:,.0f} transactions/s)")
         reset(url)
-    r = round_trips(url, offset_s, args.tickers)
-    print("round trips per decision (waits on the server by the dispatcher's connections)")
-    print(f"  alone (idle queue, batch of 1): skip {r['skip']:.0f} (max {r['skip_max']}), "
-          f"order {r['order']:.0f} up to its submission (max {r['order_max']}) + {r['answer']:.0f} recording the broker's answer")
-    print(f"  drained queue (batches of ~{r['batches']:.0f}): {r['drained']:.2f}")
-    print(f"latency: commit -> order submission, woken by NOTIFY, {args.latency_recs} recommendations 10 ms apart")
-    for n in (1, 2):
-        r = latency(ctx, url, offset_s, n, args.latency_recs, SESSION_START)
-        print(f"  {n} process(es): p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.2f} ms ({r['orders']} orders)")
+    if "trips" in parts:
+        r = round_trips(url, offset_s, args.tickers)
+        print("round trips per decision (waits on the server by the dispatcher's connections)")
+        print(f"  alone (idle queue, batch of 1): skip {r['skip']:.0f} (max {r['skip_max']}), "
+              f"order {r['order'] + r['answer']:.0f} whole (max {r['order_max'] + r['answer_max']}): "
+              f"{r['order']:.0f} up to its submission + {r['answer']:.0f} recording the broker's answer")
+        print(f"  drained queue (batches of ~{r['batches']:.0f}): {r['drained']:.2f}")
+    if "latency" in parts:
+        print(f"latency: commit -> order submission, woken by NOTIFY, {args.latency_recs} recommendations 10 ms apart")
+        for n in (1, 2):
+            r = latency(ctx, url, offset_s, n, args.latency_recs, SESSION_START)
+            print(f"  {n} process(es): p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.2f} ms "
+                  f"({r['orders']} orders)")
+    if "floor" in parts:
+        r = floor(ctx, url, args.latency_recs)
+        print(f"  the same path with nothing to decide (wake, lock + one-row read, insert + durable COMMIT): "
+              f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
+    print(f"load average {os.getloadavg()[0]:.2f}")
     return 0
 
 

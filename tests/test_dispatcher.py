@@ -28,6 +28,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from services.common.clock import FixedClock
+from services.adapters.postgres import claims
 from services.common.db import connect, make_pool, round_trip_counting
 from services.common.market_calendar import CalendarUnavailable, SessionCalendar
 from services.common.params import ParamsInForce, as_params, load_params_file
@@ -1156,25 +1157,31 @@ RoundTrips = round_trip_counting()
 
 
 def counted_dispatcher(h: Harness) -> Dispatcher:
-    """A dispatcher on a counted pool; the simulated broker keeps its own (it stands in for HTTP)."""
-    pool = ConnectionPool(h.db_url, min_size=1, max_size=2, connection_class=RoundTrips,
+    """A dispatcher on a counted pool; the simulated broker keeps its own (it stands in for HTTP).
+
+    Both of the pool's connections have the claim prepared: whichever one a decision is handed,
+    its count is that of a dispatcher that has run a while."""
+    pool = ConnectionPool(h.db_url, min_size=2, max_size=2, connection_class=RoundTrips,
                           kwargs={"autocommit": True, "row_factory": dict_row}, open=True)
     h._pools.append(pool)
+    with pool.connection() as first, pool.connection() as second:
+        claims.prepare(first)
+        claims.prepare(second)
     d = h.dispatcher(pool=pool)
     d.refresh_account(force=True)
     return d
 
 
-def test_a_lone_skip_costs_three_round_trips_begin_with_the_claim_then_the_record_then_commit(harness, conn):
+def test_a_lone_skip_costs_two_round_trips_begin_with_the_claim_then_the_record_with_commit(harness, conn):
     d = counted_dispatcher(harness())
     add_market(conn, "AAPL", NOW, 200)
     add_position(conn, "AAPL", 1, 200)  # held: every AAPL entry is skipped
     add_recommendation(conn, "AAPL", NOW - timedelta(seconds=1))
-    assert d.process_next().status == "SKIPPED"  # the connection's first claim also PREPAREs its queries
+    assert d.process_next().status == "SKIPPED"  # the first decision warms the caches
     add_recommendation(conn, "AAPL", NOW)
     before = RoundTrips.waits
     assert d.process_next().status == "SKIPPED"
-    assert RoundTrips.waits - before == 3
+    assert RoundTrips.waits - before == 2
 
 
 def submissions_after_round_trips(d: Dispatcher) -> list[int]:
@@ -1191,7 +1198,7 @@ def submissions_after_round_trips(d: Dispatcher) -> list[int]:
     return seen
 
 
-def test_a_lone_order_costs_three_round_trips_until_it_leaves_its_claim_taken_under_the_capacity_lock(
+def test_a_lone_order_costs_two_round_trips_until_it_leaves_its_claim_taken_under_the_capacity_lock(
         harness, conn):
     d = counted_dispatcher(harness())
     for t in ("AAPL", "MSFT"):
@@ -1201,8 +1208,88 @@ def test_a_lone_order_costs_three_round_trips_until_it_leaves_its_claim_taken_un
     add_recommendation(conn, "MSFT", NOW)
     seen = submissions_after_round_trips(d)
     assert d.process_next().status == "EXECUTED"
-    assert seen == [3]  # BEGIN + capacity lock + claim, intent, COMMIT
+    assert seen == [2]  # BEGIN + capacity lock + claim; intent + COMMIT
     assert count(conn, "SELECT count(*) AS n FROM active_positions WHERE status = 'OPEN'") == 2
+
+
+def test_a_lone_order_on_an_idle_queue_costs_at_most_four_round_trips_counted_whole_intent_and_answer(
+        harness, conn):
+    d = counted_dispatcher(harness())
+    for t in ("AAPL", "MSFT"):
+        add_market(conn, t, NOW, 200)
+    add_recommendation(conn, "AAPL", NOW - timedelta(seconds=1))
+    assert d.process_next().status == "EXECUTED"  # the first decision warms the caches
+    rec = add_recommendation(conn, "MSFT", NOW)
+    before = RoundTrips.waits
+    outcome = d.process_next()
+    trips = RoundTrips.waits - before
+    assert (outcome.recommendation_id, outcome.status, outcome.code) == (rec, "EXECUTED", "ORDER_FILLED")
+    assert trips <= 4
+    assert trips == 3  # BEGIN + capacity lock + claim; intent + COMMIT; the broker's answer in one statement
+    row = conn.execute("""SELECT e.status, e.filled_qty, e.version, p.status AS position_status, p.qty,
+                                 r.status AS rec_status, r.outcome_code
+                          FROM dispatch_executions e JOIN active_positions p ON p.id = e.position_id
+                          JOIN dispatch_recommendations r ON r.id = e.recommendation_id
+                          WHERE e.recommendation_id = %s""", (rec,)).fetchone()
+    assert (row["status"], row["version"], row["position_status"], row["qty"], row["rec_status"],
+            row["outcome_code"]) == ("FILLED", 1, "OPEN", row["filled_qty"], "EXECUTED", "ORDER_FILLED")
+
+
+class RecordingBroker(PassThroughBroker):
+    """Records submissions and account reads in order; each submission takes `submit_takes` of the clock."""
+
+    def __init__(self, inner: SimBroker, clock: FixedClock, submit_takes: timedelta = timedelta(seconds=1.5)):
+        super().__init__(inner)
+        self.clock, self.submit_takes = clock, submit_takes
+        self.calls: list[str] = []
+        self.on_account = lambda: None
+
+    def submit_order(self, order):
+        self.calls.append("submit")
+        self.clock.advance(self.submit_takes)  # past FILL_REFRESH_SECONDS: each fill may refresh the account
+        return super().submit_order(order)
+
+    def get_account(self):
+        self.calls.append("account")
+        self.on_account()
+        return super().get_account()
+
+
+def test_a_fills_account_refresh_waits_until_the_queue_is_drained_then_runs_once(harness, conn):
+    h = harness()
+    broker = RecordingBroker(h.broker, h.clock)
+    d = h.dispatcher(broker)
+    for t in ("AAPL", "MSFT"):
+        add_market(conn, t, NOW, 200)
+    d.refresh_account(force=True)
+    broker.calls.clear()
+    add_recommendation(conn, "AAPL", NOW - timedelta(seconds=1))
+    add_recommendation(conn, "MSFT", NOW)
+    assert [o.status for o in d.drain()] == ["EXECUTED", "EXECUTED"]
+    assert broker.calls == ["submit", "submit", "account"]  # not between the two orders
+
+
+def test_the_loop_puts_off_a_fills_account_refresh_while_notifies_come_and_does_it_once_quiet(harness, conn, db_url):
+    h = harness()
+    broker = RecordingBroker(h.broker, h.clock)
+    d = h.dispatcher(broker)
+    add_market(conn, "AAPL", NOW, 200)
+    d.refresh_account(force=True)
+    broker.calls.clear()
+    add_recommendation(conn, "AAPL", NOW)
+    assert [o.status for o in d.drain(defer=True)] == ["EXECUTED"]
+    assert broker.calls == ["submit"]
+    stop = threading.Event()
+    with connect(db_url) as listener:
+        listener.execute("LISTEN recommendations")
+        conn.execute("SELECT pg_notify('recommendations', %s)", (ACCOUNT,))
+        d._wait_for_work(listener, stop)  # woken at once: the next recommendation comes first
+        assert broker.calls == ["submit"]
+        broker.on_account = stop.set
+        started = time.monotonic()
+        d._wait_for_work(listener, stop)  # nothing comes: the refresh is done once the queue is quiet
+    assert broker.calls == ["submit", "account"]
+    assert time.monotonic() - started < 0.5  # a quiet slice, not the poll interval (1 s)
 
 
 def test_orders_in_a_batch_each_take_the_capacity_lock_with_their_recheck_in_one_round_trip(harness, conn):

@@ -119,25 +119,34 @@ def make_pool(conninfo: str, *, min_size: int = 1, max_size: int = 4, applicatio
 def round_trip_counting() -> type[psycopg.Connection]:
     """A connection class counting its round trips in `.waits`: each wait on the server that does
     I/O (a commit with no transaction open goes through psycopg's wait() too, and sends nothing).
-    The benchmark prints the dispatcher's round trips per decision with it, and tests hold the
-    dispatcher to its budget. Each call makes a class of its own, with its own count."""
+    In pipeline mode each statement queued is flushed with a wait of its own that does not wait
+    for an answer (no Sync is sent): only the wait that leaves nothing outstanding, the Sync and
+    its answers, is a round trip. The figures are those of a libpq trace counting the Query and
+    Sync messages sent. The benchmark prints the dispatcher's round trips per decision with it, and
+    tests hold the dispatcher to its budget. Each call makes a class of its own, with its own count."""
 
     class Counting(psycopg.Connection):
         waits = 0
 
         def wait(self, gen, *args, **kwargs):
+            pipeline = self._pipeline
+
             def counted():
                 try:
                     ready = next(gen)
                 except StopIteration as done:
-                    return done.value
-                Counting.waits += 1
-                while True:
-                    sent = yield ready
-                    try:
-                        ready = gen.send(sent)
-                    except StopIteration as done:
-                        return done.value
+                    value = done.value
+                else:
+                    while True:
+                        sent = yield ready
+                        try:
+                            ready = gen.send(sent)
+                        except StopIteration as done:
+                            value = done.value
+                            break
+                    if pipeline is None or not pipeline.result_queue:
+                        Counting.waits += 1
+                return value
             return super().wait(counted(), *args, **kwargs)
 
     return Counting

@@ -2,8 +2,10 @@
 
 The answer to a submit, a pushed trade update (Alpaca's stream, the simulated broker), a poll and
 recovery all reach `record_broker_answer`, which hands the event to the one write path
-(`orders_repo.apply_event`). Limit orders still unfilled after their time are canceled and sent
-again more aggressively, attempt by attempt, each step committed before it leaves.
+(`orders_repo.apply_event`; the answer to a submission first to `orders_repo.apply_answer`, the
+same compare-and-sets in one statement on the state the intent recorded). Limit orders still
+unfilled after their time are canceled and sent again more aggressively, attempt by attempt, each
+step committed before it leaves.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from psycopg_pool import ConnectionPool
 
 from services.adapters import alerts
 from services.adapters.postgres import kill_switch, orders_repo, queries
-from services.adapters.postgres.orders_repo import BrokerFacts
+from services.adapters.postgres.orders_repo import BrokerFacts, Intent
 from services.common import metrics
 from services.common.clock import Clock
 from services.domain.broker import (
@@ -54,11 +56,14 @@ class OrderDesk:
         self.quotes = quotes
 
     def record_broker_answer(self, cid: str, result: OrderResult | None, *, rejected: str | None = None,
-                             failed: str | None = None) -> str:
+                             failed: str | None = None, intent: Intent | None = None) -> str:
         """Apply the broker's answer (or its refusal, or a lookup that found nothing) to the order.
 
         The same path serves the answer to a submit, the trade-updates stream, a later poll and
         recovery, so a fill that arrives late closes an exit just as an immediate one does.
+        `intent`: the answer is to the submission of this intent, applied to the state it
+        recorded in one round trip; when the order moved since (or the answer is not a plain
+        step from SUBMITTING) it goes the general way, the order loaded first.
         Returns the recommendation's status after it.
         """
         if result is not None:
@@ -69,8 +74,13 @@ class OrderDesk:
         else:
             event, facts = Event(EventKind.NOT_FOUND, message=failed), BrokerFacts(message=failed)
         now = self.clock.now()
-        with self.pool.connection() as conn, conn.transaction():
-            applied = orders_repo.apply_event(conn, self.account_id, cid, event, facts, now)
+        applied = None
+        if intent is not None:
+            with self.pool.connection() as conn:
+                applied = orders_repo.apply_answer(conn, intent, event, facts, now)
+        if applied is None:
+            with self.pool.connection() as conn, conn.transaction():
+                applied = orders_repo.apply_event(conn, self.account_id, cid, event, facts, now)
         if rejected is not None or (result is not None and result.status == "rejected"):
             alerts.emit(alerts.Event.ORDER_REJECTED, self.account_id, client_order_id=cid, message=facts.message)
         if isinstance(applied, Illegal):

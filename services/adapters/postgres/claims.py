@@ -56,6 +56,11 @@ _CLAIM = _Prepared("dispatcher_claim_and_gather", queries.CLAIM_AND_GATHER, {
 _prepared: weakref.WeakKeyDictionary[psycopg.Connection, set[str]] = weakref.WeakKeyDictionary()
 
 
+def prepare(conn: psycopg.Connection) -> None:
+    """PREPARE the claim on this connection now, if it is not yet (a pool's new connection)."""
+    _CLAIM.ensure(conn, _prepared.setdefault(conn, set()))
+
+
 def begin_and_claim(conn: psycopg.Connection, params: dict[str, Any], *, lock: bool = False) -> list[dict[str, Any]]:
     """BEGIN and CLAIM_AND_GATHER in one round trip; the transaction stays open with the rows locked.
 

@@ -6,7 +6,9 @@ changed meanwhile is left alone, and the function says so (`Conflict`) instead o
 it. Which changes are legal is decided by the pure table in `services/domain/lifecycle.py`; this module only
 loads, asks and writes. Positions are addressed by id, never by ticker.
 
-Each function runs on the caller's connection, inside the caller's transaction.
+Each function runs on the caller's connection, inside the caller's transaction; `commit=True`
+ends that transaction with the function's statement, and `apply_answer` runs with none open (its
+one statement is its own transaction).
 """
 
 from __future__ import annotations
@@ -49,6 +51,20 @@ def jsonb(value: Any) -> Jsonb:
     return Jsonb(value, dumps=lambda v: json.dumps(v, default=json_default))
 
 
+def execute_and_commit(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> psycopg.Cursor:
+    """The last statement of the caller's transaction and its COMMIT, in one round trip (pipeline mode).
+
+    When the statement fails the server skips the COMMIT, the error is raised here and the
+    caller's connection context rolls the transaction back. What the statement returns is read
+    after the commit: a check on it that fails can no longer roll back, so callers use this only
+    where a statement that matched nothing has written nothing.
+    """
+    with conn.pipeline():
+        cur = conn.execute(sql, params)
+        conn.execute("COMMIT")  # queued: conn.commit() would sync, and the pipeline's exit sync again
+    return cur
+
+
 # --- recommendations ------------------------------------------------------------------------
 
 # -- record_skips --
@@ -69,9 +85,11 @@ RETURNING r.id
 
 
 def record_skips(conn: psycopg.Connection, account_id: str, skips: list[dict[str, Any]], now: datetime,
-                 worker: str, **params_columns: Any) -> None:
-    changed = len(conn.execute(RECORD_SKIPS, {"account_id": account_id, "skips": jsonb(skips), "now": now,
-                                              "worker": worker, **params_columns}).fetchall())
+                 worker: str, *, commit: bool = False, **params_columns: Any) -> None:
+    """`commit`: the statement ends the caller's transaction, its COMMIT sent in the same round trip."""
+    params = {"account_id": account_id, "skips": jsonb(skips), "now": now, "worker": worker, **params_columns}
+    changed = len((execute_and_commit(conn, RECORD_SKIPS, params) if commit
+                   else conn.execute(RECORD_SKIPS, params)).fetchall())
     if changed != len(skips):
         raise Conflict(f"{len(skips) - changed} of {len(skips)} recommendations are no longer PENDING")
 
@@ -163,7 +181,7 @@ WITH reserved AS (
            CASE WHEN %(opens_position)s THEN 'ENTRY' ELSE 'EXIT' END, coalesce(%(position_id)s, reserved.id),
            %(order_type)s, %(limit_price)s, %(attempt)s, %(fee_per_unit)s
     FROM rec, reserved
-    RETURNING id, position_id
+    RETURNING id, position_id, version
 ), pos AS (
     INSERT INTO active_positions (id, account_id, ticker, instrument, symbol, side, qty, multiplier, avg_price,
                                   status, recommendation_id, execution_id, opened_at, updated_at, strategy)
@@ -172,16 +190,40 @@ WITH reserved AS (
     FROM exec
     WHERE %(opens_position)s
 )
-SELECT id AS execution_id, position_id FROM exec
+SELECT id AS execution_id, position_id, version FROM exec
 """
 
 
-def record_intent(conn: psycopg.Connection, **fields: Any) -> int:
-    """The execution row, the reservation (entries) and SUBMITTING; returns the execution id."""
-    row = conn.execute(RECORD_INTENT, fields).fetchone()
+@dataclass(frozen=True)
+class Intent:
+    """An order as its intent recorded it (SUBMITTING, nothing filled): the answer to its
+    submission is applied to this state without loading it again (`apply_answer`)."""
+
+    execution_id: int
+    version: int
+    recommendation_id: int
+    position_id: int | None
+    role: OrderRole
+    qty: Decimal
+    fee_per_unit: Decimal
+    exit_reason: str | None = None
+
+
+def record_intent(conn: psycopg.Connection, *, commit: bool = False, exit_reason: str | None = None,
+                  **fields: Any) -> Intent:
+    """The execution row, the reservation (entries) and SUBMITTING.
+
+    `commit`: the intent ends the caller's transaction, its COMMIT sent in the same round trip.
+    A recommendation no longer PENDING matches nothing and writes nothing, so that commit has
+    nothing to undo. `exit_reason`: the recommendation's, kept on the Intent for a CLOSE.
+    """
+    row = (execute_and_commit(conn, RECORD_INTENT, fields) if commit
+           else conn.execute(RECORD_INTENT, fields)).fetchone()
     if row is None:
         raise Conflict(f"recommendation {fields['recommendation_id']} is no longer PENDING")
-    return row["execution_id"]
+    return Intent(row["execution_id"], row["version"], fields["recommendation_id"], row["position_id"],
+                  OrderRole.ENTRY if fields["opens_position"] else OrderRole.EXIT, Decimal(fields["qty"]),
+                  Decimal(fields["fee_per_unit"]), exit_reason)
 
 
 # --- broker events ----------------------------------------------------------------------------
@@ -329,6 +371,76 @@ def apply_event(conn: psycopg.Connection, account_id: str, client_order_id: str,
             "recommendation_id": row["recommendation_id"], "recommendation_status": row["recommendation_status"],
             "client_order_id": client_order_id, "account_id": account_id})
     return Applied(row["recommendation_id"], result)
+
+
+# -- apply_answer --
+# The answer to a submission applied to the state its intent recorded, in one statement: the
+# execution's compare-and-set (status and version), then its position's and its recommendation's,
+# each only once the one before it matched. An execution that moved since its intent (a trade
+# update or a poll applied first) matches nothing and nothing is written; a later miss calls
+# lifecycle_conflict(), whose error undoes the whole statement. Sent with no transaction open,
+# the statement is its own transaction: one round trip where apply_event takes six.
+def _renamed(sql: str, **names: str) -> str:
+    for old, new in names.items():
+        sql = sql.replace(f"%({old})s", f"%({new})s")
+    return sql.strip()
+
+
+def _answer_sql(position_sql: str | None) -> str:
+    execution = _renamed(UPDATE_EXECUTION, id="execution_id", status="execution_status")
+    finish = _renamed(FINISH_RECOMMENDATION, id="recommendation_id", status="recommendation_status")
+    position, after = "", "exec"
+    if position_sql is not None:
+        position = f"pos AS (\n{position_sql.strip()} AND EXISTS (SELECT 1 FROM exec)\nRETURNING id\n), "
+        after = "pos"
+    return f"""
+WITH exec AS (
+{execution}
+RETURNING id
+), {position}rec AS (
+{finish} AND EXISTS (SELECT 1 FROM {after})
+RETURNING id
+)
+SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM exec) THEN false
+            WHEN EXISTS (SELECT 1 FROM rec) THEN true
+            ELSE lifecycle_conflict('answer to execution ' || %(execution_id)s) END AS applied
+"""
+
+
+APPLY_ANSWER = {action: _answer_sql(_POSITION_SQL.get(action)) for action in PositionAction}
+
+
+def apply_answer(conn: psycopg.Connection, intent: Intent, event: Event, facts: BrokerFacts,
+                 now: datetime) -> Applied | None:
+    """Apply the answer to a submission to the state its intent recorded, in one round trip.
+
+    None when it cannot be applied so: the order moved since its intent, or the answer is one
+    the lifecycle table refuses, changes nothing, or fills without a price. The caller then
+    applies it with `apply_event`, which loads the order first and says why. `conn` must have
+    no transaction open.
+    """
+    order = OrderState(ExecutionStatus.SUBMITTING, intent.role, intent.qty)
+    result = transition(order, event)
+    if isinstance(result, Illegal) or not result.changed:
+        return None
+    if result.filled_qty > order.filled_qty and facts.filled_avg_price is None:
+        return None
+    if result.position is not PositionAction.NONE and intent.position_id is None:
+        return None
+    try:
+        applied = conn.execute(APPLY_ANSWER[result.position], {
+            "execution_id": intent.execution_id, "expected": order.status, "version": intent.version,
+            "execution_status": result.execution, "broker_order_id": facts.broker_order_id,
+            "filled_qty": result.filled_qty or None, "filled_avg_price": facts.filled_avg_price,
+            "message": facts.message, "filled_at": facts.filled_at, "now": now,
+            "position_id": intent.position_id, "qty": result.filled_qty, "filled": result.filled_qty,
+            "price": facts.filled_avg_price, "fee_per_unit": intent.fee_per_unit, "exit_reason": intent.exit_reason,
+            "recommendation_id": intent.recommendation_id, "recommendation_status": result.recommendation,
+            "code": result.code, "detail": facts.message or _fill_detail(event, facts),
+        }).fetchone()["applied"]
+    except psycopg.errors.SerializationFailure:
+        return None  # a position or recommendation moved while its execution had not: nothing written
+    return Applied(intent.recommendation_id, result) if applied else None
 
 
 def _move_position(conn: psycopg.Connection, row: dict, result: Transition, facts: BrokerFacts,
