@@ -180,15 +180,15 @@ def test_cycle_when_write_fails_then_next_cycle_writes_the_row(conn, monkeypatch
     cycle = FeatureCycle()
     compute_features(conn, cycle=cycle)
     insert(conn, [("ABC", t0 + timedelta(minutes=1), Decimal("10.10"), 100)])
-    real = main._write
+    real = main.write_features
 
     def outage(*args):
         raise main.psycopg.OperationalError("connection lost")
 
-    monkeypatch.setattr(main, "_write", outage)
+    monkeypatch.setattr(main, "write_features", outage)
     with pytest.raises(main.psycopg.OperationalError):
         compute_features(conn, cycle=cycle)
-    monkeypatch.setattr(main, "_write", real)
+    monkeypatch.setattr(main, "write_features", real)
     assert compute_features(conn, cycle=cycle) == 1
     assert conn.execute("SELECT ts, prev_close FROM latest_features").fetchone() == {
         "ts": t0 + timedelta(minutes=1), "prev_close": Decimal("10")}
