@@ -54,6 +54,11 @@ def synthetic_rows(tickers: int, sessions, seed: int = 7) -> list[tuple]:
     return rows
 
 
+# What the signal engine's gather reads of lane_features (services/signal_engine/main.py).
+SIGNAL_COLUMNS = ("close", "close_5m_ago", "close_15m_ago", "sma20", "sma50", "distance_sma20", "distance_sma50",
+                  "vol_ratio", "volume_ratio", "volume_surge", "trend_state")
+
+
 def decide(plan, params) -> int:
     """The signal engine's rules on every bar the screen passed, out of cooldown, in time order;
     the emits."""
@@ -62,7 +67,7 @@ def decide(plan, params) -> int:
 
     cooldown = params.signal.signal_cooldown_minutes * 60
     screened = sorted({i for due in plan.signal_due.values() for i in due.values()})
-    stored = dict(zip(screened, stored_rows(plan.features, screened)))
+    stored = dict(zip(screened, stored_rows(plan.features, screened, SIGNAL_COLUMNS)))
     last: dict[str, int] = {}
     emitted = 0
     for now in sorted(plan.signal_due):

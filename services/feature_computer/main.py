@@ -257,24 +257,29 @@ def _numeric_columns(f: Features) -> dict[str, np.ndarray]:
     return {c: packed[i * k:(i + 1) * k] for i, c in enumerate((*q.PRICE_ARRAYS, *q.VALUE_ARRAYS))}
 
 
-def stored_rows(f: Features, index: Sequence[int]) -> list[dict[str, Any]]:
+def stored_rows(f: Features, index: Sequence[int], columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The rows at `index` as the database holds them once written (and the signal engine reads
     them): prices exact, derived values with the writer's 15 significant digits, NaN as None,
-    the flags as numbers. For what decides from features without a round trip (a benchmark)."""
+    the flags as numbers; only `columns` when given. For what decides from features without a
+    round trip (a benchmark)."""
     idx = np.asarray(index, np.int64)
     sub = f.take(idx)
+    wanted = set(columns) if columns is not None else None
     out: list[dict[str, Any]] = [{} for _ in idx]
     for c in q.PRICE_ARRAYS:
-        for row, x in zip(out, getattr(sub, c).tolist()):
-            row[c] = None if x != x else Decimal(int(x)).scaleb(-_PRICE_DIGITS)
+        if wanted is None or c in wanted:
+            for row, x in zip(out, getattr(sub, c).tolist()):
+                row[c] = None if x != x else Decimal(int(x)).scaleb(-_PRICE_DIGITS)
     for c in q.VALUE_ARRAYS:
-        values = getattr(sub, c)
-        m, e = _doubles_as_numerics(values)
-        for row, x, mi, ei in zip(out, values.tolist(), m.tolist(), e.tolist()):
-            row[c] = None if x != x else Decimal(mi).scaleb(ei)
+        if wanted is None or c in wanted:
+            values = getattr(sub, c)
+            m, e = _doubles_as_numerics(values)
+            for row, x, mi, ei in zip(out, values.tolist(), m.tolist(), e.tolist()):
+                row[c] = None if x != x else Decimal(mi).scaleb(ei)
     for c in q.FLAG_ARRAYS:
-        for row, x in zip(out, getattr(sub, c).tolist()):
-            row[c] = None if x != x else int(x)
+        if wanted is None or c in wanted:
+            for row, x in zip(out, getattr(sub, c).tolist()):
+                row[c] = None if x != x else int(x)
     return out
 
 
