@@ -65,10 +65,11 @@ ORDER BY ts, ticker
 # Anything for the book's services to do: a live position, an order working (ours or resting at
 # the simulated broker), a recommendation not yet decided.
 BOOK_BUSY = """
-SELECT EXISTS (SELECT 1 FROM active_positions WHERE account_id = %(account_id)s AND status = ANY(%(live)s))
-    OR EXISTS (SELECT 1 FROM dispatch_executions WHERE account_id = %(account_id)s AND status <> ALL(%(terminal)s))
-    OR EXISTS (SELECT 1 FROM dispatch_recommendations WHERE account_id = %(account_id)s AND status <> ALL(%(decided)s))
-    OR EXISTS (SELECT 1 FROM sim_orders WHERE account_id = %(account_id)s AND status IN ('new', 'accepted')) AS busy
+SELECT EXISTS (SELECT 1 FROM active_positions WHERE account_id = %(account_id)s AND status = ANY(%(live)s)) AS positions,
+       EXISTS (SELECT 1 FROM dispatch_executions WHERE account_id = %(account_id)s AND status <> ALL(%(terminal)s))
+    OR EXISTS (SELECT 1 FROM sim_orders WHERE account_id = %(account_id)s AND status IN ('new', 'accepted')) AS working,
+       EXISTS (SELECT 1 FROM dispatch_recommendations WHERE account_id = %(account_id)s AND status <> ALL(%(decided)s))
+           AS pending
 """
 # The signal engine's universe, when the watchlist has selected any ticker.
 SELECTED = "SELECT ticker FROM watchlist_state WHERE account_id = %(account_id)s AND selected"
@@ -330,10 +331,13 @@ def run_replay(
                         # A flat book with nothing pending or working leaves the position manager,
                         # the broker and the dispatcher nothing to do: the minute ends here. (The
                         # account, all cash, is refreshed when work next comes, before it is decided.)
-                        if not conn.execute(BOOK_BUSY, busy_params).fetchone()["busy"]:
+                        # Without working orders there is nothing to match or re-price, and without
+                        # positions nothing to mark or judge.
+                        busy = conn.execute(BOOK_BUSY, busy_params).fetchone()
+                        if not any(busy.values()):
                             result.counts["idle_minutes"] += 1
                         else:
-                            pipeline.book(now)
+                            pipeline.book(now, working=busy["working"], positions=busy["positions"])
                             for outcome in pipeline.orders():
                                 result.counts[f"decision:{outcome.status}"] += 1
                         bar.step(session.day, result.bars)

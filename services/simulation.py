@@ -95,17 +95,21 @@ class Pipeline:
             self.signals.update(result.counts)
         return result
 
-    def book(self, now: datetime) -> None:
+    def book(self, now: datetime, *, working: bool = True, positions: bool = True) -> None:
         """The minute's work on the book: held contracts re-marked, resting orders matched and
-        re-priced, the position manager's judgement."""
+        re-priced, the position manager's judgement. working=False / positions=False: the caller
+        knows there is no working order / no live position, so those steps would do nothing."""
         conn, in_force = self.conn, self.in_force
-        self.options.mark_held(conn, now)
-        # Resting limit orders the moved market has reached fill (the broker's events record
-        # them); those still unfilled are re-priced, or given up after their last attempt.
-        self.broker.match_resting(now)
-        self.dispatcher.reprice_working()
-        # The position manager judges the book on this minute's marks; its EXITs go out in the order phase.
-        run_position_cycle(conn, self.account_id, in_force, now, self.calendar, self._option_quotes)
+        if positions:
+            self.options.mark_held(conn, now)
+        if working:
+            # Resting limit orders the moved market has reached fill (the broker's events record
+            # them); those still unfilled are re-priced, or given up after their last attempt.
+            self.broker.match_resting(now)
+            self.dispatcher.reprice_working()
+        if positions:
+            # The position manager judges the book on this minute's marks; its EXITs go out in the order phase.
+            run_position_cycle(conn, self.account_id, in_force, now, self.calendar, self._option_quotes)
 
     def orders(self) -> list[Outcome]:
         """The order phase: the account refreshed (a loss past the limit trips the switch here,
