@@ -80,11 +80,21 @@ def _excerpt(chain: list[OptionQuote], spot: Any) -> list[OptionQuote]:
     s = _dec(spot) if spot is not None else None
     if s is None:
         return list(chain[:CHAIN_EXCERPT])
-    return sorted(chain, key=lambda q: (abs(q.strike - Decimal(str(s))), q.expiration, q.right))[:CHAIN_EXCERPT]
+    s = Decimal(str(s))
+    return sorted(chain, key=lambda q: (abs(q.strike - s), q.expiration, q.right))[:CHAIN_EXCERPT]
+
+
+_QUOTE_FIELDS = tuple(f.name for f in fields(OptionQuote))
 
 
 def _quote_json(q: OptionQuote) -> dict[str, Any]:
-    return _text({f.name: getattr(q, f.name) for f in fields(OptionQuote)})
+    # A quote's fields are flat: _text's cases without its recursion (a chain excerpt is stored
+    # with every option decision, 60 quotes each).
+    out: dict[str, Any] = {}
+    for name in _QUOTE_FIELDS:
+        v = getattr(q, name)
+        out[name] = str(v) if isinstance(v, Decimal) else v.isoformat() if isinstance(v, (datetime, date)) else v
+    return out
 
 
 def _restore_quote(d: dict[str, Any]) -> OptionQuote:
