@@ -45,28 +45,32 @@ def pg_server():
     yield server
 
 
-@pytest.fixture
-def db_url(pg_server) -> str:
-    """A fresh database with the whole schema, private to one test."""
-    name = f"t_{os.getpid()}_{next(_counter)}"
+def _fresh_database(pg_server, prefix: str, template: str | None):
+    name = f"{prefix}_{os.getpid()}_{next(_counter)}"
     admin = pg_server.get_uri("postgres")
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+        conn.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
     yield pg_server.get_uri(name)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def db_url(pg_server) -> str:
+    """A fresh database with the whole schema, private to one test."""
+    yield from _fresh_database(pg_server, "t", TEMPLATE)
+
+
+@pytest.fixture
+def second_db_url(pg_server) -> str:
+    """Another fresh database with the whole schema, beside the test's own (two runs compared)."""
+    yield from _fresh_database(pg_server, "s", TEMPLATE)
 
 
 @pytest.fixture
 def empty_db_url(pg_server) -> str:
     """A fresh database with no schema at all (for migration tests)."""
-    name = f"e_{os.getpid()}_{next(_counter)}"
-    admin = pg_server.get_uri("postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield pg_server.get_uri(name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    yield from _fresh_database(pg_server, "e", None)
 
 
 @pytest.fixture

@@ -46,19 +46,6 @@ def market_csv(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
-def second_db_url(pg_server, db_url):
-    """Another fresh database with the schema, beside the test's own."""
-    template = conninfo_to_dict(db_url)["dbname"]
-    name = template + "_b"
-    admin = pg_server.get_uri("postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
-    yield pg_server.get_uri(name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
 DECISIONS = """
 SELECT id, ticker, action, instrument, status, outcome_code, outcome_detail, gate_results, decision,
        position_id, exit_reason, created_at, decided_at

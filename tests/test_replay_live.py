@@ -17,9 +17,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
 
 from services.adapters.option_data import OptionData
 from services.adapters.option_liquidity import OptionLiquiditySource
@@ -55,18 +53,6 @@ ORDERS = """
 SELECT ticker, symbol, side, qty, status, filled_qty, filled_avg_price, submitted_at
 FROM dispatch_executions ORDER BY submitted_at, symbol
 """
-
-
-@pytest.fixture
-def live_db_url(pg_server, db_url):
-    template = conninfo_to_dict(db_url)["dbname"]
-    name = template + "_live"
-    admin = pg_server.get_uri("postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
-    yield pg_server.get_uri(name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def live_services(url: str, rows: list[tuple], in_force) -> None:
@@ -127,15 +113,15 @@ def emitting_params() -> ParamsInForce:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("params", ["repo", "emitting"])
-def test_a_replay_of_the_four_sp500_sessions_equals_the_live_services_fed_minute_by_minute(db_url, live_db_url,
+def test_a_replay_of_the_four_sp500_sessions_equals_the_live_services_fed_minute_by_minute(db_url, second_db_url,
                                                                                            params):
     rows, names = bars_from_csv([SP500])
     in_force = load_params_file() if params == "repo" else emitting_params()
     if params == "emitting":  # a symbol the asset gate takes and a price its options fit the budget at
         rows = [("SPX", r[1], *(p / 10 for p in r[2:6]), *r[6:]) for r in rows]
     replay = run_replay(rows, in_force, inputs={"source": "csv", "files": names}, url=db_url, run_id="sp500")
-    live_services(live_db_url, rows, in_force)
-    with connect(db_url) as replayed, connect(live_db_url) as live:
+    live_services(second_db_url, rows, in_force)
+    with connect(db_url) as replayed, connect(second_db_url) as live:
         features = replayed.execute(FEATURES).fetchall()
         assert features == live.execute(FEATURES).fetchall()
         assert replayed.execute(RECOMMENDATIONS).fetchall() == live.execute(RECOMMENDATIONS).fetchall()
@@ -145,7 +131,7 @@ def test_a_replay_of_the_four_sp500_sessions_equals_the_live_services_fed_minute
     assert replay.counts["signal_cycles"] + replay.counts["signal_cycles_skipped"] == 4 * 390
     if params == "emitting":
         assert replay.counts["emitted"] > 0 and replay.counts["signal_cycles_skipped"] > 3 * 390
-        with connect(db_url) as replayed, connect(live_db_url) as live:
+        with connect(db_url) as replayed, connect(second_db_url) as live:
             orders = replayed.execute(ORDERS).fetchall()
             assert orders and orders == live.execute(ORDERS).fetchall()
     else:
