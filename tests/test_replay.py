@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from services.common.db import connect
 from services.common.market_calendar import nyse_calendar
-from services.common.params import load_params_file
+from services.common.params import ParamsInForce, as_params, load_params_file
 from services.replay import REPLAY_ACCOUNT, bars_from_csv, flipped_decisions, run_replay
 
 CALENDAR = nyse_calendar()
@@ -88,9 +88,9 @@ def test_two_replays_with_the_same_seed_write_identical_decisions_fills_and_posi
 
 
 def every_service_every_minute(url: str, rows: list[tuple], in_force) -> None:
-    """The reference a replay's shortcuts are held to: each minute, the bars written, then every
-    service's cycle (features computed by the live incremental cycle, the signal engine and the
-    book's services whatever the book holds) and the order phase."""
+    """The reference a replay's shortcuts are held to: each session minute, the bars written, then
+    every service's cycle (features computed by the live incremental cycle, the signal engine and
+    the book's services whatever the book holds) and the order phase."""
     from services.common.clock import FixedClock
     from services.common.db import make_pool
     from services.dispatcher.main import start_trade_updates
@@ -98,7 +98,9 @@ def every_service_every_minute(url: str, rows: list[tuple], in_force) -> None:
     from services.replay import STARTING_CASH, WATCHLIST_EVERY_MINUTES
     from services.simulation import Pipeline
 
-    clock = FixedClock(DAY.open)
+    rows = [r for r in rows if not r[7]]
+    sessions = sorted({CALENDAR.session_at(r[1]) for r in rows} - {None}, key=lambda s: s.day)
+    clock = FixedClock(sessions[0].open)
     pool = make_pool(url, min_size=1, max_size=2)
     try:
         with connect(url) as conn:
@@ -106,15 +108,19 @@ def every_service_every_minute(url: str, rows: list[tuple], in_force) -> None:
                                           broker_options={"starting_cash": STARTING_CASH}, worker_id="replay",
                                           watchlist_every_minutes=WATCHLIST_EVERY_MINUTES)
             stop = start_trade_updates(pipeline.dispatcher, pipeline.broker)
-            pipeline.dispatcher.refresh_account(force=True)
-            for minute in range(390):
-                ts = DAY.open + timedelta(minutes=minute)
-                clock.set(ts + timedelta(minutes=1))
-                _write_bars(conn, [r for r in rows if r[1] == ts])
-                pipeline.before_orders(minute, clock.now())
-                pipeline.orders()
-            clock.set(DAY.close)
-            pipeline.dispatcher.refresh_account(force=True)
+            for session in sessions:
+                clock.set(session.open)
+                pipeline.dispatcher.refresh_account(force=True)
+                for minute in range(int((session.close - session.open) / timedelta(minutes=1))):
+                    ts = session.open + timedelta(minutes=minute)
+                    clock.set(ts + timedelta(minutes=1))
+                    bars = [r for r in rows if r[1] == ts]
+                    if bars:
+                        _write_bars(conn, bars)
+                    pipeline.before_orders(minute, clock.now())
+                    pipeline.orders()
+                clock.set(session.close)
+                pipeline.dispatcher.refresh_account(force=True)
             stop()
     finally:
         pool.close()
@@ -131,6 +137,23 @@ def test_a_replay_that_skips_quiet_minutes_equals_every_service_run_every_minute
     assert tables(db_url) == tables(second_db_url)
     assert replay.counts["decision:EXECUTED"] >= 5
     assert replay.counts["signal_cycles_skipped"] > 100 and replay.counts["idle_minutes"] > 0
+
+
+def test_a_replay_of_thin_fxy_sessions_with_gaps_equals_every_service_run_every_minute(db_url, second_db_url):
+    """Four FXY sessions of April 2025 (thin: 25-40 minutes a session without a bar), with
+    thresholds they pass: features go stale over the gaps and a screened bar stays the latest
+    until the next one; the shortcuts still change no decision, fill or position."""
+    rows, names = bars_from_csv([Path(__file__).parent / "data" / "FXY_2025-04-09_14_1min.csv"], tz="UTC")
+    doc = load_params_file().params.model_dump(mode="json")
+    doc["signal"].update(min_volume_ratio=1.0, breakout_min_distance_sma20=0.0002, bull_min_ret_5m=0.0003,
+                         bull_min_ret_15m=0.0006, bear_max_ret_5m=-0.0003, bear_max_ret_15m=-0.0006)
+    params = as_params(doc)
+    in_force = ParamsInForce(params, "test", None, params.content_hash())
+    replay = run_replay(rows, in_force, inputs={"source": "csv", "files": names}, seed=7, url=db_url, run_id="f")
+    every_service_every_minute(second_db_url, rows, in_force)
+    assert tables(db_url) == tables(second_db_url)
+    assert len(replay.sessions) == 4 and replay.bars < 4 * 390 - 100  # the gaps
+    assert replay.counts["emitted"] >= 10 and replay.counts["decision:EXECUTED"] >= 2
 
 
 def test_a_replay_writes_into_its_own_database_never_the_live_one(market_csv, db_url, monkeypatch, capsys):
