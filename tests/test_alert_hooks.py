@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from datetime import timedelta
+from decimal import Decimal
 
 import psycopg
 import pytest
 
+from services.adapters import alerts
 from services.adapters.alerts import Alerter, WebhookSink
 from services.adapters.postgres import kill_switch
 from services.adapters.sim.broker import SimBroker
@@ -67,6 +70,56 @@ def test_kill_switch_halt_resume_and_trip_each_alert_with_the_reason(conn, webho
     trip = webhook.bodies[2]["alert"]["fields"]
     assert (trip["from_state"], trip["state"], trip["changed_by"]) == ("ACTIVE", "REDUCING", "daily-loss-limit")
     assert trip["reason"] == "DAILY_LOSS_LIMIT: pnl=-510.00 limit=500.00"
+
+
+def test_a_trip_rolled_back_is_never_alerted_and_a_committed_one_only_after_its_commit(conn, webhook):
+    reason = "DAILY_LOSS_LIMIT: pnl=-510.00 limit=500.00"
+    with installed(Alerter([WebhookSink(webhook.url)], dedupe_seconds=0)) as a:
+        with pytest.raises(RuntimeError):
+            with alerts.held_until_commit(), conn.transaction():
+                assert kill_switch.trip_daily_loss(conn, ACCOUNT, reason, NOW, NOW.date())
+                raise RuntimeError("the refresh failed after the trip")
+        assert received(a, webhook) == []
+        assert conn.execute("SELECT count(*) AS n FROM kill_switch WHERE state <> 'ACTIVE'").fetchone()["n"] == 0
+        with alerts.held_until_commit(), conn.transaction():
+            assert kill_switch.trip_daily_loss(conn, ACCOUNT, reason, NOW, NOW.date())
+            assert received(a, webhook) == []  # the transaction is still open
+        assert received(a, webhook) == [("KILL_SWITCH_TRIP", ACCOUNT)]
+
+
+class LosingDay(Wrapping):
+    def get_account(self):
+        return replace(self.inner.get_account(), equity=Decimal("99400"), last_equity=Decimal("100000"))
+
+
+def test_a_refresh_whose_transaction_fails_after_the_trip_alerts_nothing(world, conn, webhook, monkeypatch):
+    dispatcher, _ = world
+    d = dispatcher(LosingDay)
+
+    def flatten_fails(*args, **kwargs):
+        raise psycopg.OperationalError("connection lost while writing the exits")
+
+    monkeypatch.setattr(kill_switch.exits_repo, "flatten", flatten_fails)
+    with installed(Alerter([WebhookSink(webhook.url)], dedupe_seconds=0)) as a:
+        with pytest.raises(psycopg.OperationalError):
+            d.refresh_account(force=True)
+        assert ("KILL_SWITCH_TRIP", ACCOUNT) not in received(a, webhook)
+    # The trip itself rolled back with its transaction: no kill-switch row was ever committed.
+    assert conn.execute("SELECT state FROM kill_switch WHERE account_id = %s", (ACCOUNT,)).fetchone() is None
+
+
+def test_alerts_held_by_an_inner_block_wait_for_the_outer_one(webhook):
+    with installed(Alerter([WebhookSink(webhook.url)], dedupe_seconds=0)) as a:
+        with pytest.raises(RuntimeError):
+            with alerts.held_until_commit():
+                with alerts.held_until_commit():
+                    alerts.emit(alerts.Event.UNKNOWN_BROKER_ORDER, ACCOUNT, orders=[])
+                assert received(a, webhook) == []
+                raise RuntimeError("the outer transaction rolled back")
+        with alerts.held_until_commit():
+            with alerts.held_until_commit():
+                alerts.emit(alerts.Event.UNKNOWN_BROKER_ORDER, ACCOUNT, orders=[])
+        assert received(a, webhook) == [("UNKNOWN_BROKER_ORDER", ACCOUNT)]
 
 
 def test_an_order_and_a_position_unknown_to_the_database_each_alert(world, webhook):

@@ -23,7 +23,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from services.common.clock import Clock, SystemClock
@@ -302,8 +303,44 @@ def _safely(method: str, *args: Any, **kwargs: Any) -> bool:
         return False
 
 
+# The alerts held by the innermost `held_until_commit` block of each thread.
+_held = threading.local()
+
+
+@contextmanager
+def held_until_commit() -> Iterator[None]:
+    """Alerts emitted in the block go out when it ends normally, and not at all when it raises.
+
+    Wrap a transaction with it (`with alerts.held_until_commit(), pool.connection() as conn,
+    conn.transaction():`) so an alert about a change the transaction writes (a kill-switch trip,
+    an unknown order) is sent once the change is committed, never for one rolled back. A block
+    inside another hands its alerts to the outer one.
+    """
+    outer = getattr(_held, "alerts", None)
+    _held.alerts = held = []
+    try:
+        yield
+    except BaseException:
+        if held:
+            log.warning("alerts dropped: their transaction did not commit",
+                        extra={"alert_events": [str(e) for e, _, _ in held]})
+        raise
+    finally:
+        _held.alerts = outer
+    if outer is not None:
+        outer.extend(held)
+        return
+    for event, subject, fields in held:
+        _safely("emit", event, subject, **fields)
+
+
 def emit(event: Event, subject: str, **fields: Any) -> bool:
-    """Alert the operators (see Alerter.emit); never raises, never blocks."""
+    """Alert the operators (see Alerter.emit); never raises, never blocks. Inside
+    `held_until_commit`, the alert waits for the block's end (and True means queued)."""
+    held = getattr(_held, "alerts", None)
+    if held is not None:
+        held.append((event, subject, fields))
+        return True
     return _safely("emit", event, subject, **fields)
 
 

@@ -261,7 +261,8 @@ class Dispatcher:
             # idle queue: the latency path) takes the account's capacity lock first, in the same
             # message, and its order needs no recheck; a batch takes it only before its first order.
             locked = size == 1
-            with self.pool.connection() as conn:
+            # A daily-loss trip in the batch is alerted once it is committed, not if it rolls back.
+            with alerts.held_until_commit(), self.pool.connection() as conn:
                 rows = claims.begin_and_claim(
                     conn, {"account_id": self.account_id, "now": now, "day_start": day_start, "day_end": day_end,
                            "limit": size}, lock=locked)
