@@ -87,6 +87,35 @@ def conn(db_url):
         yield c
 
 
+@pytest.fixture
+def world(db_url, conn):
+    """AAPL at 200 at WORLD_NOW and a factory of dispatchers over the simulated broker, each on a
+    pool of its own and refreshed once (`refresh=False`: left as made); yields (factory, clock)."""
+    from services.adapters.sim.broker import SimBroker
+    from services.common.clock import FixedClock
+    from services.common.params import load_params_file
+    from services.dispatcher.main import Dispatcher, StaticParams
+    from tests.factories import ACCOUNT, WORLD_NOW, add_market
+
+    clock = FixedClock(WORLD_NOW)
+    pools = []
+
+    def dispatcher(wrap=lambda b: b, params=None, worker="w1", option_data=None, refresh=True):
+        pool = dbmod.make_pool(db_url)
+        pools.append(pool)
+        broker = wrap(SimBroker(pool, ACCOUNT, clock))
+        d = Dispatcher(pool, broker, params or StaticParams(load_params_file()), ACCOUNT, clock=clock,
+                       worker_id=worker, option_data=option_data)
+        if refresh:
+            d.refresh_account(force=True)
+        return d
+
+    add_market(conn, "AAPL", WORLD_NOW, 200)
+    yield dispatcher, clock
+    for p in pools:
+        p.close()
+
+
 @pytest.fixture(scope="session")
 def calendar():
     return nyse_calendar()

@@ -15,6 +15,9 @@ def et(day: str, hhmm: str) -> datetime:
     return datetime.fromisoformat(f"{day}T{hhmm}:00").replace(tzinfo=ET)
 
 
+# The instant of the `world` fixture (tests/conftest.py): a Monday session, mid-morning.
+WORLD_NOW = et("2026-11-30", "10:00")
+
 def add_bar(conn, ticker: str, ts: datetime, close, *, volume: int = 10_000, spread: str = "0.10") -> None:
     close = Decimal(str(close))
     conn.execute(

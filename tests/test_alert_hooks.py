@@ -15,18 +15,14 @@ import pytest
 from services.adapters import alerts
 from services.adapters.alerts import Alerter, WebhookSink
 from services.adapters.postgres import kill_switch
-from services.adapters.sim.broker import SimBroker
-from services.common.clock import FixedClock
-from services.common.db import make_pool
-from services.common.params import load_params_file
-from services.dispatcher.main import Dispatcher, StaticParams
+from services.dispatcher.main import Dispatcher
 from services.domain.broker import BrokerRejected, BrokerUnavailable, OrderRequest, client_order_id
 from services.runtime import run_periodic
 from tests.alert_doubles import installed, webhook  # noqa: F401
 from tests.broker_doubles import Wrapping
-from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
+from tests.factories import ACCOUNT, WORLD_NOW, add_recommendation, recommendation
 
-NOW = et("2026-11-30", "10:00")
+NOW = WORLD_NOW
 
 
 class Rejects(Wrapping):
@@ -37,23 +33,6 @@ class Rejects(Wrapping):
 class Unreachable(Wrapping):
     def get_account(self):
         raise BrokerUnavailable("GET /v2/account: connection timed out")
-
-
-@pytest.fixture
-def world(db_url, conn):
-    clock = FixedClock(NOW)
-    pools = []
-
-    def dispatcher(wrap=lambda b: b):
-        pool = make_pool(db_url)
-        pools.append(pool)
-        broker = wrap(SimBroker(pool, ACCOUNT, clock))
-        return Dispatcher(pool, broker, StaticParams(load_params_file()), ACCOUNT, clock=clock)
-
-    add_market(conn, "AAPL", NOW, 200)
-    yield dispatcher, clock
-    for p in pools:
-        p.close()
 
 
 def received(a: Alerter, hook) -> list[tuple[str, str]]:
@@ -94,7 +73,7 @@ class LosingDay(Wrapping):
 
 def test_a_refresh_whose_transaction_fails_after_the_trip_alerts_nothing(world, conn, webhook, monkeypatch):
     dispatcher, _ = world
-    d = dispatcher(LosingDay)
+    d = dispatcher(LosingDay, refresh=False)
 
     def flatten_fails(*args, **kwargs):
         raise psycopg.OperationalError("connection lost while writing the exits")
@@ -124,7 +103,7 @@ def test_alerts_held_by_an_inner_block_wait_for_the_outer_one(webhook):
 
 def test_an_order_and_a_position_unknown_to_the_database_each_alert(world, webhook):
     dispatcher, _ = world
-    d = dispatcher()
+    d = dispatcher(refresh=False)
     d.broker.submit_order(OrderRequest("by-hand-1", "AAPL", "AAPL", "STOCK", "buy", 3))
     with installed(Alerter([WebhookSink(webhook.url)])) as a:
         d.refresh_account(force=True)
@@ -139,7 +118,7 @@ def test_an_order_and_a_position_unknown_to_the_database_each_alert(world, webho
 
 def test_an_order_rejected_by_the_broker_alerts_with_its_message(world, conn, webhook):
     dispatcher, _ = world
-    d = dispatcher(Rejects)
+    d = dispatcher(Rejects, refresh=False)
     d.refresh_account(force=True)
     rid = add_recommendation(conn, "AAPL", NOW)
     with installed(Alerter([WebhookSink(webhook.url)])) as a:
@@ -152,7 +131,7 @@ def test_an_order_rejected_by_the_broker_alerts_with_its_message(world, conn, we
 
 def test_broker_unreachable_for_longer_than_the_threshold_alerts_once(world, webhook):
     dispatcher, clock = world
-    d = dispatcher(Unreachable)
+    d = dispatcher(Unreachable, refresh=False)
     with installed(Alerter([WebhookSink(webhook.url)], broker_down_seconds=120, clock=clock)) as a:
         for _ in range(6):                          # every 30 s for 2.5 minutes
             d.refresh_account(force=True)
@@ -189,7 +168,7 @@ def _timed_rejected_decision(d: Dispatcher, conn) -> float:
 
 def test_a_sink_that_hangs_does_not_delay_a_decision(world, conn, webhook):
     dispatcher, _ = world
-    d = dispatcher(Rejects)
+    d = dispatcher(Rejects, refresh=False)
     d.refresh_account(force=True)
     _timed_rejected_decision(d, conn)        # first decision pays imports and caches
     with installed(Alerter([])):

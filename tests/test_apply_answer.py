@@ -9,40 +9,15 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-import pytest
-
 from services.adapters.postgres import orders_repo
 from services.adapters.postgres.orders_repo import BrokerFacts
-from services.common.clock import FixedClock
-from services.common.db import make_pool
-from services.common.params import load_params_file
-from services.dispatcher.main import Dispatcher, StaticParams
-from services.adapters.sim.broker import SimBroker
+from services.dispatcher.main import Dispatcher
 from services.domain.broker import TradeUpdate, client_order_id
 from services.domain.lifecycle import Event, OrderRole, PositionAction
 from tests.broker_doubles import TimesOutThenNotFound, Wrapping
-from tests.factories import ACCOUNT, add_market, add_recommendation, et
+from tests.factories import ACCOUNT, WORLD_NOW, add_recommendation
 
-NOW = et("2026-11-30", "10:00")
-
-
-@pytest.fixture
-def world(db_url, conn):
-    clock = FixedClock(NOW)
-    pools = []
-
-    def dispatcher(wrap=lambda b: b):
-        pool = make_pool(db_url)
-        pools.append(pool)
-        broker = wrap(SimBroker(pool, ACCOUNT, clock))
-        d = Dispatcher(pool, broker, StaticParams(load_params_file()), ACCOUNT, clock=clock, worker_id="w1")
-        d.refresh_account(force=True)
-        return d
-
-    add_market(conn, "AAPL", NOW, 200)
-    yield dispatcher
-    for p in pools:
-        p.close()
+NOW = WORLD_NOW
 
 
 def order_rows(conn, rec_id: int) -> dict:
@@ -57,7 +32,8 @@ def order_rows(conn, rec_id: int) -> dict:
 
 def submitting_entry(world, conn) -> tuple[Dispatcher, int, orders_repo.Intent]:
     """An entry whose intent is committed and whose submission never answered (left SUBMITTING)."""
-    d = world(TimesOutThenNotFound)
+    dispatcher, _ = world
+    d = dispatcher(TimesOutThenNotFound)
     rid = add_recommendation(conn, "AAPL", NOW)
     assert d.process_next().code == "ORDER_STATE_UNKNOWN"
     row = order_rows(conn, rid)
@@ -134,7 +110,8 @@ class StreamFirst(Wrapping):
 
 
 def test_submit_answer_after_the_stream_applied_the_fill_then_the_fill_is_recorded_once(world, conn):
-    d = world(StreamFirst)
+    dispatcher, _ = world
+    d = dispatcher(StreamFirst)
     d.broker.dispatcher = d
     rid = add_recommendation(conn, "AAPL", NOW)
     outcome = d.process_next()

@@ -17,38 +17,14 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from services.common.clock import FixedClock
-from services.common.db import make_pool
-from services.common.params import load_params_file
 from services.adapters.postgres import kill_switch
 from services.domain.broker import OrderRequest, client_order_id
-from services.dispatcher.main import Dispatcher, StaticParams
 from services.adapters.sim.broker import SimBroker
 from tests.broker_doubles import AcceptedFirst, Wrapping
 from tests.broker_doubles import TimesOutThenNotFound as TimesOut
-from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
+from tests.factories import ACCOUNT, WORLD_NOW, add_market, add_recommendation, et, recommendation
 
-NOW = et("2026-11-30", "10:00")
-
-
-@pytest.fixture
-def world(db_url, conn):
-    clock = FixedClock(NOW)
-    pools = []
-
-    def dispatcher(wrap=lambda b: b, worker="w1", option_data=None):
-        pool = make_pool(db_url)
-        pools.append(pool)
-        broker = wrap(SimBroker(pool, ACCOUNT, clock))
-        d = Dispatcher(pool, broker, StaticParams(load_params_file()), ACCOUNT, clock=clock, worker_id=worker,
-                       option_data=option_data)
-        d.refresh_account(force=True)
-        return d
-
-    add_market(conn, "AAPL", NOW, 200)
-    yield dispatcher, clock
-    for p in pools:
-        p.close()
+NOW = WORLD_NOW
 
 
 def execution(conn, rec_id: int) -> dict:

@@ -11,38 +11,15 @@ from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
 
-import pytest
-
-from services.common.clock import FixedClock
-from services.common.db import make_pool
-from services.common.params import ParamsInForce, as_params, load_params_file
+from services.common.params import ParamsInForce, as_params
 from services.adapters.postgres import kill_switch
 from services.domain.broker import BrokerUnavailable, OrderRequest, client_order_id
-from services.dispatcher.main import Dispatcher, StaticParams
+from services.dispatcher.main import StaticParams
 from services.adapters.sim.broker import SimBroker
 from tests.broker_doubles import AcceptedFirst, TimesOutThenNotFound, Wrapping
-from tests.factories import ACCOUNT, add_market, add_recommendation, et, recommendation
+from tests.factories import ACCOUNT, WORLD_NOW, add_market, add_recommendation, recommendation
 
-NOW = et("2026-11-30", "10:00")
-
-
-@pytest.fixture
-def world(db_url, conn):
-    clock = FixedClock(NOW)
-    pools = []
-
-    def dispatcher(wrap=lambda b: b, params=None, worker="w1"):
-        pool = make_pool(db_url)
-        pools.append(pool)
-        broker = wrap(SimBroker(pool, ACCOUNT, clock))
-        d = Dispatcher(pool, broker, params or StaticParams(load_params_file()), ACCOUNT, clock=clock, worker_id=worker)
-        d.refresh_account(force=True)
-        return d
-
-    add_market(conn, "AAPL", NOW, 200)
-    yield dispatcher, clock
-    for p in pools:
-        p.close()
+NOW = WORLD_NOW
 
 
 def positions(conn):
