@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -75,3 +76,15 @@ def pinned_params(overrides: dict):
 
     p = as_params(overrides)
     return StaticParams(ParamsInForce(p, "test", "1", p.content_hash()))
+
+
+def wait_until(predicate, timeout: float, step: float = 0.05):
+    """Poll `predicate` every `step` seconds until it returns something truthy or `timeout` has
+    passed; its last value (falsy when the time ran out)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()

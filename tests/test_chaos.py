@@ -31,7 +31,7 @@ import pytest
 
 from services.common.db import connect
 from services.dispatcher.main import TERMINAL
-from tests.factories import ACCOUNT, add_market, et, set_account_state
+from tests.factories import ACCOUNT, add_market, et, set_account_state, wait_until
 from tests.fake_alpaca import FAKE_KEY, FAKE_SECRET
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,15 +59,6 @@ def spot(ticker: str) -> int:
 
 def occ(ticker: str) -> str:
     return f"{ticker}{EXPIRATION}C{spot(ticker) * 1000:08d}"
-
-
-def wait_until(predicate, timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return bool(predicate())
 
 
 class FakeProcess:

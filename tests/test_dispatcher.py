@@ -51,6 +51,7 @@ from tests.factories import (
     et,
     recommendation,
     set_account_state,
+    wait_until,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,16 +256,6 @@ def history(conn) -> list[dict]:
 
 def count(conn, sql: str, *args) -> int:
     return conn.execute(sql, args).fetchone()["n"]
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 # --- a filled entry ------------------------------------------------------------------------------
@@ -759,7 +750,7 @@ def test_crash_after_the_broker_accepted_then_recovery_records_its_order_once(ha
     assert conn.execute("SELECT status FROM active_positions").fetchone()["status"] == "PENDING"
 
     survivor = h.dispatcher(pool=h.new_pool(application_name="ops-dispatcher:worker-b"), worker_id="worker-b")
-    assert wait_for(lambda: survivor.recover_in_flight() == 1, timeout=3)
+    assert wait_until(lambda: survivor.recover_in_flight() == 1, timeout=3)
 
     rec = recommendation(conn, rid)
     assert (rec["status"], rec["outcome_code"]) == ("EXECUTED", "ORDER_FILLED")
@@ -790,7 +781,7 @@ def test_crash_before_the_broker_got_the_order_then_recovery_fails_it_and_releas
     assert survivor.recover_in_flight() == 0
     assert recommendation(conn, rid)["status"] == "SUBMITTING"
     h.clock.advance(IN_FLIGHT_GRACE + timedelta(seconds=1))
-    assert wait_for(lambda: survivor.recover_in_flight() == 1, timeout=3)
+    assert wait_until(lambda: survivor.recover_in_flight() == 1, timeout=3)
 
     rec = recommendation(conn, rid)
     assert (rec["status"], rec["outcome_code"]) == ("FAILED", "ORDER_NOT_PLACED")
@@ -810,7 +801,7 @@ def test_recovery_leaves_a_live_workers_submitting_recommendation_alone(harness,
     live.refresh_account(force=True)
     with pytest.raises(SimulatedCrash):  # stands in for "still talking to the broker"
         live.drain()
-    assert wait_for(lambda: conn.execute(
+    assert wait_until(lambda: conn.execute(
         "SELECT 1 FROM pg_stat_activity WHERE application_name = 'ops-dispatcher:worker-a'").fetchone(), timeout=3)
 
     other = h.dispatcher(pool=h.new_pool(application_name="ops-dispatcher:worker-b"), worker_id="worker-b")
@@ -821,7 +812,7 @@ def test_recovery_leaves_a_live_workers_submitting_recommendation_alone(harness,
     assert ex["status"] == "SUBMITTING"
 
     live_pool.close()
-    assert wait_for(lambda: other.recover_in_flight() == 1, timeout=3)
+    assert wait_until(lambda: other.recover_in_flight() == 1, timeout=3)
     assert recommendation(conn, rid)["status"] == "EXECUTED"
 
 
@@ -841,7 +832,7 @@ def test_crash_of_a_dispatcher_process_inside_submit_then_recovery_records_once(
     assert recommendation(conn, rid)["status"] == "SUBMITTING"
 
     survivor = h.dispatcher(pool=h.new_pool(application_name="ops-dispatcher:worker-b"), worker_id="worker-b")
-    assert wait_for(lambda: survivor.recover_in_flight() == 1, timeout=3)
+    assert wait_until(lambda: survivor.recover_in_flight() == 1, timeout=3)
 
     assert recommendation(conn, rid)["status"] == "EXECUTED"
     assert count(conn, "SELECT count(*) AS n FROM sim_orders WHERE client_order_id = %s", cid) == 1
@@ -968,7 +959,7 @@ class LoopThread:
         self.thread.start()
         # Listening: the listener connection exists and has issued LISTEN.
         with connect(db_url) as c:
-            assert wait_for(lambda: c.execute(
+            assert wait_until(lambda: c.execute(
                 "SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND query LIKE 'LISTEN%%'",
                 (f"ops-dispatcher:{worker_id}:listen"[:63],)).fetchone(), timeout=10)
         time.sleep(0.3)  # the first drain of an empty queue is done; the loop now waits
@@ -999,7 +990,7 @@ def test_notify_wakes_the_loop_long_before_its_poll_interval(harness, db_url):
             rid = add_recommendation(c, "AAPL", NOW)
             sent = time.monotonic()
             c.execute("NOTIFY recommendations")
-        assert wait_for(lambda: _decided(db_url, rid), timeout=5)
+        assert wait_until(lambda: _decided(db_url, rid), timeout=5)
         latency = time.monotonic() - sent
         assert latency < 1.5, f"decided {latency:.2f}s after NOTIFY with a 30 s poll interval"
         with connect(db_url) as c:
@@ -1041,7 +1032,7 @@ def test_database_restart_then_the_loop_reconnects_and_still_decides(harness, db
             assert killed >= 2  # the listener and the pool's connection
             rid = add_recommendation(c, "AAPL", NOW)
             c.execute("NOTIFY recommendations")
-        assert wait_for(lambda: _decided(db_url, rid), timeout=10)
+        assert wait_until(lambda: _decided(db_url, rid), timeout=10)
         with connect(db_url) as c:
             assert recommendation(c, rid)["status"] == "EXECUTED"
             assert c.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = %s",
@@ -1070,7 +1061,7 @@ def test_sigterm_then_the_service_exits_zero(db_url):
                 lines.append(line)
         assert any('"params in force"' in line for line in lines), "".join(lines)[-3000:]
         with connect(db_url) as c:  # the loop is up: it is listening
-            assert wait_for(lambda: c.execute(
+            assert wait_until(lambda: c.execute(
                 "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'ops-dispatcher:%%:listen'").fetchone(),
                 timeout=10)
         sent = time.monotonic()
@@ -1315,7 +1306,7 @@ def test_a_claim_on_a_connection_the_pool_replaced_prepares_its_queries_again(ha
     assert d.process_next().status == "EXECUTED"
     conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
                  "AND datname = current_database()")
-    wait_for(lambda: count(conn, "SELECT count(*) AS n FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+    wait_until(lambda: count(conn, "SELECT count(*) AS n FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
                                  "AND datname = current_database() AND backend_type = 'client backend'") == 0, 5)
     rec = add_recommendation(conn, "MSFT", NOW)
     outcome = d.process_next()  # the pool's check replaces the dead connections on checkout

@@ -36,7 +36,8 @@ from services.adapters.sim.broker import SimBroker
 from services.common.clock import FixedClock
 from services.common.db import make_pool
 from services.dispatcher.main import TERMINAL, Dispatcher
-from tests.factories import ACCOUNT, add_bar, add_features, add_recommendation, et, pinned_params, set_account_state
+from tests.factories import (ACCOUNT, add_bar, add_features, add_recommendation, et, pinned_params, set_account_state,
+                             wait_until)
 
 REPO = Path(__file__).resolve().parents[1]
 SIM_START = et("2026-11-30", "11:00")
@@ -58,15 +59,6 @@ def tickers(n: int) -> list[str]:
 
 def price(i: int) -> Decimal:
     return Decimal(20 + i)
-
-
-def wait_until(predicate, timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return bool(predicate())
 
 
 class Worker:
