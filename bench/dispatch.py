@@ -47,17 +47,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import database, embedded_postgres, letters  # noqa: E402 (after the path)
+
 SESSION_START = datetime(2026, 11, 30, 15, 0, tzinfo=timezone.utc)  # 10:00 ET
 ACCOUNT = "bench"
 
 
 def ticker(i: int) -> str:
     """The i-th synthetic ticker, letters only as real tickers are (the asset gate refuses digits): TAAAA, TAAAB, ..."""
-    letters = ""
-    for _ in range(4):
-        i, r = divmod(i, 26)
-        letters = chr(ord("A") + r) + letters
-    return "T" + letters
+    return "T" + letters(i, 4)
 
 
 def bench_params(max_open_positions: int = 50):
@@ -398,19 +396,10 @@ def main() -> int:
     LOG_TO_STDERR = args.log_to_stderr
     quiet_logging(args.log_to_stderr)
 
-    from services.common.db import embedded_server
-    from services.common.migrate import migrate
-
     import psycopg
 
-    server = embedded_server(Path(tempfile.mkdtemp(prefix="ops-bench-")) / "pg", cleanup_mode="delete")
-    with psycopg.connect(server.get_uri("postgres"), autocommit=True) as conn:
-        conn.execute("CREATE DATABASE bench")
-    url = server.get_uri("bench")
-    if os.environ.get("BENCH_ASYNC_COMMIT"):
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("ALTER DATABASE bench SET synchronous_commit = off")
-    migrate(url)
+    server = embedded_postgres()
+    url = database(server, asynchronous=bool(os.environ.get("BENCH_ASYNC_COMMIT")))
     offset_s = (SESSION_START - datetime.now(timezone.utc)).total_seconds()
     seed(url, max(args.tickers, args.latency_recs), SESSION_START)
     with psycopg.connect(url, autocommit=True) as conn:

@@ -33,21 +33,19 @@ import io
 import logging
 import os
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from pathlib import Path
 
 import psycopg
 
+from bench.common import database, embedded_postgres, letters
 from services.adapters.postgres import exits_repo, kill_switch
 from services.common import db as dbmod
 from services.common.logs import configure_logging
 from services.common.market_calendar import nyse_calendar
-from services.common.migrate import migrate
 from services.common.params import ParamsInForce, load_params_file
 from services.domain.order_pricing import Quote
 from services.position_manager import main as pm
@@ -63,11 +61,7 @@ HISTORY = 20_000
 
 def ticker(i: int) -> str:
     """Letters only, as real tickers are: SAAA, SAAB, ..."""
-    letters = ""
-    for _ in range(3):
-        i, r = divmod(i, 26)
-        letters = chr(ord("A") + r) + letters
-    return "S" + letters
+    return "S" + letters(i, 3)
 
 
 def occ(root: str, expiration: date, strike: int) -> str:
@@ -234,12 +228,8 @@ def main() -> None:
     # The service logs as JSON at INFO; the lines go nowhere here but are still formatted.
     configure_logging("INFO", stream=open(os.devnull, "w"))
     logging.getLogger("pgserver").setLevel(logging.ERROR)
-    pgdata = Path(tempfile.mkdtemp(prefix="ops-bench-")) / "data"
-    server = dbmod.embedded_server(pgdata, cleanup_mode="delete")
-    with psycopg.connect(server.get_uri("postgres"), autocommit=True) as admin:
-        admin.execute("CREATE DATABASE bench")
-    url = server.get_uri("bench")
-    migrate(url)
+    server = embedded_postgres()
+    url = database(server)
     in_force: ParamsInForce = load_params_file()
     calendar = nyse_calendar()
     split = Split()

@@ -18,15 +18,12 @@ import io
 import os
 import random
 import statistics
-import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import psycopg
-
+from bench.common import database, embedded_postgres
 from services.common import db as dbmod
-from services.common.migrate import migrate
 from services.feature_computer.main import FeatureCycle, backfill_features, compute_features
 
 SESSION_OPEN = datetime(2026, 3, 10, 13, 30, tzinfo=timezone.utc)  # 09:30 EDT
@@ -62,12 +59,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=15)
     args = ap.parse_args()
 
-    pgdata = Path(tempfile.mkdtemp(prefix="ops-bench-")) / "data"
-    server = dbmod.embedded_server(pgdata, cleanup_mode="delete")
-    with psycopg.connect(server.get_uri("postgres"), autocommit=True) as admin:
-        admin.execute("CREATE DATABASE bench")
-    url = server.get_uri("bench")
-    migrate(url)
+    server = embedded_postgres()
+    url = database(server)
 
     first = args.bars - args.runs
     lines = _bars_copy(args.tickers, args.bars).read().splitlines(keepends=True)

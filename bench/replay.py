@@ -23,20 +23,18 @@ import argparse
 import logging
 import multiprocessing
 import random
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import date, timedelta
 from decimal import Decimal
-from pathlib import Path
 
-import psycopg
+from bench.common import database, embedded_postgres, letters
 
 
 def synthetic_rows(tickers: int, sessions, seed: int = 7) -> list[tuple]:
     """(ticker, ts, open, high, low, close, volume, extended_hours) for every session minute, by time."""
     rng = random.Random(seed)
-    names = [f"R{chr(65 + i // 26)}{chr(65 + i % 26)}" for i in range(tickers)]
+    names = ["R" + letters(i, 2) for i in range(tickers)]
     price = {n: 20 + rng.random() * 400 for n in names}
     rows = []
     for s in sessions:
@@ -97,7 +95,6 @@ def main() -> None:
 
     from services.common import db as dbmod
     from services.common.market_calendar import nyse_calendar
-    from services.common.migrate import migrate
     from services.common.params import load_params_file
     from services.feature_computer.main import write_features
     from services.replay import plan_session, run_replay, session_bars
@@ -135,35 +132,27 @@ def main() -> None:
             best2 = min(best2, time.perf_counter() - started)
     print(f"  2 processes: {best2 * 1000:.0f} ms: {bars / best2:,.0f} bars/s; {both} signals emitted")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        server = dbmod.embedded_server(Path(tmp) / "pg", cleanup_mode="stop")
-        admin = server.get_uri("postgres")
-        with psycopg.connect(admin, autocommit=True) as conn:
-            for name in ("bench_fs", "bench_all"):
-                conn.execute(f"CREATE DATABASE {name}")
-                conn.execute(f"ALTER DATABASE {name} SET synchronous_commit = off")
+    server = embedded_postgres()
+    url = database(server, "bench_fs", asynchronous=True)
+    with dbmod.connect(url) as conn:
+        started = time.perf_counter()
+        for a in arrays:
+            plan = plan_session(a, in_force)
+            decide(plan, in_force.params)
+            write_features(conn, plan.tickers, plan.features)
+        fs = time.perf_counter() - started
+    print(f"  the same with every feature row written to Postgres: {fs:.2f} s, {bars / fs:,.0f} bars/s")
 
-        url = server.get_uri("bench_fs")
-        migrate(url)
-        with dbmod.connect(url) as conn:
-            started = time.perf_counter()
-            for a in arrays:
-                plan = plan_session(a, in_force)
-                decide(plan, in_force.params)
-                write_features(conn, plan.tickers, plan.features)
-            fs = time.perf_counter() - started
-        print(f"  the same with every feature row written to Postgres: {fs:.2f} s, {bars / fs:,.0f} bars/s")
-
-        url = server.get_uri("bench_all")
-        replayed = [r for r in rows if calendar.session_at(r[1]).day in {s.day for s in sessions[: args.pipeline_sessions]}]
-        result = run_replay(replayed, in_force, inputs={"source": "bench"}, seed=7, url=url, calendar=calendar)
-        per = result.seconds / len(result.sessions)
-        print(f"whole pipeline: {result.bars:,} bars ({args.tickers} tickers x {len(result.sessions)} sessions) in "
-              f"{result.seconds:.1f} s: {result.bars_per_second:,.0f} bars/s, {60 / per:.2f} sessions/minute; "
-              f"20 sessions of {args.tickers} tickers: ~{20 * per:.0f} s (target < 60 s)")
-        print(f"  signals emitted {result.counts.get('emitted', 0)}, decisions "
-              f"{sum(v for k, v in result.counts.items() if k.startswith('decision:'))}, signal engine cycles "
-              f"{result.counts.get('signal_cycles', 0)} of {result.counts.get('signal_cycles', 0) + result.counts.get('signal_cycles_skipped', 0)} minutes")
+    url = database(server, "bench_all", asynchronous=True, migrated=False)  # run_replay migrates it
+    replayed = [r for r in rows if calendar.session_at(r[1]).day in {s.day for s in sessions[: args.pipeline_sessions]}]
+    result = run_replay(replayed, in_force, inputs={"source": "bench"}, seed=7, url=url, calendar=calendar)
+    per = result.seconds / len(result.sessions)
+    print(f"whole pipeline: {result.bars:,} bars ({args.tickers} tickers x {len(result.sessions)} sessions) in "
+          f"{result.seconds:.1f} s: {result.bars_per_second:,.0f} bars/s, {60 / per:.2f} sessions/minute; "
+          f"20 sessions of {args.tickers} tickers: ~{20 * per:.0f} s (target < 60 s)")
+    print(f"  signals emitted {result.counts.get('emitted', 0)}, decisions "
+          f"{sum(v for k, v in result.counts.items() if k.startswith('decision:'))}, signal engine cycles "
+          f"{result.counts.get('signal_cycles', 0)} of {result.counts.get('signal_cycles', 0) + result.counts.get('signal_cycles_skipped', 0)} minutes")
 
 
 if __name__ == "__main__":
