@@ -10,7 +10,7 @@ import pytest
 
 from services.common.params import as_params
 from services.domain.broker import AssetRecord
-from services.domain.decision import Context, OptionInputs, decide
+from services.domain.decision import CHAIN_NOT_FETCHED, Context, OptionInputs, decide, denied_whatever_the_contract
 from services.domain.iv_percentile import IVPercentile
 from services.adapters.sim.options import SimChainSpec, simulate_chain
 from tests.factories import et
@@ -98,3 +98,37 @@ def test_iv_percentile_above_the_limit_refuses_the_option(iv, passes):
     d = decide(context(), as_params({"allow_stock_fallback": False}), NOW, None,
                replace(chain(LIQUID), iv_percentile=iv))
     assert d.is_order is passes
+
+
+# -- A gate that no contract could change denies before the chain is needed --------------------
+
+
+@pytest.mark.parametrize("change, code", [
+    ({"kill_state": "REDUCING"}, "KILL_SWITCH_REDUCING"),
+    ({"ticker_count_today": 99}, "TICKER_DAILY_TRADES"),
+    ({"open_positions": 99}, "MAX_POSITIONS"),
+])
+def test_a_contract_independent_denial_needs_no_chain_and_records_that_none_was_fetched(change, code):
+    ctx = replace(context(), **change)
+    early = denied_whatever_the_contract(ctx, as_params({}), NOW, None)
+    assert early is not None and early.code == code
+    assert early.info["option"]["code"] == CHAIN_NOT_FETCHED
+    # The same decision with the chain at hand, or with none fetched: the gate decides it.
+    with_chain = decide(ctx, as_params({}), NOW, None, chain(LIQUID))
+    without = decide(ctx, as_params({}), NOW, None, OptionInputs.skipped(early))
+    assert (with_chain.code, without.code) == (code, code)
+    assert [g.as_json() for g in with_chain.gates] == [g.as_json() for g in without.gates]
+
+
+def test_an_entry_every_contract_independent_gate_passes_needs_its_chain():
+    assert denied_whatever_the_contract(context(), as_params({}), NOW, None) is None
+    # Denied only by the asset record: the contract's path (and the stock fallback's) decides the code.
+    no_asset = replace(context(), asset=None)
+    assert denied_whatever_the_contract(no_asset, as_params({}), NOW, None) is None
+
+
+def test_decided_again_where_the_gate_passes_an_entry_without_its_chain_is_not_a_chain_outage():
+    early = denied_whatever_the_contract(replace(context(), kill_state="REDUCING"), as_params({}), NOW, None)
+    d = decide(context(), as_params({}), NOW, None, OptionInputs.skipped(early))
+    assert (d.is_order, d.code) == (False, CHAIN_NOT_FETCHED)
+    assert d.info["fallback"] == "not allowed"  # no contract was judged: stock does not stand in

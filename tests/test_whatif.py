@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from services.adapters.option_data import OptionData
 from services.adapters.sim.broker import SimBroker
+from services.adapters.sim.market import SimOptionMarket
 from services.common.clock import FixedClock
 from services.common.db import make_pool
 from services.common.market_calendar import nyse_calendar
@@ -81,3 +83,40 @@ def test_the_whatif_command_prints_the_flips_and_says_the_path_is_not_re_run(rec
     assert main(["params", "whatif", str(candidate), "--since", "2026-11-29"]) == 0
     out = capsys.readouterr().out
     assert "TAKEN -> DENIED by MAX_POSITIONS" in out and "replay" in out and "--compare" in out
+
+
+def test_an_option_entry_denied_before_its_chain_was_fetched_is_undetermined_where_the_candidate_passes_the_gate(
+        db_url, conn):
+    """A low-confidence option entry is denied without spending a chain request; a candidate
+    that accepts its confidence cannot know which contract it would have chosen, and says so."""
+    clock = FixedClock(NOW)
+    pool = make_pool(db_url)
+    fetched = []
+    market = SimOptionMarket(pool)
+
+    def chain(ticker, spot, now, window):
+        fetched.append(ticker)
+        return market.chain(ticker, spot, now, window)
+
+    strict = {"confidence": {"min_confidence_day_trade": 0.9}}
+    d = Dispatcher(pool, SimBroker(pool, ACCOUNT, clock), pinned_params(strict), ACCOUNT, clock=clock,
+                   option_data=OptionData(chain))
+    add_market(conn, "WA", NOW, 100)
+    add_market(conn, "WB", NOW, 100)
+    low = add_recommendation(conn, "WA", NOW - timedelta(seconds=30), instrument="OPTION", confidence=0.7)
+    high = add_recommendation(conn, "WB", NOW - timedelta(seconds=20), instrument="OPTION", confidence=0.95)
+    d.refresh_account(force=True)
+    d.drain()
+    pool.close()
+
+    assert recommendation(conn, low)["outcome_code"] == "LOW_CONFIDENCE"
+    assert recommendation(conn, high)["status"] in ("EXECUTED", "SUBMITTING")
+    assert fetched == ["WB"]  # only the chain of the entry that got past the gates
+    assert recommendation(conn, low)["inputs"]["option_inputs"]["not_fetched"] is True
+
+    rows = [r for r in decisions_with_inputs(conn, ACCOUNT, NOW - timedelta(days=1), (5,)) if r["id"] == low]
+    same = whatif(rows, as_params(strict), nyse_calendar(), (5,))
+    assert (same["flipped"], same["undetermined"]) == (0, 0)
+    loose = whatif(rows, as_params({"confidence": {"min_confidence_day_trade": 0.5}}), nyse_calendar(), (5,))
+    assert (loose["flipped"], loose["undetermined"]) == (1, 1)
+    assert loose["by_kind"] == {"DENIED by LOW_CONFIDENCE -> UNDETERMINED (no chain was fetched for it)": 1}

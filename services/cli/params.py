@@ -417,6 +417,9 @@ def cmd_whatif(args: argparse.Namespace) -> int:
     print(f"what-if of {args.file} against {result['decisions']} recorded decision(s) of {account} "
           f"since {since.astimezone(ET):%Y-%m-%d %H:%M} ET")
     print(f"  unchanged {result['unchanged']}, flipped {result['flipped']}")
+    if result["undetermined"]:
+        print(f"  of which {result['undetermined']} undetermined: option entries that a gate the candidate passes "
+              "denied before their chain was fetched")
     for label, n in result["by_kind"].items():
         print(f"  {n:>5}  {label}")
     if result["flips"]:

@@ -62,6 +62,7 @@ from services.domain.decision import (
     Decision,
     OptionInputs,
     decide,
+    denied_whatever_the_contract,
     exit_unavailable,
     is_option_entry,
     live_trading_check,
@@ -349,7 +350,10 @@ class Dispatcher:
         ctx = self._context(conn, row, now)
         option_inputs = None
         if is_option_entry(ctx.recommendation):
-            option_inputs = self._gather_options(conn, ctx, in_force, now)
+            # A kill switch in force or the ticker's trades used up deny it whatever the chain holds.
+            early = denied_whatever_the_contract(ctx, in_force.params, now, self._calendar)
+            option_inputs = (OptionInputs.skipped(early) if early is not None
+                             else self._gather_options(conn, ctx, in_force, now))
             if option_inputs is None:
                 raise _FetchFirst(f"option chain {ctx.ticker}", lambda: self._fetch_chain(ctx))
         exit_quote = None

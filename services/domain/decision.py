@@ -235,6 +235,12 @@ class OptionInputs:
     chain: list[Any] | None
     iv_percentile: Any = None
     error: str | None = None
+    # The chain was not fetched: a contract-independent gate denied the entry (the reason in `error`).
+    not_fetched: bool = False
+
+    @classmethod
+    def skipped(cls, decision: Decision) -> OptionInputs:
+        return cls(None, error=f"not fetched: {decision.code} denied the entry first", not_fetched=True)
 
 
 def is_option_entry(rec: dict[str, Any]) -> bool:
@@ -259,12 +265,51 @@ def decide(
         return _exit(ctx, rec, params, now, calendar, exit_quote)
     if rec.get("instrument") != "OPTION":
         return _stock_entry(ctx, rec, params, now, calendar, {})
-    return _option_entry(ctx, rec, params, now, calendar, option_inputs)
+    return denied_whatever_the_contract(ctx, params, now, calendar) or _option_entry(
+        ctx, rec, params, now, calendar, option_inputs)
+
+
+# The entry gates whose verdict depends on neither the instrument nor the order: the account's
+# state, the ticker's day, the recommendation's and its data's age, the clock. When one of them
+# denies an option entry, no contract, and no stock fallback, could change the outcome.
+CONTRACT_INDEPENDENT_GATES = frozenset({
+    "kill_switch", "confidence", "recommendation_age", "bar_freshness", "feature_freshness", "trading_hours",
+    "daily_loss", "broker_reconciliation", "ticker_trades_today", "ticker_cooldown", "open_position",
+    "max_positions",
+})
+# The reason an option entry's chain was not fetched; `params whatif` cannot choose a contract
+# for such a decision, and says so rather than deciding it without one.
+CHAIN_NOT_FETCHED = "CHAIN_NOT_FETCHED"
+
+
+def denied_whatever_the_contract(ctx: Context, params: TradingParams, now: datetime,
+                                 calendar: SessionCalendar | None) -> Decision | None:
+    """The denial of an option entry that a contract-independent gate refuses; None when the
+    contract could matter.
+
+    The dispatcher asks before it fetches the chain: a kill switch in force or the ticker's
+    trades used up deny the entry whatever the chain holds, and the chain would cost requests
+    of the account's budget for nothing. The gates are those of an entry with no order yet
+    (the code is the first denial among them); the option's own gates are not evaluated.
+    """
+    rec = ctx.recommendation
+    passed, gates = _evaluate(ctx, rec, params, now, calendar, None)
+    if passed:
+        return None
+    blocking = next((g for g in gates if not g.result.passed and g.name in CONTRACT_INDEPENDENT_GATES), None)
+    if blocking is None:
+        return None
+    info = {"option": {"code": CHAIN_NOT_FETCHED,
+                       "reason": f"{CHAIN_NOT_FETCHED}: {blocking.name} denies the entry whatever the contract"}}
+    return _denied(gates, info)
 
 
 def plan_option(ctx: Context, params: TradingParams, now: datetime, calendar: SessionCalendar | None,
                 inputs: OptionInputs | None) -> OptionOutcome:
     """Choose and validate a contract from the gathered chain (calls for BUY, puts for SELL)."""
+    if inputs is not None and inputs.not_fetched:
+        # Decided again (`params whatif`) where the recorded decision needed no chain.
+        return OptionOutcome(False, CHAIN_NOT_FETCHED, f"{CHAIN_NOT_FETCHED}: {inputs.error}", False)
     if inputs is None or inputs.error is not None or inputs.chain is None:
         reason = (inputs.error if inputs and inputs.error else "no option market data configured")
         return OptionOutcome(False, "NO_OPTION_CHAIN", f"NO_OPTION_CHAIN: {reason}", False)

@@ -9,6 +9,8 @@ params gives what those params would have decided (`params whatif`). Pure: no I/
 Decimals are kept as their exact strings, times as ISO 8601 with their offset. An option chain
 is kept as the excerpt the choice could use: the contracts inside the strategy's expiry window
 and the delta band's neighbourhood, at most CHAIN_EXCERPT of them nearest the money.
+An option entry that a contract-independent gate denied before its chain was fetched is
+kept with `not_fetched`: decided again where that gate passes, it has no contract to choose.
 """
 
 from __future__ import annotations
@@ -133,6 +135,8 @@ def snapshot(ctx: Context, now: datetime, option_inputs: OptionInputs | None = N
             "iv_percentile": list(option_inputs.iv_percentile) if option_inputs.iv_percentile is not None else None,
             "error": option_inputs.error,
         }
+        if option_inputs.not_fetched:
+            out["option_inputs"]["not_fetched"] = True
     if exit_quote is not None:
         out["exit_quote"] = _text({"bid": exit_quote.bid, "ask": exit_quote.ask})
     if capacity is not None:
@@ -176,7 +180,7 @@ def restore(data: dict[str, Any]) -> tuple[Context, datetime, OptionInputs | Non
         o = data["option_inputs"]
         iv = IVPercentile(*o["iv_percentile"]) if o.get("iv_percentile") is not None else None
         chain = None if o.get("chain") is None else [_restore_quote(q) for q in o["chain"]]
-        option_inputs = OptionInputs(chain, iv, o.get("error"))
+        option_inputs = OptionInputs(chain, iv, o.get("error"), bool(o.get("not_fetched", False)))
     exit_quote = None
     if "exit_quote" in data:
         q = data["exit_quote"]

@@ -8,6 +8,10 @@ under the account lock, as the dispatcher did); `flip` says whether the outcome 
 One decision at a time, on the path that happened: a candidate that takes a trade the recorded
 params denied would have changed the positions, exposure and cooldowns every later decision
 saw, and this does not re-run that path (`replay --compare` does). Pure: no I/O.
+
+An option entry that a contract-independent gate denied was decided without its chain (the
+dispatcher does not spend the request budget on it); where the candidate would pass that gate,
+the contract it would choose is unknown, and the flip says UNDETERMINED rather than guess.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from typing import Any
 
 from services.common.market_calendar import SessionCalendar
 from services.common.params import TradingParams
-from services.domain.decision import Decision, decide, recheck_capacity
+from services.domain.decision import CHAIN_NOT_FETCHED, Decision, decide, recheck_capacity
 from services.domain.snapshot import restore
 
 TAKEN = "TAKEN"
 DENIED = "DENIED"
+# An option entry recorded without its chain (a contract-independent gate denied it first) that
+# the candidate would let through to the contract choice: what it would choose is not known.
+UNDETERMINED = "UNDETERMINED"
 
 
 def redecide(inputs: Mapping[str, Any], params: TradingParams, calendar: SessionCalendar | None) -> Decision:
@@ -41,6 +48,8 @@ def recorded_outcome(ordered: bool, code: str | None) -> tuple[str, str | None]:
 
 
 def candidate_outcome(decision: Decision) -> tuple[str, str | None]:
+    if decision.code == CHAIN_NOT_FETCHED:
+        return UNDETERMINED, CHAIN_NOT_FETCHED
     return (TAKEN, None) if decision.is_order else (DENIED, decision.code)
 
 
@@ -57,6 +66,8 @@ class Flip:
     @property
     def label(self) -> str:
         def say(o: tuple[str, str | None]) -> str:
+            if o[0] == UNDETERMINED:
+                return f"{UNDETERMINED} (no chain was fetched for it)"
             return o[0] if o[1] is None else f"{o[0]} by {o[1]}"
         return f"{say(self.before)} -> {say(self.after)}"
 
@@ -93,5 +104,6 @@ def whatif(decisions: Iterable[Mapping[str, Any]], params: TradingParams, calend
                    for h, c in zip(horizons, d.get("forward_closes") or [None] * len(horizons))}
         flips.append(Flip(d["id"], d["ticker"], d["action"], d.get("created_at"), before, after, forward))
     by_label = Counter(f.label for f in flips)
-    return {"decisions": seen, "unchanged": unchanged, "flipped": len(flips), "by_kind": dict(by_label.most_common()),
-            "flips": flips}
+    undetermined = sum(1 for f in flips if f.after[0] == UNDETERMINED)
+    return {"decisions": seen, "unchanged": unchanged, "flipped": len(flips), "undetermined": undetermined,
+            "by_kind": dict(by_label.most_common()), "flips": flips}
