@@ -28,7 +28,7 @@ from services.dispatcher.wiring import option_quotes_source
 from services.feature_computer.main import FeatureCycle, compute_features
 from services.position_manager.main import run_position_cycle
 from services.signal_engine.main import CycleResult, run_signal_cycle
-from services.watchlist_engine.main import run_watchlist_cycle
+from services.watchlist_engine.main import VolumeHistory, run_watchlist_cycle
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Pipeline:
     features: FeatureCycle = field(default_factory=FeatureCycle)
     liquidity: OptionLiquiditySource | None = None
     signals: Counter = field(default_factory=Counter)
+    volumes: VolumeHistory = field(default_factory=VolumeHistory)
 
     def __post_init__(self) -> None:
         # The watchlist reads spread quality and open interest from the near-expiry chains, as in production.
@@ -88,7 +89,8 @@ class Pipeline:
         if features:
             compute_features(conn, now=now, cycle=self.features)
         if minute % self.watchlist_every_minutes == 0:
-            run_watchlist_cycle(conn, self.account_id, in_force, now, liquidity_source=self.liquidity)
+            run_watchlist_cycle(conn, self.account_id, in_force, now, liquidity_source=self.liquidity,
+                                history=self.volumes)
         result = None
         if signals:
             result = run_signal_cycle(conn, self.account_id, in_force, now)

@@ -126,3 +126,28 @@ def test_cycle_when_run_then_rows_store_components_rank_and_selection(conn):
     assert (rows["NEWCO"]["selected"], rows["BIG"]["selected"]) == (True, False)
     assert rows["GONE"]["selected"] is False and rows["GONE"]["rank"] is None
     assert rows["NEWCO"]["updated_at"] == NOW
+
+
+def test_average_volume_counts_whole_et_days_of_the_lookback_read_once_per_day(conn):
+    """The ten ET days before today count whole (the oldest one too, whatever the hour), and a
+    long-running engine reads them once per ET day: a past day's bars loaded later count from
+    the next day."""
+    from services.watchlist_engine.main import VolumeHistory
+
+    oldest = datetime(2026, 3, 1, 14, 30, tzinfo=UTC)    # 1 March 09:30 ET: 10 days before, earlier in the day than now
+    add_day(conn, "BIG", oldest, 1000)                   # 10k
+    add_day(conn, "BIG", datetime(2026, 2, 28, 19, 0, tzinfo=UTC), 9999)  # 11 days before: outside
+    add_day(conn, "BIG", datetime(2026, 3, 10, 13, 30, tzinfo=UTC), 3000)  # 30k
+    history = VolumeHistory()
+
+    def average() -> float:
+        run_watchlist_cycle(conn, "acct-1", as_params({}), NOW, liquidity_inputs={}, history=history)
+        return conn.execute("SELECT components FROM watchlist_state WHERE ticker = 'BIG'").fetchone()[
+            "components"]["avg_daily_volume"]
+
+    assert average() == 20000  # (10k + 30k) / 2: the 1st counts whole, from its midnight
+    add_day(conn, "BIG", datetime(2026, 3, 9, 13, 30, tzinfo=UTC), 5000)  # a backfill of Monday the 9th
+    assert average() == 20000  # the day's complete days were read at its first cycle
+    assert history.day == NOW.date()
+    history.day = None  # as at the next ET day's first cycle
+    assert average() == 30000  # (10k + 50k + 30k) / 3

@@ -1,10 +1,10 @@
 """The watchlist engine: scores candidate tickers for one account and stores the selection.
 
 Inputs, gathered in one round trip:
-- candidates: every ticker with bars in the last AVG_VOLUME_LOOKBACK (10 calendar days);
+- candidates: every ticker with session bars in the 10 ET days before today, or today;
 - average daily volume and dollar volume (sum of volume * close) from lane_telemetry: the mean
-  of the per-ET-day sums of the days BEFORE today's ET date (complete sessions); a ticker with
-  bars only today uses today's so far;
+  of the per-ET-day sums of those days BEFORE today's ET date (complete sessions; read once per
+  ET day, `VolumeHistory`); a ticker with bars only today uses today's so far;
 - its latest close (the spot its option liquidity is measured around);
 - the latest features complete by `now` (trend_state, distance_sma20, vol_ratio);
 - the confidence-weighted mean sentiment over params.signal.sentiment_lookback_minutes;
@@ -25,36 +25,65 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
 
-from services.common.market_calendar import et_date
+from services.common.market_calendar import et_date, et_day_bounds
 from services.common.params import ParamsInForce, TradingParams, as_params
 from services.watchlist_engine.scoring import WatchlistInput, WatchlistScore, as_float, score_watchlist
 
 log = logging.getLogger(__name__)
 
-AVG_VOLUME_LOOKBACK = timedelta(days=10)
+# The average daily volume is taken over the complete ET days among the 10 before today.
+AVG_VOLUME_LOOKBACK_DAYS = 10
 BAR = timedelta(minutes=1)
 # {ticker: spot} at `now` -> {ticker: {"spread_quality", "oi_proxy", "detail"}}; see the module doc.
 LiquiditySource = Callable[[Mapping[str, Decimal | None], datetime], Mapping[str, Mapping[str, Any]]]
 
-# -- gather_watchlist_inputs --
-# Per candidate (a ticker with bars since %(since)s): the average daily volume and dollar volume
-# of complete ET days (today's partial day only when there is no earlier day), the latest
-# complete bar's close, the latest features complete by now, the weighted sentiment over the
-# lookback, and whether the account holds it selected.
-GATHER_WATCHLIST_INPUTS = """
-WITH daily AS (
-    SELECT b.ticker, (b.ts AT TIME ZONE 'America/New_York')::date AS day, sum(b.volume) AS volume,
+# -- complete_days_volume --
+# Per ticker with session bars since %(since)s: the volume and dollar volume of each complete ET
+# day from %(since)s (an ET midnight) up to today's. One index range per ticker (lane_bar_heads
+# lists them), so it reads the lookback's bars, never the whole table. A complete day does not
+# change: a cycle reads these once per ET day (`VolumeHistory`).
+COMPLETE_DAYS_VOLUME = """
+SELECT h.ticker, d.day, d.volume, d.dollar_volume
+FROM lane_bar_heads h
+CROSS JOIN LATERAL (
+    SELECT (b.ts AT TIME ZONE 'America/New_York')::date AS day, sum(b.volume) AS volume,
            sum(b.volume * b.close) AS dollar_volume
     FROM lane_telemetry b
-    WHERE b.ts >= %(since)s AND b.ts <= %(now)s
-    GROUP BY 1, 2
+    WHERE b.ticker = h.ticker AND b.ts >= %(since)s AND b.ts < %(today_start)s
+    GROUP BY 1
+) d
+WHERE h.latest_ts >= %(since)s
+ORDER BY 1, 2
+"""
+
+# -- gather_watchlist_inputs --
+# Per candidate (a ticker with bars in the lookback: a complete day of `history`, or today): the
+# average daily volume and dollar volume of the complete ET days (today's partial day only when
+# there is no earlier day), the latest complete bar's close, the latest features complete by
+# now, the weighted sentiment over the lookback, and whether the account holds it selected.
+# Today's sums come from one index range per ticker with a bar today.
+GATHER_WATCHLIST_INPUTS = """
+WITH daily AS (
+    SELECT p.ticker, p.day, p.volume, p.dollar_volume
+    FROM unnest(%(past_ticker)s::text[], %(past_day)s::date[], %(past_volume)s::numeric[],
+                %(past_dollar_volume)s::numeric[]) AS p(ticker, day, volume, dollar_volume)
+    UNION ALL
+    SELECT h.ticker, %(today)s::date, t.volume, t.dollar_volume
+    FROM lane_bar_heads h
+    CROSS JOIN LATERAL (
+        SELECT sum(b.volume) AS volume, sum(b.volume * b.close) AS dollar_volume
+        FROM lane_telemetry b
+        WHERE b.ticker = h.ticker AND b.ts >= %(today_start)s AND b.ts <= %(now)s
+    ) t
+    WHERE h.latest_ts >= %(today_start)s AND t.volume IS NOT NULL
 ),
 candidates AS (
     SELECT d.ticker,
@@ -87,6 +116,28 @@ LEFT JOIN watchlist_state w ON w.account_id = %(account_id)s AND w.ticker = c.ti
 ORDER BY c.ticker
 """
 
+
+@dataclass
+class VolumeHistory:
+    """The volume sums of the lookback's complete ET days, read at the first cycle of each ET day
+    and kept for the day's other cycles (a long-running engine holds one). A day's bars loaded
+    after that first cycle (a backfill of a past day) count from the next ET day."""
+
+    day: date | None = None
+    rows: dict[str, list[Any]] = field(default_factory=dict)
+
+    def for_day(self, conn: psycopg.Connection, today: date) -> dict[str, list[Any]]:
+        if self.day != today:
+            found = conn.execute(COMPLETE_DAYS_VOLUME, {
+                "since": et_day_bounds(today - timedelta(days=AVG_VOLUME_LOOKBACK_DAYS))[0],
+                "today_start": et_day_bounds(today)[0]}).fetchall()
+            self.rows = {"past_ticker": [r["ticker"] for r in found], "past_day": [r["day"] for r in found],
+                         "past_volume": [r["volume"] for r in found],
+                         "past_dollar_volume": [r["dollar_volume"] for r in found]}
+            self.day = today
+        return self.rows
+
+
 # -- upsert_watchlist_row --
 UPSERT_WATCHLIST_ROW = """
 INSERT INTO watchlist_state (account_id, ticker, selected, score, components, rank, updated_at)
@@ -111,17 +162,23 @@ def _params(params: ParamsInForce | TradingParams | Mapping[str, Any]) -> Tradin
 def run_watchlist_cycle(conn: psycopg.Connection, account_id: str,
                         params: ParamsInForce | TradingParams | Mapping[str, Any], now: datetime, *,
                         liquidity_inputs: Mapping[str, Mapping[str, Any]] | None = None,
-                        liquidity_source: LiquiditySource | None = None) -> list[WatchlistScore]:
-    """Score the candidates at `now`, store them for the account, return them by rank."""
+                        liquidity_source: LiquiditySource | None = None,
+                        history: VolumeHistory | None = None) -> list[WatchlistScore]:
+    """Score the candidates at `now`, store them for the account, return them by rank.
+
+    `history`: the complete days' volumes kept from an earlier cycle of the same ET day (a
+    fresh one reads them)."""
     if not account_id:
         raise ValueError("account_id is required")
     if now.tzinfo is None:
         raise ValueError("naive datetime: run_watchlist_cycle needs an aware `now`")
     p = _params(params)
     liquidity_inputs = liquidity_inputs or {}
+    today = et_date(now)
+    past = (history or VolumeHistory()).for_day(conn, today)
     rows = conn.execute(GATHER_WATCHLIST_INPUTS, {
-        "account_id": account_id, "now": now, "cutoff": now - BAR, "since": now - AVG_VOLUME_LOOKBACK,
-        "today": et_date(now), "sentiment_since": now - timedelta(minutes=p.signal.sentiment_lookback_minutes),
+        "account_id": account_id, "now": now, "cutoff": now - BAR, "today": today, "today_start": et_day_bounds(today)[0],
+        "sentiment_since": now - timedelta(minutes=p.signal.sentiment_lookback_minutes), **past,
     }).fetchall()
     if liquidity_source is not None:
         liquidity_inputs = {**liquidity_source({r["ticker"]: r["spot"] for r in rows}, now), **liquidity_inputs}
@@ -187,9 +244,10 @@ def run_command(args: argparse.Namespace) -> int:
     _, account_id, url, provider = bootstrap(args.account)
     clock = SystemClock()
     liquidity = liquidity_source_from_settings(url, account_id)
+    history = VolumeHistory()
     return run_periodic(
         "watchlist-engine", url,
         lambda conn: run_watchlist_cycle(conn, account_id, provider.current(), clock.now(),
-                                         liquidity_source=liquidity),
+                                         liquidity_source=liquidity, history=history),
         interval=args.interval, once=args.once, stop=stop_on_sigterm(), retry_on=(ParamsError,),
         health_checks={"params": provider})
