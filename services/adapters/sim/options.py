@@ -115,26 +115,25 @@ def _bs_core(spot: float, strike: float, years: float, rate: float, vol: float) 
     return _BSCore(d1, d1 - vol * sqrt_t, math.exp(-rate * years), _norm_pdf(d1), sqrt_t)
 
 
-def _bs_right(right: str, c: _BSCore, spot: float, strike: float, rate: float, vol: float) -> BSResult:
+def _bs_pair(c: _BSCore, spot: float, strike: float, rate: float, vol: float):
+    """The call's and the put's (price, delta, theta) on one strike, and their shared gamma and vega."""
     gamma = c.pdf / (spot * vol * c.sqrt_t)
     vega = spot * c.pdf * c.sqrt_t / 100.0
     n_d1 = _norm_cdf(c.d1)
-    if right == "call":
-        n_d2 = _norm_cdf(c.d2)
-        price = spot * n_d1 - strike * c.disc * n_d2
-        delta = n_d1
-        theta = (-spot * c.pdf * vol / (2 * c.sqrt_t) - rate * strike * c.disc * n_d2) / 365.0
-    else:
-        n_minus_d2 = _norm_cdf(-c.d2)
-        price = strike * c.disc * n_minus_d2 - spot * _norm_cdf(-c.d1)
-        delta = n_d1 - 1.0
-        theta = (-spot * c.pdf * vol / (2 * c.sqrt_t) + rate * strike * c.disc * n_minus_d2) / 365.0
-    return BSResult(max(price, 0.0), delta, gamma, theta, vega)
+    decay = -spot * c.pdf * vol / (2 * c.sqrt_t)
+    n_d2 = _norm_cdf(c.d2)
+    call = (max(spot * n_d1 - strike * c.disc * n_d2, 0.0), n_d1, (decay - rate * strike * c.disc * n_d2) / 365.0)
+    n_minus_d2 = _norm_cdf(-c.d2)
+    put = (max(strike * c.disc * n_minus_d2 - spot * _norm_cdf(-c.d1), 0.0), n_d1 - 1.0,
+           (decay + rate * strike * c.disc * n_minus_d2) / 365.0)
+    return call, put, gamma, vega
 
 
 def black_scholes(right: str, spot: float, strike: float, years: float, rate: float, vol: float) -> BSResult:
     """European Black-Scholes price and greeks, no dividends."""
-    return _bs_right(right, _bs_core(spot, strike, years, rate, vol), spot, strike, rate, vol)
+    call, put, gamma, vega = _bs_pair(_bs_core(spot, strike, years, rate, vol), spot, strike, rate, vol)
+    price, delta, theta = call if right == "call" else put
+    return BSResult(price, delta, gamma, theta, vega)
 
 
 def _uniform(seed: int, symbol: str, day: date, salt: str) -> float:
@@ -172,42 +171,19 @@ def contract_quote(
     """
     today = et_date(now)
     years = (option_expiry_instant(expiration) - now).total_seconds() / _SECONDS_PER_YEAR
+    terms = _strike_terms(strike, spot, spec)
+    call, put = _pair(underlying, expiration, *terms, spot, now.astimezone(timezone.utc), today,
+                      (expiration - today).days, _bs_core(spot, terms[1], years, spec.rate, terms[3]), seed, spec)
+    return call if right == "call" else put
+
+
+def _strike_terms(strike: Decimal, spot: float, spec: SimChainSpec) -> tuple[Decimal, float, float, float, float, float]:
+    """What a strike's quotes share across expiries: (strike, as float, log moneyness, volatility,
+    volatility as quoted, the activity's smile)."""
     k = float(strike)
     moneyness = math.log(k / spot)
     vol = smile_vol(spec.base_vol, moneyness)
-    return _quote(underlying, expiration, strike, right, spot, now.astimezone(timezone.utc), today,
-                  (expiration - today).days, moneyness, vol, _bs_core(spot, k, years, spec.rate, vol), seed, spec)
-
-
-def _quote(underlying: str, expiration: date, strike: Decimal, right: str, spot: float, quote_time: datetime,
-           today: date, days_out: int, moneyness: float, vol: float, core: _BSCore, seed: int,
-           spec: SimChainSpec) -> OptionQuote:
-    symbol = occ_symbol(underlying, expiration, right, strike)
-    bs = _bs_right(right, core, spot, float(strike), spec.rate, vol)
-    u_illiquid, u_activity, u_size = _draws(seed, symbol, today)
-    illiquid = u_illiquid < spec.illiquid_share
-    # Spread as a share of the price: tight at the money, wider away from it and
-    # further out in time.
-    rel = 0.02 + 0.6 * abs(moneyness) + 0.0015 * days_out
-    if illiquid:
-        rel = max(rel, 0.15 + 0.25 * u_activity)
-    half = max(0.005, bs.price * rel / 2)
-    bid = Decimal(repr(max(bs.price - half, 0.0))).quantize(_CENT, rounding=ROUND_FLOOR)
-    ask = Decimal(repr(bs.price + half)).quantize(_CENT, rounding=ROUND_CEILING)
-    ask = max(ask, bid + _CENT, _CENT)
-    activity = math.exp(-25.0 * moneyness * moneyness) * (0.5 + u_activity)
-    if illiquid:
-        volume = int(u_activity * 99)
-        open_interest = int(u_size * 99)
-    else:
-        volume = int(spec.base_volume * activity / (1 + days_out / 14))
-        open_interest = int(spec.base_open_interest * activity)
-    size = 1 + int(u_size * 50)
-    # Positional: the dataclass's field order (symbol, underlying, expiration, strike, right, bid,
-    # ask, bid_size, ask_size, quote_time, volume, open_interest, iv, delta, gamma, theta, vega).
-    return OptionQuote(symbol, underlying, expiration, strike, right, bid, ask, size, size + 3, quote_time,
-                       volume, open_interest, round(vol, 6), round(bs.delta, 6), round(bs.gamma, 6),
-                       round(bs.theta, 6), round(bs.vega, 6))
+    return strike, k, moneyness, vol, round(vol, 6), math.exp(-25.0 * moneyness * moneyness)
 
 
 def simulate_chain(
@@ -237,22 +213,46 @@ def simulate_chain(
     expirations = weekly_expirations(now, cal, spec.max_days)
     if window is not None:
         expirations = [e for e in expirations if window[0] <= e <= window[1]]
-    # What a contract's quote shares with the rest of its expiry, and with the other right of
-    # its strike, is computed once: the same arithmetic as contract_quote, in the same order.
+    # What a contract's quote shares with the other expiries of its strike, and with the other
+    # right, is computed once; contract_quote prices one contract with the same _pair.
     today = et_date(now)
     quote_time = now.astimezone(timezone.utc)
-    per_strike = []
-    for strike in strikes:
-        k = float(strike)
-        moneyness = math.log(k / spot_f)
-        per_strike.append((strike, k, moneyness, smile_vol(spec.base_vol, moneyness)))
-    out = []
+    per_strike = [_strike_terms(strike, spot_f, spec) for strike in strikes]
+    out: list[OptionQuote] = []
     for expiration in expirations:
         years = (option_expiry_instant(expiration) - now).total_seconds() / _SECONDS_PER_YEAR
         days_out = (expiration - today).days
-        for strike, k, moneyness, vol in per_strike:
-            core = _bs_core(spot_f, k, years, spec.rate, vol)
-            for right in ("call", "put"):
-                out.append(_quote(underlying, expiration, strike, right, spot_f, quote_time, today, days_out,
-                                  moneyness, vol, core, seed, spec))
+        for terms in per_strike:
+            out.extend(_pair(underlying, expiration, *terms, spot_f, quote_time, today, days_out,
+                             _bs_core(spot_f, terms[1], years, spec.rate, terms[3]), seed, spec))
     return out
+
+
+def _pair(underlying: str, expiration: date, strike: Decimal, k: float, moneyness: float, vol: float, vol_6: float,
+          smile_activity: float, spot: float, quote_time: datetime, today: date, days_out: int, c: _BSCore, seed: int,
+          spec: SimChainSpec) -> tuple[OptionQuote, OptionQuote]:
+    """The call's and the put's quotes of one strike, with what the two share (the pricing terms,
+    gamma, vega, the spread's share, the activity's smile) computed once."""
+    call, put, gamma, vega = _bs_pair(c, spot, k, spec.rate, vol)
+    gamma_6, vega_6 = round(gamma, 6), round(vega, 6)
+    base_rel = 0.02 + 0.6 * abs(moneyness) + 0.0015 * days_out
+    quotes = []
+    for right, (price, delta, theta) in (("call", call), ("put", put)):
+        symbol = occ_symbol(underlying, expiration, right, strike)
+        u_illiquid, u_activity, u_size = _draws(seed, symbol, today)
+        illiquid = u_illiquid < spec.illiquid_share
+        rel = max(base_rel, 0.15 + 0.25 * u_activity) if illiquid else base_rel
+        half = max(0.005, price * rel / 2)
+        bid = Decimal(repr(max(price - half, 0.0))).quantize(_CENT, rounding=ROUND_FLOOR)
+        ask = max(Decimal(repr(price + half)).quantize(_CENT, rounding=ROUND_CEILING), bid + _CENT, _CENT)
+        if illiquid:
+            volume = int(u_activity * 99)
+            open_interest = int(u_size * 99)
+        else:
+            activity = smile_activity * (0.5 + u_activity)
+            volume = int(spec.base_volume * activity / (1 + days_out / 14))
+            open_interest = int(spec.base_open_interest * activity)
+        size = 1 + int(u_size * 50)
+        quotes.append(OptionQuote(symbol, underlying, expiration, strike, right, bid, ask, size, size + 3, quote_time,
+                                  volume, open_interest, vol_6, round(delta, 6), gamma_6, round(theta, 6), vega_6))
+    return quotes[0], quotes[1]
