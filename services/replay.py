@@ -37,6 +37,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from services.adapters.option_liquidity import OptionLiquiditySource
 from services.common.clock import FixedClock
 from services.common.logs import json_default
 from services.common.market_calendar import ET, SessionCalendar, nyse_calendar
@@ -48,7 +49,7 @@ from services.feature_computer.main import write_features
 from services.ingest import csv_paths, read_csv_file, write_bar_arrays
 from services.signal_engine.main import CycleResult
 from services.signal_engine.rules import could_emit
-from services.simulation import Pipeline
+from services.simulation import Pipeline, sim_liquidity_source
 
 log = logging.getLogger("replay")
 
@@ -271,8 +272,12 @@ def run_replay(
     run_id: str | None = None,
     progress: TextIO | None = None,
     calendar: SessionCalendar | None = None,
+    workers: int = 1,
 ) -> ReplayResult:
-    """Replay `rows` (sorted by time) through the pipeline, into `url` or a new replay database."""
+    """Replay `rows` (sorted by time) through the pipeline, into `url` or a new replay database.
+
+    workers=2: a second process reads the watchlist's option liquidity ahead (`LiquidityAhead`);
+    the run is the same, row for row."""
     from services.common.db import connect, make_pool
     from services.common.migrate import migrate
 
@@ -292,6 +297,7 @@ def run_replay(
     if not days:
         raise SystemExit("no bars inside a NYSE session to replay")
     clock = FixedClock(days[0].open)
+    ahead = LiquidityAhead.start(days, by_minute, seed) if workers > 1 else None
     pool = make_pool(url, min_size=1, max_size=2, application_name="ops-dispatcher:replay", check=False)
     try:
         minutes_total = sum(int((s.close - s.open) / BAR) for s in days)
@@ -301,6 +307,8 @@ def run_replay(
                                           broker_options={"starting_cash": STARTING_CASH}, worker_id="replay",
                                           watchlist_every_minutes=WATCHLIST_EVERY_MINUTES)
             dispatcher = pipeline.dispatcher
+            if ahead is not None:
+                pipeline.liquidity = sim_liquidity_source(pipeline.options, _ReadAhead)
             conn.execute(RECORD_RUN, {"run_id": run_id, "started_at": days[0].open, "params_source": in_force.source,
                                       "params_version": in_force.version, "params_hash": in_force.content_hash,
                                       "seed": seed, "inputs": json.dumps(inputs, default=json_default)})
@@ -310,6 +318,8 @@ def run_replay(
                 busy_params = {"account_id": REPLAY_ACCOUNT, "live": sorted(LIVE_POSITION),
                                "terminal": sorted(TERMINAL_EXECUTION), "decided": sorted(TERMINAL_RECOMMENDATION)}
                 for session in days:
+                    if ahead is not None:
+                        pipeline.liquidity.ready = ahead.readings(session.day)
                     clock.set(session.open)
                     dispatcher.refresh_account(force=True)  # the broker rolls its day at the first look
                     plan = plan_session([r for ts in _minutes(session) for r in by_minute.get(ts, ())], in_force)
@@ -348,12 +358,90 @@ def run_replay(
             finally:
                 stop_updates()
             result.counts.update(pipeline.signals)
+            if ahead is not None:  # the readings the second process made that the watchlist used
+                result.counts["liquidity_read_ahead"] = pipeline.liquidity.used
             result.seconds = time.perf_counter() - started
             conn.execute(FINISH_RUN, {"run_id": run_id, "finished_at": clock.now(),
                                       "counts": json.dumps(dict(result.counts), default=json_default)})
     finally:
         pool.close()
+        if ahead is not None:
+            ahead.close()
     return result
+
+
+class _ReadAhead(OptionLiquiditySource):
+    """The watchlist's liquidity source, answering from the readings a second process made for
+    this session (`ready`) when it is asked for the same ticker, spot and minute; anything else
+    it reads itself."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.ready: dict[tuple[str, datetime], tuple[Any, Any]] = {}
+        self.used = 0
+
+    def read(self, ticker: str, spot: Any, now: datetime):
+        made = self.ready.pop((ticker, now), None)
+        if made is not None and made[0] == spot:
+            self.fetches += 1
+            self.used += 1
+            return made[1]
+        return super().read(ticker, spot, now)
+
+
+class LiquidityAhead:
+    """The watchlist's option liquidity readings of every session, made by a second process
+    ahead of the replay: the simulated market's near-expiry chains are the replay's largest
+    computation, and each reading needs only its ticker's spot at its minute, which the bars
+    give (the close of the ticker's latest bar at or before the minute's cutoff, as the
+    watchlist's gather reads it). The same source (`sim_liquidity_source`) makes them; the
+    replay uses a reading only when asked for that ticker, spot and minute, and reads anything
+    else itself, so the run is the same with or without it."""
+
+    def __init__(self, pool, futures: dict[date, Any]):
+        self.pool = pool
+        self.futures = futures
+
+    @classmethod
+    def start(cls, days: Sequence, by_minute: dict[datetime, list[tuple]], seed: int) -> LiquidityAhead:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # Forked before the replay opens its pool and starts its threads (the executor starts its
+        # process at once under fork), so the child holds no lock and needs no imports; it
+        # touches no connection it inherits.
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+        return cls(pool, {s.day: pool.submit(_read_liquidity, seed, _liquidity_asks(s, by_minute)) for s in days})
+
+    def readings(self, day: date) -> dict[tuple[str, datetime], tuple[Any, Any]]:
+        try:
+            return self.futures.pop(day).result()
+        except Exception as e:  # the second process failed: the replay reads them itself
+            log.warning("liquidity read ahead failed; reading inline", extra={"error": f"{type(e).__name__}: {e}"})
+            return {}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _liquidity_asks(session, by_minute: dict[datetime, list[tuple]]) -> list[tuple[str, Any, datetime]]:
+    """(ticker, spot, now) of every ticker with a bar in the session so far, at each watchlist minute."""
+    asks = []
+    latest: dict[str, Any] = {}
+    for minute, ts in enumerate(_minutes(session)):
+        for r in by_minute.get(ts, ()):
+            latest[r[0]] = r[5]
+        if minute % WATCHLIST_EVERY_MINUTES == 0:
+            asks.extend((ticker, close, ts + BAR) for ticker, close in sorted(latest.items()))
+    return asks
+
+
+def _read_liquidity(seed: int, asks: list[tuple[str, Any, datetime]]) -> dict[tuple[str, datetime], tuple[Any, Any]]:
+    """In the second process: each ask's reading, by the replay's own source."""
+    from services.adapters.sim.market import SimOptionMarket
+
+    source = sim_liquidity_source(SimOptionMarket(None, seed=seed))
+    return {(ticker, now): (spot, source.read(ticker, spot, now)) for ticker, spot, now in asks}
 
 
 class _SignalMinutes:
@@ -571,11 +659,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("no bars to replay", file=sys.stderr)
         return 1
     progress = sys.stderr if sys.stderr.isatty() or args.progress else None
-    result = run_replay(rows, in_force, inputs=inputs, seed=args.seed, progress=progress, calendar=calendar)
+    result = run_replay(rows, in_force, inputs=inputs, seed=args.seed, progress=progress, calendar=calendar,
+                        workers=args.workers)
     _print_summary(result, result.url)
     if args.compare:
         other = load_params_file(args.compare)
-        compared = run_replay(rows, other, inputs=inputs, seed=args.seed, progress=progress, calendar=calendar)
+        compared = run_replay(rows, other, inputs=inputs, seed=args.seed, progress=progress, calendar=calendar,
+                              workers=args.workers)
         _print_summary(compared, compared.url)
         print_comparison((Path(args.params).name if args.params else "params file", result),
                          (Path(args.compare).name, compared))

@@ -31,6 +31,12 @@ from services.signal_engine.main import CycleResult, run_signal_cycle
 from services.watchlist_engine.main import VolumeHistory, run_watchlist_cycle
 
 
+def sim_liquidity_source(options: SimOptionMarket, cls: type[OptionLiquiditySource] = OptionLiquiditySource
+                         ) -> OptionLiquiditySource:
+    """The watchlist's option liquidity from the simulated market's near-expiry chains."""
+    return cls(options.near_chain, source="simulated option market")
+
+
 @dataclass
 class Pipeline:
     """One account's services over one database, on one fixed clock, with the simulated broker."""
@@ -51,7 +57,7 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         # The watchlist reads spread quality and open interest from the near-expiry chains, as in production.
-        self.liquidity = self.liquidity or OptionLiquiditySource(self.options.near_chain, source="simulated option market")
+        self.liquidity = self.liquidity or sim_liquidity_source(self.options)
         self._option_quotes = option_quotes_source(self.broker)
 
     @classmethod

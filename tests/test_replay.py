@@ -72,10 +72,12 @@ def test_two_replays_with_the_same_seed_write_identical_decisions_fills_and_posi
     rows, names = bars_from_csv([market_csv], tz="UTC")
     in_force = load_params_file()
     first = run_replay(rows, in_force, inputs={"source": "csv", "files": names}, seed=7, url=db_url, run_id="a")
+    # The second with its watchlist's option liquidity read ahead by a second process.
     second = run_replay(rows, in_force, inputs={"source": "csv", "files": names}, seed=7, url=second_db_url,
-                        run_id="a")
+                        run_id="a", workers=2)
     a, b = tables(db_url), tables(second_db_url)
     assert a == b
+    assert second.counts["liquidity_read_ahead"] == 9 * 13  # nine tickers, every 30 minutes
     # Not a comparison of two empty books: the session traded and closed positions by rule.
     assert first.counts["emitted"] > 5 and first.counts["decision:EXECUTED"] >= 5
     assert {p["status"] for p in a["positions"]} <= {"CLOSED", "CANCELLED"}  # day trades flattened by 15:45
@@ -149,10 +151,12 @@ def test_a_replay_of_thin_fxy_sessions_with_gaps_equals_every_service_run_every_
                          bull_min_ret_15m=0.0006, bear_max_ret_5m=-0.0003, bear_max_ret_15m=-0.0006)
     params = as_params(doc)
     in_force = ParamsInForce(params, "test", None, params.content_hash())
-    replay = run_replay(rows, in_force, inputs={"source": "csv", "files": names}, seed=7, url=db_url, run_id="f")
+    replay = run_replay(rows, in_force, inputs={"source": "csv", "files": names}, seed=7, url=db_url, run_id="f",
+                        workers=2)
     every_service_every_minute(second_db_url, rows, in_force)
     assert tables(db_url) == tables(second_db_url)
     assert len(replay.sessions) == 4 and replay.bars < 4 * 390 - 100  # the gaps
+    assert replay.counts["liquidity_read_ahead"] == 4 * 13  # read ahead across the gaps too
     assert replay.counts["emitted"] >= 10 and replay.counts["decision:EXECUTED"] >= 2
 
 

@@ -96,7 +96,7 @@ class OptionLiquiditySource:
         # Never fetched first, then the oldest readings.
         stale.sort(key=lambda t: (t in self._cache, self._cache[t].fetched_at if t in self._cache else now, t))
         for ticker in stale[: self.max_fetches_per_cycle]:
-            self._cache[ticker] = self._fetch(ticker, spots[ticker], now)
+            self._cache[ticker] = self.read(ticker, spots[ticker], now)
         return {t: self._reading(t, now).as_inputs() for t in spots}
 
     def _reading(self, ticker: str, now: datetime) -> LiquidityReading:
@@ -112,7 +112,8 @@ class OptionLiquiditySource:
     def _missing(self, reason: str) -> LiquidityReading:
         return LiquidityReading(None, None, {"status": "missing", "source": self.source, "reason": reason})
 
-    def _fetch(self, ticker: str, spot: Decimal | None, now: datetime) -> _Entry:
+    def read(self, ticker: str, spot: Decimal | None, now: datetime) -> _Entry:
+        """One ticker's reading from its chain fetched now (network I/O), or why there is none."""
         today = et_date(now)
         window = (today, today + timedelta(days=self.near_expiry_days))
         self.fetches += 1

@@ -44,6 +44,8 @@ def register_replay(subparsers) -> None:
     p.add_argument("--compare", metavar="B.json", help="replay again with this params file and print both side by side")
     p.add_argument("--seed", type=int, default=7, help="the simulated option market's seed")
     p.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    p.add_argument("--workers", type=int, default=2, choices=(1, 2),
+                   help="2 (default): a second process reads the watchlist's option liquidity ahead; 1: one process")
     p.add_argument("--verbose", action="store_true", help="also print the JSON decision log")
     p.set_defaults(handler=replay.cmd_replay)
 

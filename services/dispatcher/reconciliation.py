@@ -72,7 +72,8 @@ class Reconciler:
             return  # the stale account state will deny entries once it is too old
         self._last_refresh = now
         alerts.broker_ok(self.account_id)
-        with alerts.held_until_commit(), self.pool.connection() as conn, conn.transaction():
+        # One round trip for the snapshot, the marks and our positions to compare (a pipeline).
+        with alerts.held_until_commit(), self.pool.connection() as conn, conn.pipeline(), conn.transaction():
             conn.execute(queries.UPSERT_ACCOUNT_STATE, {
                 "account_id": self.account_id, "equity": snapshot.equity, "last_equity": snapshot.last_equity,
                 "cash": snapshot.cash, "buying_power": snapshot.buying_power, "as_of": snapshot.as_of,
@@ -198,7 +199,7 @@ class Reconciler:
             return 0
         rows = [{"broker_order_id": o.broker_order_id, "client_order_id": o.client_order_id, "symbol": o.symbol,
                  "side": o.side, "qty": o.qty, "status": o.status, "submitted_at": o.submitted_at} for o in orders]
-        with alerts.held_until_commit(), self.pool.connection() as conn, conn.transaction():
+        with alerts.held_until_commit(), self.pool.connection() as conn, conn.pipeline(), conn.transaction():
             conn.execute(queries.ORDERS_RECONCILED, {"account_id": self.account_id, "now": now})
             unknown = conn.execute(queries.RECORD_UNKNOWN_ORDERS, {
                 "account_id": self.account_id, "now": now, "orders": jsonb(rows)}).fetchall()

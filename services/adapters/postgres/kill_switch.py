@@ -14,14 +14,25 @@ after the halt) is flattened too. See `flatten_policy`.
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import date, datetime
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from services.adapters.postgres import exits_repo
 from services.adapters import alerts
 from services.domain.alerts import kill_switch_event
+
+
+def atomic(conn: psycopg.Connection) -> AbstractContextManager:
+    """A transaction for these statements, or the caller's when one is open: a savepoint there
+    would cost two round trips and buy nothing (an error in here fails the caller's transaction
+    as it is)."""
+    if conn.info.transaction_status == TransactionStatus.INTRANS:
+        return nullcontext()
+    return conn.transaction()
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +134,7 @@ def set_state(
     args = {"account_id": account_id, "state": state, "reason": reason, "by": changed_by,
             "now": now, "tripped_session": tripped_session, "flatten": flatten}
     exits: list[dict] = []
-    with conn.transaction():
+    with atomic(conn):
         previous = conn.execute(_PREVIOUS_STATE, args).fetchone()
         from_state = (previous["state"] if isinstance(previous, dict) else previous[0]) if previous else None
         conn.execute(_SET_STATE, {**args, "from_state": from_state})
@@ -144,7 +155,7 @@ def trip_daily_loss(conn: psycopg.Connection, account_id: str, reason: str, now:
     With `on_daily_loss="flatten"` the trip writes an EXIT for every open position in the same
     transaction: the trip happens once, and so do its exits.
     """
-    with conn.transaction():
+    with atomic(conn):
         tripped = restrict(conn, account_id, reason, DAILY_LOSS_ACTOR, now, session_day, latch_session=True)
         if tripped and on_daily_loss == "flatten":
             exits = exits_repo.flatten(conn, account_id, exits_repo.DAILY_LOSS_FLATTEN, reason, now, by=DAILY_LOSS_ACTOR)
@@ -161,7 +172,7 @@ def restrict(conn: psycopg.Connection, account_id: str, reason: str, changed_by:
     With `latch_session` the restriction ends with the session (the daily-loss latch);
     otherwise an operator resumes.
     """
-    with conn.transaction():
+    with atomic(conn):
         row = conn.execute(
             "SELECT state, changed_by, tripped_session FROM kill_switch WHERE account_id = %s FOR UPDATE",
             (account_id,),
@@ -178,7 +189,7 @@ def restrict(conn: psycopg.Connection, account_id: str, reason: str, changed_by:
 
 def expire_latch(conn: psycopg.Connection, account_id: str, now: datetime, session_day: date) -> None:
     """Record the end of a daily-loss latch when a new session begins."""
-    with conn.transaction():
+    with atomic(conn):
         row = conn.execute(
             "SELECT state, changed_by, tripped_session FROM kill_switch WHERE account_id = %s FOR UPDATE",
             (account_id,),
