@@ -98,3 +98,46 @@ def test_a_daily_loss_trips_the_switch_even_when_another_gate_denied_first(db_ur
         pool.close()
     state = kill_switch.read_state(conn, ACCOUNT)
     assert (state["state"], state["changed_by"]) == ("REDUCING", DAILY_LOSS_ACTOR)
+
+
+def test_reconciliation_compares_each_broker_order_once_and_still_catches_a_new_one(db_url, conn):
+    """The broker's list of the day is compared every 30 s; an order compared once (ours, or
+    recorded unknown) is not sent again, yet the comparison stays fresh and a later manual
+    order is caught."""
+    import uuid
+    from datetime import timedelta
+
+    from services.common.clock import FixedClock
+    from services.common.db import make_pool
+    from services.common.params import load_params_file
+    from services.dispatcher.main import Dispatcher, StaticParams
+    from services.adapters.sim.broker import SimBroker
+    from tests.factories import set_account_state
+
+    def manual(cid: str) -> None:
+        conn.execute(
+            """INSERT INTO sim_orders (id, account_id, client_order_id, symbol, underlying, asset_class, side, qty,
+                                       multiplier, status, filled_qty, filled_avg_price, submitted_at, filled_at)
+               VALUES (%s, %s, %s, 'AAPL', 'AAPL', 'us_equity', 'buy', 10, 1, 'filled', 10, 200, %s, %s)""",
+            (uuid.uuid4(), ACCOUNT, cid, clock.now(), clock.now()))
+
+    clock = FixedClock(NOW)
+    set_account_state(conn, NOW, 100_000, 100_000, account=ACCOUNT, orders_reconciled_at=None)
+    manual("manual-1")
+    pool = make_pool(db_url)
+    try:
+        d = Dispatcher(pool, SimBroker(pool, ACCOUNT, clock), StaticParams(load_params_file()), ACCOUNT, clock=clock)
+        assert d.reconcile_broker_orders() == 1
+        assert d.reconciler._compared == {r["id"] for r in conn.execute("SELECT id::text FROM sim_orders")}
+        clock.advance(timedelta(seconds=30))
+        assert d.reconcile_broker_orders() == 0
+        reconciled = conn.execute("SELECT orders_reconciled_at FROM account_state WHERE account_id = %s",
+                                  (ACCOUNT,)).fetchone()["orders_reconciled_at"]
+        assert reconciled == clock.now()  # nothing new to compare, and the comparison is still fresh
+        clock.advance(timedelta(seconds=30))
+        manual("manual-2")
+        assert d.reconcile_broker_orders() == 1
+    finally:
+        pool.close()
+    assert [r["client_order_id"] for r in conn.execute(
+        "SELECT client_order_id FROM unknown_broker_orders ORDER BY found_at")] == ["manual-1", "manual-2"]

@@ -49,6 +49,8 @@ class Reconciler:
         self.session_day = session_day
         self._last_refresh: datetime | None = None
         self._last_orders_reconcile: datetime | None = None
+        # Broker order ids compared with this database: ours, or recorded as unknown.
+        self._compared: set[str] = set()
 
     def refresh_account(self, force: bool = False, min_interval: float | None = None) -> None:
         """Account snapshot and position marks from the broker, on a schedule and after fills.
@@ -72,8 +74,7 @@ class Reconciler:
             return  # the stale account state will deny entries once it is too old
         self._last_refresh = now
         alerts.broker_ok(self.account_id)
-        # One round trip for the snapshot, the marks and our positions to compare (a pipeline).
-        with alerts.held_until_commit(), self.pool.connection() as conn, conn.pipeline(), conn.transaction():
+        with alerts.held_until_commit(), self.pool.connection() as conn, conn.transaction():
             conn.execute(queries.UPSERT_ACCOUNT_STATE, {
                 "account_id": self.account_id, "equity": snapshot.equity, "last_equity": snapshot.last_equity,
                 "cash": snapshot.cash, "buying_power": snapshot.buying_power, "as_of": snapshot.as_of,
@@ -188,7 +189,8 @@ class Reconciler:
 
         Our orders are recorded before they are sent, so an unknown order came from elsewhere
         (a restored database, a manual trade on the account): its exposure is invisible to the
-        gates, so the account goes to REDUCING until an operator has looked and resumes.
+        gates, so the account goes to REDUCING until an operator has looked and resumes. An order
+        is compared once per process: what it was found to be does not change.
         """
         now = self.clock.now()
         try:
@@ -197,9 +199,16 @@ class Reconciler:
             # Not swallowed: orders_reconciled_at stops moving, and entries stop once it is too old.
             log.warning("broker order reconciliation failed", extra={"account_id": self.account_id, "error": str(e)})
             return 0
+        # Only orders not compared before: one compared was ours (our intent is committed before an
+        # order leaves) or has been recorded as unknown, and stays so.
         rows = [{"broker_order_id": o.broker_order_id, "client_order_id": o.client_order_id, "symbol": o.symbol,
-                 "side": o.side, "qty": o.qty, "status": o.status, "submitted_at": o.submitted_at} for o in orders]
-        with alerts.held_until_commit(), self.pool.connection() as conn, conn.pipeline(), conn.transaction():
+                 "side": o.side, "qty": o.qty, "status": o.status, "submitted_at": o.submitted_at}
+                for o in orders if o.broker_order_id not in self._compared]
+        if not rows:
+            with self.pool.connection() as conn:
+                conn.execute(queries.ORDERS_RECONCILED, {"account_id": self.account_id, "now": now})
+            return 0
+        with alerts.held_until_commit(), self.pool.connection() as conn, conn.transaction():
             conn.execute(queries.ORDERS_RECONCILED, {"account_id": self.account_id, "now": now})
             unknown = conn.execute(queries.RECORD_UNKNOWN_ORDERS, {
                 "account_id": self.account_id, "now": now, "orders": jsonb(rows)}).fetchall()
@@ -208,6 +217,7 @@ class Reconciler:
                 kill_switch.restrict(conn, self.account_id,
                                      f"UNKNOWN_BROKER_ORDER: the broker has {len(unknown)} order(s) this database "
                                      f"does not: {symbols}", "reconciliation", now, self.session_day(now))
+        self._compared.update(r["broker_order_id"] for r in rows)  # committed
         for u in unknown:
             log.error("unknown broker order", extra={"account_id": self.account_id, **u})
         if unknown:
