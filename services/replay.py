@@ -318,8 +318,6 @@ def run_replay(
                 busy_params = {"account_id": REPLAY_ACCOUNT, "live": sorted(LIVE_POSITION),
                                "terminal": sorted(TERMINAL_EXECUTION), "decided": sorted(TERMINAL_RECOMMENDATION)}
                 for session in days:
-                    if ahead is not None:
-                        pipeline.liquidity.ready = ahead.readings(session.day)
                     clock.set(session.open)
                     dispatcher.refresh_account(force=True)  # the broker rolls its day at the first look
                     plan = plan_session([r for ts in _minutes(session) for r in by_minute.get(ts, ())], in_force)
@@ -334,6 +332,8 @@ def run_replay(
                                 write_features(conn, *plan.features_at(ts))
                             result.bars += len(fresh)
                         watchlist = minute % WATCHLIST_EVERY_MINUTES == 0
+                        if watchlist and ahead is not None:
+                            pipeline.liquidity.ready = ahead.readings(now)
                         due = engine.due(plan, now, watchlist)
                         engine.ran(pipeline.signals_phase(minute, now, features=False, signals=due), now)
                         if watchlist:
@@ -390,20 +390,21 @@ class _ReadAhead(OptionLiquiditySource):
 
 
 class LiquidityAhead:
-    """The watchlist's option liquidity readings of every session, made by a second process
-    ahead of the replay: the simulated market's near-expiry chains are the replay's largest
+    """The watchlist's option liquidity readings of every watchlist minute, made by a second
+    process ahead of the replay: the simulated market's near-expiry chains are the replay's largest
     computation, and each reading needs only its ticker's spot at its minute, which the bars
     give (the close of the ticker's latest bar at or before the minute's cutoff, as the
     watchlist's gather reads it). The same source (`sim_liquidity_source`) makes them; the
     replay uses a reading only when asked for that ticker, spot and minute, and reads anything
     else itself, so the run is the same with or without it."""
 
-    def __init__(self, pool, futures: dict[date, Any]):
+    def __init__(self, pool, futures: dict[datetime, Any]):
         self.pool = pool
         self.futures = futures
 
     @classmethod
     def start(cls, days: Sequence, by_minute: dict[datetime, list[tuple]], seed: int) -> LiquidityAhead:
+        """One task per watchlist minute, in order: the replay waits at most for its own minute's."""
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -411,11 +412,16 @@ class LiquidityAhead:
         # process at once under fork), so the child holds no lock and needs no imports; it
         # touches no connection it inherits.
         pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
-        return cls(pool, {s.day: pool.submit(_read_liquidity, seed, _liquidity_asks(s, by_minute)) for s in days})
+        asks = [(now, minute_asks) for s in days for now, minute_asks in _liquidity_asks(s, by_minute)]
+        return cls(pool, {now: pool.submit(_read_liquidity, seed, minute_asks) for now, minute_asks in asks})
 
-    def readings(self, day: date) -> dict[tuple[str, datetime], tuple[Any, Any]]:
+    def readings(self, now: datetime) -> dict[tuple[str, datetime], tuple[Any, Any]]:
+        """The readings made for the watchlist minute that ends at `now` (none when there are none)."""
+        future = self.futures.pop(now, None)
+        if future is None:
+            return {}
         try:
-            return self.futures.pop(day).result()
+            return future.result()
         except Exception as e:  # the second process failed: the replay reads them itself
             log.warning("liquidity read ahead failed; reading inline", extra={"error": f"{type(e).__name__}: {e}"})
             return {}
@@ -424,15 +430,16 @@ class LiquidityAhead:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _liquidity_asks(session, by_minute: dict[datetime, list[tuple]]) -> list[tuple[str, Any, datetime]]:
-    """(ticker, spot, now) of every ticker with a bar in the session so far, at each watchlist minute."""
+def _liquidity_asks(session, by_minute: dict[datetime, list[tuple]]) -> list[tuple[datetime, list[tuple]]]:
+    """At each watchlist minute of the session (`now`): (ticker, spot, now) of every ticker with a
+    bar in the session so far."""
     asks = []
     latest: dict[str, Any] = {}
     for minute, ts in enumerate(_minutes(session)):
         for r in by_minute.get(ts, ()):
             latest[r[0]] = r[5]
-        if minute % WATCHLIST_EVERY_MINUTES == 0:
-            asks.extend((ticker, close, ts + BAR) for ticker, close in sorted(latest.items()))
+        if minute % WATCHLIST_EVERY_MINUTES == 0 and latest:
+            asks.append((ts + BAR, [(ticker, close, ts + BAR) for ticker, close in sorted(latest.items())]))
     return asks
 
 
