@@ -298,8 +298,9 @@ def run_replay(
         raise SystemExit("no bars inside a NYSE session to replay")
     clock = FixedClock(days[0].open)
     ahead = LiquidityAhead.start(days, by_minute, seed) if workers > 1 else None
-    pool = make_pool(url, min_size=1, max_size=2, application_name="ops-dispatcher:replay", check=False)
+    pool = None
     try:
+        pool = make_pool(url, min_size=1, max_size=2, application_name="ops-dispatcher:replay", check=False)
         minutes_total = sum(int((s.close - s.open) / BAR) for s in days)
         bar = Progress(minutes_total, progress)
         with connect(url) as conn:
@@ -364,9 +365,10 @@ def run_replay(
             conn.execute(FINISH_RUN, {"run_id": run_id, "finished_at": clock.now(),
                                       "counts": json.dumps(dict(result.counts), default=json_default)})
     finally:
-        pool.close()
         if ahead is not None:
             ahead.close()
+        if pool is not None:
+            pool.close()
     return result
 
 
@@ -427,7 +429,8 @@ class LiquidityAhead:
             return {}
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        """The readings not yet begun are dropped; the one under way ends (a minute's: ~50 ms)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _liquidity_asks(session, by_minute: dict[datetime, list[tuple]]) -> list[tuple[datetime, list[tuple]]]:
@@ -444,7 +447,8 @@ def _liquidity_asks(session, by_minute: dict[datetime, list[tuple]]) -> list[tup
 
 
 def _read_liquidity(seed: int, asks: list[tuple[str, Any, datetime]]) -> dict[tuple[str, datetime], tuple[Any, Any]]:
-    """In the second process: each ask's reading, by the replay's own source."""
+    """In the second process: each ask's reading, by the replay's own source (the market as
+    `Pipeline.simulated` makes it for a replay: its seed, the default liquidity)."""
     from services.adapters.sim.market import SimOptionMarket
 
     source = sim_liquidity_source(SimOptionMarket(None, seed=seed))

@@ -131,4 +131,8 @@ def test_decided_again_where_the_gate_passes_an_entry_without_its_chain_is_not_a
     early = denied_whatever_the_contract(replace(context(), kill_state="REDUCING"), as_params({}), NOW, None)
     d = decide(context(), as_params({}), NOW, None, OptionInputs.skipped(early))
     assert (d.is_order, d.code) == (False, CHAIN_NOT_FETCHED)
-    assert d.info["fallback"] == "not allowed"  # no contract was judged: stock does not stand in
+    # Even where a gate that depends on the order would deny it (here the exposure, as a stock
+    # order would be sized): with a contract it might have passed, so it stays undetermined.
+    full = decide(context(exposure="100000000"), as_params({}), NOW, None, OptionInputs.skipped(early))
+    assert (full.is_order, full.code) == (False, CHAIN_NOT_FETCHED)
+    assert not next(g for g in full.gates if g.name == "max_exposure").result.passed

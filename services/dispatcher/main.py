@@ -352,6 +352,8 @@ class Dispatcher:
         if is_option_entry(ctx.recommendation):
             # A kill switch in force or the ticker's trades used up deny it whatever the chain holds.
             early = denied_whatever_the_contract(ctx, in_force.params, now, self._calendar)
+            if early is not None:
+                self._chain_errors.pop(ctx.ticker, None)  # a failed fetch is this entry's, not a later one's
             option_inputs = (OptionInputs.skipped(early) if early is not None
                              else self._gather_options(conn, ctx, in_force, now))
             if option_inputs is None:

@@ -30,6 +30,9 @@ log = logging.getLogger("dispatcher")
 IN_FLIGHT_GRACE = timedelta(minutes=2)
 # In-flight orders, working orders and the broker's order list are compared with ours this often.
 RECONCILE_EVERY = timedelta(seconds=30)
+# Between two of these, an order compared once is not sent to the database again; then the whole
+# list is compared afresh (a database restored or failed over under a running process is caught).
+FULL_ORDER_COMPARE_EVERY = timedelta(minutes=5)
 # Clocks of two dispatchers differ a little: activity this close before a snapshot counts as after it.
 SNAPSHOT_SKEW = timedelta(seconds=2)
 
@@ -49,8 +52,10 @@ class Reconciler:
         self.session_day = session_day
         self._last_refresh: datetime | None = None
         self._last_orders_reconcile: datetime | None = None
-        # Broker order ids compared with this database: ours, or recorded as unknown.
+        # Broker order ids compared with this database (ours, or recorded as unknown) since the
+        # last full comparison.
         self._compared: set[str] = set()
+        self._full_compare_at: datetime | None = None
 
     def refresh_account(self, force: bool = False, min_interval: float | None = None) -> None:
         """Account snapshot and position marks from the broker, on a schedule and after fills.
@@ -189,8 +194,9 @@ class Reconciler:
 
         Our orders are recorded before they are sent, so an unknown order came from elsewhere
         (a restored database, a manual trade on the account): its exposure is invisible to the
-        gates, so the account goes to REDUCING until an operator has looked and resumes. An order
-        is compared once per process: what it was found to be does not change.
+        gates, so the account goes to REDUCING until an operator has looked and resumes. Between
+        full comparisons (every FULL_ORDER_COMPARE_EVERY) an order already compared is not sent
+        again: what it was found to be changes only if the database loses rows under us.
         """
         now = self.clock.now()
         try:
@@ -199,8 +205,11 @@ class Reconciler:
             # Not swallowed: orders_reconciled_at stops moving, and entries stop once it is too old.
             log.warning("broker order reconciliation failed", extra={"account_id": self.account_id, "error": str(e)})
             return 0
-        # Only orders not compared before: one compared was ours (our intent is committed before an
-        # order leaves) or has been recorded as unknown, and stays so.
+        # Only orders not compared since the last full comparison: one compared was ours (our
+        # intent is committed before an order leaves) or has been recorded as unknown.
+        if self._full_compare_at is None or now - self._full_compare_at >= FULL_ORDER_COMPARE_EVERY:
+            self._compared.clear()
+            self._full_compare_at = now
         rows = [{"broker_order_id": o.broker_order_id, "client_order_id": o.client_order_id, "symbol": o.symbol,
                  "side": o.side, "qty": o.qty, "status": o.status, "submitted_at": o.submitted_at}
                 for o in orders if o.broker_order_id not in self._compared]

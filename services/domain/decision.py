@@ -265,8 +265,12 @@ def decide(
         return _exit(ctx, rec, params, now, calendar, exit_quote)
     if rec.get("instrument") != "OPTION":
         return _stock_entry(ctx, rec, params, now, calendar, {})
-    return denied_whatever_the_contract(ctx, params, now, calendar) or _option_entry(
-        ctx, rec, params, now, calendar, option_inputs)
+    early = denied_whatever_the_contract(ctx, params, now, calendar)
+    if early is not None:
+        return early
+    if option_inputs is not None and option_inputs.not_fetched:
+        return _undetermined(ctx, rec, params, now, calendar, option_inputs)
+    return _option_entry(ctx, rec, params, now, calendar, option_inputs)
 
 
 # The entry gates whose verdict depends on neither the instrument nor the order: the account's
@@ -304,12 +308,19 @@ def denied_whatever_the_contract(ctx: Context, params: TradingParams, now: datet
     return _denied(gates, info)
 
 
+def _undetermined(ctx: Context, rec: dict[str, Any], params: TradingParams, now: datetime,
+                  calendar: SessionCalendar | None, inputs: OptionInputs) -> Decision:
+    """An entry recorded without its chain, decided again (`params whatif`) where no
+    contract-independent gate denies it: what the contract, its sizing or a stock fallback would
+    have made of it is not known. Not an order; the code says why."""
+    _, gates = _evaluate(ctx, rec, params, now, calendar, None)
+    reason = f"{CHAIN_NOT_FETCHED}: {inputs.error}"
+    return Decision(CHAIN_NOT_FETCHED, reason, gates, None, {"option": {"code": CHAIN_NOT_FETCHED, "reason": reason}})
+
+
 def plan_option(ctx: Context, params: TradingParams, now: datetime, calendar: SessionCalendar | None,
                 inputs: OptionInputs | None) -> OptionOutcome:
     """Choose and validate a contract from the gathered chain (calls for BUY, puts for SELL)."""
-    if inputs is not None and inputs.not_fetched:
-        # Decided again (`params whatif`) where the recorded decision needed no chain.
-        return OptionOutcome(False, CHAIN_NOT_FETCHED, f"{CHAIN_NOT_FETCHED}: {inputs.error}", False)
     if inputs is None or inputs.error is not None or inputs.chain is None:
         reason = (inputs.error if inputs and inputs.error else "no option market data configured")
         return OptionOutcome(False, "NO_OPTION_CHAIN", f"NO_OPTION_CHAIN: {reason}", False)

@@ -121,7 +121,9 @@ ORDER BY c.ticker
 class VolumeHistory:
     """The volume sums of the lookback's complete ET days, read at the first cycle of each ET day
     and kept for the day's other cycles (a long-running engine holds one). A day's bars loaded
-    after that first cycle (a backfill of a past day) count from the next ET day."""
+    after that first cycle (a backfill of a past day) count from the next ET day: until then a
+    ticker whose whole history was loaded that way is averaged on today's volume so far, as a
+    ticker new today is. A ticker's candidacy follows its session bars (lane_bar_heads)."""
 
     day: date | None = None
     rows: dict[str, list[Any]] = field(default_factory=dict)
