@@ -66,22 +66,19 @@ SELECT EXISTS (SELECT 1 FROM lane_telemetry WHERE ticker = %(symbol)s) AS listed
 _OPTION_QUOTE = """
 SELECT bid, ask FROM sim_option_marks WHERE symbol = %(symbol)s AND ts <= %(now)s ORDER BY ts DESC LIMIT 1
 """
-# Net position per symbol from the filled orders, marked to the latest mid.
+# The live positions, kept by sim_orders' trigger as orders fill (migration 021): the net filled
+# quantity, the average price of the filled buys, and the mark (an option's latest mid, a stock's
+# latest close).
 _POSITIONS = """
-SELECT o.symbol, o.asset_class, o.multiplier,
-       sum(CASE WHEN o.side = 'buy' THEN o.filled_qty ELSE -o.filled_qty END) AS qty,
-       sum(CASE WHEN o.side = 'buy' THEN o.filled_qty * o.filled_avg_price ELSE 0 END)
-         / nullif(sum(CASE WHEN o.side = 'buy' THEN o.filled_qty ELSE 0 END), 0) AS avg_entry_price,
-       CASE WHEN o.asset_class = 'us_option'
+SELECT p.symbol, p.asset_class, p.multiplier, p.qty, p.bought_cost / nullif(p.bought_qty, 0) AS avg_entry_price,
+       CASE WHEN p.asset_class = 'us_option'
             THEN (SELECT (m.bid + m.ask) / 2 FROM sim_option_marks m
-                  WHERE m.symbol = o.symbol AND m.ts <= %(now)s ORDER BY m.ts DESC LIMIT 1)
+                  WHERE m.symbol = p.symbol AND m.ts <= %(now)s ORDER BY m.ts DESC LIMIT 1)
             ELSE (SELECT b.close FROM lane_telemetry b
-                  WHERE b.ticker = o.symbol AND b.ts <= %(now)s ORDER BY b.ts DESC LIMIT 1)
+                  WHERE b.ticker = p.symbol AND b.ts <= %(now)s ORDER BY b.ts DESC LIMIT 1)
        END AS mark
-FROM sim_orders o
-WHERE o.account_id = %(account_id)s AND o.status = 'filled'
-GROUP BY o.symbol, o.asset_class, o.multiplier
-HAVING sum(CASE WHEN o.side = 'buy' THEN o.filled_qty ELSE -o.filled_qty END) <> 0
+FROM sim_positions p
+WHERE p.account_id = %(account_id)s AND p.qty <> 0
 """
 _ORDER_COLUMNS = "id, client_order_id, symbol, side, qty, status, filled_qty, filled_avg_price, submitted_at, filled_at, reject_reason"
 
