@@ -5,7 +5,7 @@ CSV files (`--csv PATH...`, read by the loader `load-csv` uses). Each NYSE sessi
 period, in order, on a fixed clock: that minute's bars and their features are written (a
 session's features are computed at once before it, by the feature computer's definitions), then
 the same code as the services runs: the watchlist engine (every 30 minutes, its option liquidity
-from the simulated chain), the signal engine (in the minutes where the rules' screen leaves a
+from the simulated chain, read ahead by a second process with `workers=2`), the signal engine (in the minutes where the rules' screen leaves a
 ticker that could emit), the position manager and the dispatcher with the simulated paper broker
 (fills at the quote plus slippage; options from the simulated chain anchored to the replayed
 underlying), unless the book is flat with nothing pending or working. Nothing of the pipeline is
