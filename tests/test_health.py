@@ -29,7 +29,7 @@ from services.common.db import make_pool
 from services.common.market_calendar import nyse_calendar
 from services.dispatcher.main import Dispatcher
 from services.runtime import run_periodic
-from tests.factories import ACCOUNT, add_bar, add_market, add_recommendation, et, recommendation
+from tests.factories import ACCOUNT, add_bar, add_market, add_recommendation, et, recommendation, wait_until
 from tests.fake_alpaca import fake_alpaca  # noqa: F401
 from tests.test_dispatcher import params_in_force
 
@@ -47,13 +47,11 @@ def get(port: int, path: str) -> tuple[int, str]:
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
+    """wait_until's value, or an AssertionError when the time ran out."""
+    value = wait_until(predicate, timeout, interval)
+    if not value:
+        raise AssertionError("condition not met in time")
+    return value
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
