@@ -7,6 +7,10 @@ psycopg's client-side binding.
 
 The simple protocol plans a query every time it is sent, and the claim costs ~0.4 ms to plan,
 more than the round trip saved: it is PREPAREd once per connection and the message EXECUTEs it.
+Its parameters (an account id, timestamps, a count) are written into that message here rather than
+by psycopg's general client-side binding: run once after an idle wait, with its code out of the
+CPU's caches, that binding cost ~0.09 ms, and commit-to-submit is ~0.035 ms shorter without it
+(recommendations alternated between the two, 1,440 orders).
 psycopg deallocates every prepared statement of a connection after a rollback (DEALLOCATE ALL),
 so a claim that finds its statement gone rolls back its BEGIN, prepares again and claims once
 more. The recheck is small and runs only before an order: it is sent as text, planned each time,
@@ -20,9 +24,11 @@ from __future__ import annotations
 
 import re
 import weakref
+from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from services.adapters.postgres import queries
 
@@ -38,14 +44,42 @@ class _Prepared:
             if found not in names:
                 names.append(found)
         self.name = name
+        self._names = names
         self.statement = (f"PREPARE {name} ({', '.join(types[n] for n in names)}) AS "
                           + _PARAM.sub(lambda m: f"${names.index(m.group(1)) + 1}", sql))
-        self.execute = f"EXECUTE {name} ({', '.join(f'%({n})s' for n in names)})"
+
+    def execute_text(self, conn: psycopg.Connection, params: dict[str, Any]) -> str:
+        """The EXECUTE statement with its parameters as literals."""
+        return f"EXECUTE {self.name} ({', '.join(literal(conn, params[n]) for n in self._names)})"
 
     def ensure(self, conn: psycopg.Connection, done: set[str]) -> None:
         if self.name not in done:
             conn.execute(self.statement)
             done.add(self.name)
+
+
+# A text's quoted form, by text: the claim's one text parameter is its dispatcher's account id.
+_quoted: dict[str, str] = {}
+
+
+def literal(conn: psycopg.Connection, value: Any) -> str:
+    """One parameter of the claim as an SQL literal: a text, an aware timestamp or an int."""
+    if isinstance(value, str):
+        quoted = _quoted.get(value)
+        if quoted is None:
+            quoted = _quoted[value] = sql.quote(value, conn)
+        return quoted
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"a naive timestamp would be read in the session's time zone: {value!r}")
+        return f"'{value.isoformat()}'"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(f"no literal for {type(value).__name__} {value!r}")
+
+
+def _lock_text(conn: psycopg.Connection, params: dict[str, Any]) -> str:
+    return _PARAM.sub(lambda m: literal(conn, params[m.group(1)]), queries.CAPACITY_LOCK)
 
 
 _CLAIM = _Prepared("dispatcher_claim_and_gather", queries.CLAIM_AND_GATHER, {
@@ -70,10 +104,11 @@ def begin_and_claim(conn: psycopg.Connection, params: dict[str, Any], *, lock: b
     """
     done = _prepared.setdefault(conn, set())
     cur = psycopg.ClientCursor(conn)
+    message = f"BEGIN; {_lock_text(conn, params) + '; ' if lock else ''}{_CLAIM.execute_text(conn, params)}"
     for attempt in range(2):
         _CLAIM.ensure(conn, done)
         try:
-            cur.execute(f"BEGIN; {queries.CAPACITY_LOCK + '; ' if lock else ''}{_CLAIM.execute}", params)
+            cur.execute(message)
             break
         except psycopg.errors.InvalidSqlStatementName:
             if attempt:
