@@ -62,6 +62,8 @@ def deny(code: str, detail: str, observed: Any, limit: Any) -> GateResult:
 def _field(obj: Any, name: str, default: Any = None) -> Any:
     if obj is None:
         return default
+    if type(obj) is dict:  # the usual case, without the ABC check below (~1/10 of the gates' time)
+        return obj.get(name, default)
     if isinstance(obj, Mapping):
         return obj.get(name, default)
     return getattr(obj, name, default)
@@ -70,7 +72,7 @@ def _field(obj: Any, name: str, default: Any = None) -> Any:
 def _has_field(obj: Any, name: str) -> bool:
     if obj is None:
         return False
-    if isinstance(obj, Mapping):
+    if type(obj) is dict or isinstance(obj, Mapping):
         return name in obj
     return hasattr(obj, name)
 
