@@ -11,6 +11,23 @@ from services.signal_engine import main as signal_engine
 from services.watchlist_engine import main as watchlist_engine
 
 
+def _loop(subparsers, name: str, summary: str, handler, *, interval: float, unit: str = "cycle",
+          account: bool = False, tickers: str | None = None):
+    """A loop's subcommand: --once, --interval, and the account (--account) or tickers (--tickers) it serves.
+
+    `unit` names one pass in the help: cycle, fetch, check."""
+    p = subparsers.add_parser(name, help=summary)
+    p.add_argument("--once", action="store_true", help=f"run one {unit} and exit")
+    if account:
+        p.add_argument("--account", help="account id (default: ACCOUNT_ID)")
+    if tickers:
+        p.add_argument("--tickers", help=f"comma-separated tickers (default: {tickers})")
+    plural = unit + ("es" if unit.endswith("h") else "s")
+    p.add_argument("--interval", type=float, default=interval, help=f"seconds between {plural} (default %(default)s)")
+    p.set_defaults(handler=handler)
+    return p
+
+
 def register_dispatcher(subparsers) -> None:
     p = subparsers.add_parser("dispatcher", help="decide and execute pending recommendations")
     p.add_argument("--once", action="store_true", help="decide what is pending, then exit")
@@ -18,11 +35,8 @@ def register_dispatcher(subparsers) -> None:
 
 
 def register_position_manager(subparsers) -> None:
-    p = subparsers.add_parser("position-manager", help="mark open positions and write EXITs by the exit rules")
-    p.add_argument("--once", action="store_true", help="run one cycle and exit")
-    p.add_argument("--account", help="account id (default: ACCOUNT_ID)")
-    p.add_argument("--interval", type=float, default=60.0, help="seconds between cycles")
-    p.set_defaults(handler=position_manager.run_command)
+    _loop(subparsers, "position-manager", "mark open positions and write EXITs by the exit rules",
+          position_manager.run_command, interval=60.0, account=True)
 
 
 def register_demo(subparsers) -> None:
@@ -51,27 +65,18 @@ def register_replay(subparsers) -> None:
 
 
 def register_signal_engine(subparsers) -> None:
-    p = subparsers.add_parser("signal-engine", help="turn features and sentiment into recommendations")
-    p.add_argument("--once", action="store_true", help="run one cycle and exit")
-    p.add_argument("--account", help="account id (default: ACCOUNT_ID)")
-    p.add_argument("--interval", type=float, default=5.0, help="seconds between cycles")
-    p.set_defaults(handler=signal_engine.run_command)
+    _loop(subparsers, "signal-engine", "turn features and sentiment into recommendations",
+          signal_engine.run_command, interval=5.0, account=True)
 
 
 def register_feature_computer(subparsers) -> None:
-    p = subparsers.add_parser("feature-computer", help="compute lane_features from lane_telemetry")
-    p.add_argument("--once", action="store_true", help="run one cycle and exit")
-    p.add_argument("--interval", type=float, default=feature_computer.DEFAULT_INTERVAL_SECONDS,
-                   help="seconds between cycles (default %(default)s)")
-    p.set_defaults(handler=feature_computer.run_command)
+    _loop(subparsers, "feature-computer", "compute lane_features from lane_telemetry",
+          feature_computer.run_command, interval=feature_computer.DEFAULT_INTERVAL_SECONDS)
 
 
 def register_watchlist_engine(subparsers) -> None:
-    p = subparsers.add_parser("watchlist-engine", help="score tickers and select the account's watchlist")
-    p.add_argument("--once", action="store_true", help="run one cycle and exit")
-    p.add_argument("--account", help="account id (default: ACCOUNT_ID)")
-    p.add_argument("--interval", type=float, default=300.0, help="seconds between cycles")
-    p.set_defaults(handler=watchlist_engine.run_command)
+    _loop(subparsers, "watchlist-engine", "score tickers and select the account's watchlist",
+          watchlist_engine.run_command, interval=300.0, account=True)
 
 
 def register_ingest(subparsers) -> None:
@@ -84,25 +89,15 @@ def register_ingest(subparsers) -> None:
                    help="load a file's good rows and skip its malformed ones (each reported by line)")
     p.set_defaults(handler=ingest.load_csv_command)
 
-    t = subparsers.add_parser("telemetry", help="fetch 1-minute bars from Alpaca into lane_telemetry")
-    t.add_argument("--once", action="store_true", help="run one fetch and exit")
-    t.add_argument("--tickers", help="comma-separated tickers (default: every selected watchlist ticker)")
-    t.add_argument("--interval", type=float, default=15.0, help="seconds between fetches")
-    t.set_defaults(handler=ingest.telemetry_command)
+    _loop(subparsers, "telemetry", "fetch 1-minute bars from Alpaca into lane_telemetry", ingest.telemetry_command,
+          interval=15.0, unit="fetch", tickers="every selected watchlist ticker")
 
 
 def register_news(subparsers) -> None:
-    p = subparsers.add_parser("news", help="score Alpaca news articles into the sentiment table")
-    p.add_argument("--once", action="store_true", help="run one fetch and exit")
-    p.add_argument("--tickers", help="comma-separated tickers (default: the watchlists' candidates)")
-    p.add_argument("--interval", type=float, default=60.0, help="seconds between fetches")
-    p.set_defaults(handler=news.run_command)
+    _loop(subparsers, "news", "score Alpaca news articles into the sentiment table", news.run_command,
+          interval=60.0, unit="fetch", tickers="the watchlists' candidates")
 
 
 def register_watchdog(subparsers) -> None:
-    p = subparsers.add_parser("watchdog", help="alert when watched tickers' bars go stale during the session")
-    p.add_argument("--once", action="store_true", help="run one check and exit")
-    p.add_argument("--account", help="account id (default: ACCOUNT_ID)")
-    p.add_argument("--interval", type=float, default=watchdog.DEFAULT_INTERVAL_SECONDS,
-                   help="seconds between checks (default %(default)s)")
-    p.set_defaults(handler=watchdog.run_command)
+    _loop(subparsers, "watchdog", "alert when watched tickers' bars go stale during the session", watchdog.run_command,
+          interval=watchdog.DEFAULT_INTERVAL_SECONDS, unit="check", account=True)
