@@ -1,7 +1,7 @@
 """Dispatcher throughput and wake-up latency with the simulated paper broker.
 
     python bench/dispatch.py [--recs 10000] [--tickers 2000] [--latency-recs 400] [--no-pgbench] [--log-to-stderr]
-                             [--only throughput,pgbench,trips,latency,floor]
+                             [--only throughput,pgbench,trips,latency,floor,gaps]
 
 1. Throughput: N pending recommendations over many tickers for one account with up to 50 open
    positions (the first 50 execute; the rest are denied by the position, exposure and cooldown
@@ -24,6 +24,11 @@
 5. pgbench side by side (`--no-pgbench` to skip): the dispatcher's own claim-and-gather and
    its outcome update, as SQL alone, on the same database and data, 2 clients: the floor the
    database sets under the dispatcher's figure.
+6. Latency against the idle time before each wake-up (`gaps`): the latency and the floor, one
+   process, with the recommendations 5, 10 and 30 ms apart. A process woken after a longer sleep
+   runs its first instructions slower (its code and data out of the CPU's caches, the core come
+   out of a deeper idle state), its Postgres backend too: the ratio to the floor says what the
+   dispatcher's own work costs, whatever the machine's wake-up.
 
 Each process logs as production does (JSON lines, one per decision) into /dev/null, so the
 formatting is paid and the terminal is not; `--log-to-stderr` shows them.
@@ -180,7 +185,7 @@ def throughput(ctx, url: str, offset_s: float, n_workers: int, recs: int, ticker
     return {"workers": n_workers, "seconds": elapsed, "per_second": recs / elapsed, "counts": counts}
 
 
-def latency(ctx, url: str, offset_s: float, n_workers: int, n: int, now: datetime) -> dict:
+def latency(ctx, url: str, offset_s: float, n_workers: int, n: int, now: datetime, gap: float = 0.01) -> dict:
     from services.common.db import connect
 
     reset(url)
@@ -198,7 +203,7 @@ def latency(ctx, url: str, offset_s: float, n_workers: int, n: int, now: datetim
                 ).fetchone()["id"]
                 conn.execute("SELECT pg_notify('recommendations', %s)", (ACCOUNT,))
             committed[rid] = time.time()
-            time.sleep(0.01)
+            time.sleep(gap)
         deadline = time.time() + 30
         while pending(url) and time.time() < deadline:
             time.sleep(0.1)
@@ -236,7 +241,7 @@ def floor_listener(url: str, ready, results) -> None:
     results.put(done)
 
 
-def floor(ctx, url: str, n: int) -> dict:
+def floor(ctx, url: str, n: int, gap: float = 0.01) -> dict:
     """commit -> the end of a durable intent with no work in it: what the machine itself costs."""
     from services.common.db import connect
 
@@ -254,7 +259,7 @@ def floor(ctx, url: str, n: int) -> dict:
             with conn.transaction():
                 conn.execute("SELECT pg_notify('bench_floor', %s)", (str(i),))
             sent[i] = time.time()
-            time.sleep(0.01)
+            time.sleep(gap)
         conn.execute("SELECT pg_notify('bench_floor', 'stop')")
     done = results.get()
     proc.join()
@@ -388,7 +393,7 @@ def main() -> int:
     parser.add_argument("--latency-recs", type=int, default=400)
     parser.add_argument("--no-pgbench", action="store_true")
     parser.add_argument("--log-to-stderr", action="store_true")
-    parser.add_argument("--only", default="throughput,pgbench,trips,latency,floor",
+    parser.add_argument("--only", default="throughput,pgbench,trips,latency,floor,gaps",
                         help="the parts to run, comma-separated")
     args = parser.parse_args()
     parts = set(args.only.split(","))
@@ -437,6 +442,13 @@ def main() -> int:
         r = floor(ctx, url, args.latency_recs)
         print(f"  the same path with nothing to decide (wake, lock + one-row read, insert + durable COMMIT): "
               f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
+    if "gaps" in parts:
+        print("latency against the idle time before each wake-up, 1 process (the floor beside it)")
+        for gap_ms in (5, 10, 30):
+            r = latency(ctx, url, offset_s, 1, args.latency_recs, SESSION_START, gap=gap_ms / 1000)
+            f = floor(ctx, url, args.latency_recs, gap=gap_ms / 1000)
+            print(f"  {gap_ms:>2} ms apart: p50 {r['p50_ms']:.2f} ms, floor {f['p50_ms']:.2f} ms "
+                  f"({r['p50_ms'] / f['p50_ms']:.1f}x)")
     print(f"load average {os.getloadavg()[0]:.2f}")
     return 0
 
