@@ -1001,6 +1001,70 @@ def test_notify_wakes_the_loop_long_before_its_poll_interval(harness, db_url):
     assert loop.errors == []
 
 
+class CallOrderBroker(PassThroughBroker):
+    """Records the order of submissions and account reads; `fail_account`: the account read fails."""
+
+    def __init__(self, inner: SimBroker, fail_account: bool = False):
+        super().__init__(inner)
+        self.calls: list[str] = []
+        self.fail_account = fail_account
+
+    def submit_order(self, order: OrderRequest):
+        self.calls.append("submit_order")
+        return super().submit_order(order)
+
+    def get_account(self):
+        self.calls.append("get_account")
+        if self.fail_account:
+            raise BrokerUnavailable("account endpoint down")
+        return super().get_account()
+
+
+def test_account_refresh_due_when_a_notify_wakes_the_loop_then_the_order_leaves_before_the_refresh(harness, db_url):
+    """The scheduled refresh (two broker requests and the marks of the book: ~13 ms with 400
+    positions, more against a live account) waits for a quiet moment; it is not between a
+    wake-up and its order."""
+    h = harness(overrides={"execution": {"poll_interval_seconds": 30, "account_refresh_seconds": 1}})
+    broker = CallOrderBroker(h.broker)
+    d = h.dispatcher(broker, worker_id="loop-r")
+    with connect(db_url) as c:
+        add_market(c, "AAPL", NOW, 200)
+    loop = LoopThread(d, db_url)
+    loop.start(db_url, "loop-r")
+    try:
+        assert broker.calls == ["get_account"]  # the first snapshot, before any decision
+        h.clock.advance(timedelta(seconds=2))  # the next one is due...
+        with connect(db_url) as c:  # ...when a recommendation wakes the loop
+            rid = add_recommendation(c, "AAPL", NOW + timedelta(seconds=1))
+            c.execute("NOTIFY recommendations")
+        assert wait_until(lambda: _decided(db_url, rid), timeout=5)
+        assert wait_until(lambda: len(broker.calls) >= 3, timeout=5)  # the refresh, once the queue is quiet
+        assert broker.calls[:3] == ["get_account", "submit_order", "get_account"]
+        with connect(db_url) as c:
+            assert recommendation(c, rid)["status"] == "EXECUTED"
+    finally:
+        loop.shutdown(db_url)
+    assert loop.errors == []
+
+
+def test_account_refresh_when_the_broker_fails_then_retried_every_5_seconds_not_at_every_quiet_moment(harness, db_url):
+    h = harness(overrides={"execution": {"poll_interval_seconds": 30, "account_refresh_seconds": 1}})
+    broker = CallOrderBroker(h.broker, fail_account=True)
+    d = h.dispatcher(broker, worker_id="loop-f")
+    loop = LoopThread(d, db_url)
+    loop.start(db_url, "loop-f")  # the first refresh fails at once
+    try:
+        time.sleep(0.6)  # ~30 quiet moments of 20 ms
+        assert broker.calls == ["get_account"]
+        h.clock.advance(timedelta(seconds=5))
+        assert wait_until(lambda: len(broker.calls) == 2, timeout=2)
+        time.sleep(0.3)
+        assert broker.calls == ["get_account", "get_account"]
+    finally:
+        loop.shutdown(db_url)
+    assert loop.errors == []
+
+
 def test_stop_ends_the_loop_promptly_without_a_notify(harness, db_url):
     h = harness(overrides={"execution": {"poll_interval_seconds": 30}})
     d = h.dispatcher(worker_id="loop-s")

@@ -90,13 +90,15 @@ EXIT_QUOTE_FRESH = timedelta(seconds=5)
 # nothing to decide, and otherwise at most this often: each costs queries, and on a busy queue they
 # would sit between a wake-up and the next submission. A trip made here brings the next one forward.
 PERIODIC_SECONDS = 0.5
-# Work that can wait (a fill's account refresh, ~13 ms with 400 positions and two broker requests
-# against a live account; on a busy queue, the periodic pass above) is done by the loop once no
-# recommendation has come for this long, not between a wake-up and the next order...
+# Work that can wait (the account refresh, after a fill or on its schedule: ~13 ms with 400
+# positions, and two broker requests against a live account; on a busy queue, the periodic pass
+# above) is done by the loop once no recommendation has come for this long, not between a wake-up
+# and the next order...
 QUIET_SECONDS = 0.02
 # ...and is never put off longer than this, however busy the queue. Entries are stopped by the kill
 # switch's gate at once whatever this is; what waits is the cancel of working orders (a trip brings
-# that forward), a re-pricing step, and marks fresher than the scheduled refresh's. Run on the path,
+# that forward), a re-pricing step, the account's snapshot and marks (and a daily-loss trip the
+# refresh would make; the claim's own daily-loss gate reads the last snapshot). Run on the path,
 # it is the tail of the latency (a refresh with 400 positions: ~12 ms): at 2 s a one-process stream
 # 10 ms apart had its p99 at 11-13 ms, at 5 s 4.6-8 ms.
 DEFER_AT_MOST_SECONDS = 5.0
@@ -630,12 +632,16 @@ class Dispatcher:
 
     def _deferred_due(self) -> float | None:
         """Since when (time.monotonic()) work that waits for a quiet moment has been due; None: none is."""
-        due = [t for t in (self._fill_refresh_since, self._periodic_due) if t is not None and t <= time.monotonic()]
+        clock_now = time.monotonic()
+        overdue = self.reconciler.refresh_overdue(self.clock.now())
+        scheduled = None if overdue is None else clock_now - overdue.total_seconds()
+        due = [t for t in (self._fill_refresh_since, self._periodic_due, scheduled) if t is not None and t <= clock_now]
         return min(due) if due else None
 
     def _run_deferred(self) -> None:
         if self._fill_refresh_since is not None:
             self._refresh_after_fills()
+        self.refresh_account()  # the schedule's, if it is due (a fill's just now counts as one)
         if time.monotonic() >= self._periodic_due:
             self._periodic()
 
@@ -651,7 +657,8 @@ class Dispatcher:
                                                application_name=f"ops-dispatcher:{self.worker_id}:listen"[:63])
                     listener.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
                     self.recover_in_flight()
-                self.refresh_account()
+                if not self.reconciler.ever_refreshed:
+                    self.refresh_account()  # the first snapshot comes before the first decision
                 idle = not self.drain(stop, defer=True)
                 if idle or self._periodic_due == 0.0:  # nothing decided, or a trip brought it forward
                     self._periodic()

@@ -33,6 +33,9 @@ RECONCILE_EVERY = timedelta(seconds=30)
 # Between two of these, an order compared once is not sent to the database again; then the whole
 # list is compared afresh (a database restored or failed over under a running process is caught).
 FULL_ORDER_COMPARE_EVERY = timedelta(minutes=5)
+# A failed account refresh is tried again after this long, whatever its schedule: the loop looks
+# for due work every 20 ms of quiet, and the broker's budget is 200 requests a minute.
+REFRESH_RETRY = timedelta(seconds=5)
 # Clocks of two dispatchers differ a little: activity this close before a snapshot counts as after it.
 SNAPSHOT_SKEW = timedelta(seconds=2)
 
@@ -51,11 +54,28 @@ class Reconciler:
         self.orders = orders
         self.session_day = session_day
         self._last_refresh: datetime | None = None
+        self._refresh_failed_at: datetime | None = None
         self._last_orders_reconcile: datetime | None = None
         # Broker order ids compared with this database (ours, or recorded as unknown) since the
         # last full comparison.
         self._compared: set[str] = set()
         self._full_compare_at: datetime | None = None
+
+    def refresh_overdue(self, now: datetime) -> timedelta | None:
+        """How long the scheduled refresh has been due; None: not yet. A first one is due at once,
+        and one that failed again REFRESH_RETRY after the failure."""
+        if self._refresh_failed_at is not None:
+            retry = now - self._refresh_failed_at - REFRESH_RETRY
+            return retry if retry >= timedelta(0) else None
+        if self._last_refresh is None:
+            return timedelta(0)
+        every = timedelta(seconds=self.params.current().params.execution.account_refresh_seconds)
+        overdue = now - self._last_refresh - every
+        return overdue if overdue >= timedelta(0) else None
+
+    @property
+    def ever_refreshed(self) -> bool:
+        return self._last_refresh is not None
 
     def refresh_account(self, force: bool = False, min_interval: float | None = None) -> None:
         """Account snapshot and position marks from the broker, on a schedule and after fills.
@@ -66,18 +86,22 @@ class Reconciler:
         """
         now = self.clock.now()
         in_force = self.params.current()
-        every = timedelta(seconds=min_interval if min_interval is not None
-                          else in_force.params.execution.account_refresh_seconds)
-        if not force and self._last_refresh is not None and now - self._last_refresh < every:
-            return
+        if not force:
+            if min_interval is None:
+                if self.refresh_overdue(now) is None:
+                    return
+            elif self._last_refresh is not None and now - self._last_refresh < timedelta(seconds=min_interval):
+                return
         try:
             snapshot = self.broker.get_account()
             positions = self.broker.get_positions()
         except BrokerError as e:
             log.warning("account refresh failed", extra={"account_id": self.account_id, "error": str(e)})
             alerts.broker_failed(self.account_id, str(e))
+            self._refresh_failed_at = now
             return  # the stale account state will deny entries once it is too old
         self._last_refresh = now
+        self._refresh_failed_at = None
         alerts.broker_ok(self.account_id)
         with alerts.held_until_commit(), self.pool.connection() as conn, conn.transaction():
             conn.execute(queries.UPSERT_ACCOUNT_STATE, {
