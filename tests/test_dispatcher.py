@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from services.domain.broker import (
     client_order_id,
 )
 from services.domain.decision import OptionInputs
+from services.dispatcher import main as dispatcher_main
 from services.dispatcher.main import Dispatcher, StaticParams
 from services.dispatcher.reconciliation import IN_FLIGHT_GRACE
 from services.adapters.sim.broker import SimBroker
@@ -1002,9 +1003,9 @@ def test_notify_wakes_the_loop_long_before_its_poll_interval(harness, db_url):
 
 
 class CallOrderBroker(PassThroughBroker):
-    """Records the order of submissions and account reads; `fail_account`: the account read fails."""
+    """Records the order of submissions and account reads; `fail_account`: what the account read raises."""
 
-    def __init__(self, inner: SimBroker, fail_account: bool = False):
+    def __init__(self, inner: SimBroker, fail_account: Exception | None = None):
         super().__init__(inner)
         self.calls: list[str] = []
         self.fail_account = fail_account
@@ -1015,15 +1016,17 @@ class CallOrderBroker(PassThroughBroker):
 
     def get_account(self):
         self.calls.append("get_account")
-        if self.fail_account:
-            raise BrokerUnavailable("account endpoint down")
+        if self.fail_account is not None:
+            raise self.fail_account
         return super().get_account()
 
 
-def test_account_refresh_due_when_a_notify_wakes_the_loop_then_the_order_leaves_before_the_refresh(harness, db_url):
+def test_account_refresh_due_when_a_notify_wakes_the_loop_then_the_order_leaves_before_the_refresh(
+        harness, db_url, monkeypatch):
     """The scheduled refresh (two broker requests and the marks of the book: ~13 ms with 400
     positions, more against a live account) waits for a quiet moment; it is not between a
     wake-up and its order."""
+    monkeypatch.setattr(dispatcher_main, "QUIET_SECONDS", 1.0)  # no quiet moment between the clock's move and the NOTIFY
     h = harness(overrides={"execution": {"poll_interval_seconds": 30, "account_refresh_seconds": 1}})
     broker = CallOrderBroker(h.broker)
     d = h.dispatcher(broker, worker_id="loop-r")
@@ -1033,10 +1036,10 @@ def test_account_refresh_due_when_a_notify_wakes_the_loop_then_the_order_leaves_
     loop.start(db_url, "loop-r")
     try:
         assert broker.calls == ["get_account"]  # the first snapshot, before any decision
-        h.clock.advance(timedelta(seconds=2))  # the next one is due...
-        with connect(db_url) as c:  # ...when a recommendation wakes the loop
-            rid = add_recommendation(c, "AAPL", NOW + timedelta(seconds=1))
-            c.execute("NOTIFY recommendations")
+        with connect(db_url) as c:
+            rid = add_recommendation(c, "AAPL", NOW + timedelta(seconds=1))  # no NOTIFY yet: the loop sleeps on
+            h.clock.advance(timedelta(seconds=2))  # the next snapshot is due...
+            c.execute("NOTIFY recommendations")  # ...when a recommendation wakes the loop
         assert wait_until(lambda: _decided(db_url, rid), timeout=5)
         assert wait_until(lambda: len(broker.calls) >= 3, timeout=5)  # the refresh, once the queue is quiet
         assert broker.calls[:3] == ["get_account", "submit_order", "get_account"]
@@ -1047,9 +1050,12 @@ def test_account_refresh_due_when_a_notify_wakes_the_loop_then_the_order_leaves_
     assert loop.errors == []
 
 
-def test_account_refresh_when_the_broker_fails_then_retried_every_5_seconds_not_at_every_quiet_moment(harness, db_url):
+@pytest.mark.parametrize("failure", [BrokerUnavailable("account endpoint down"),
+                                     InvalidOperation("an equity that is not a number")])
+def test_account_refresh_when_it_fails_then_retried_every_5_seconds_not_at_every_quiet_moment(harness, db_url, failure):
+    """A broker outage, or an answer that cannot be read (raised to the loop, which logs it and goes on)."""
     h = harness(overrides={"execution": {"poll_interval_seconds": 30, "account_refresh_seconds": 1}})
-    broker = CallOrderBroker(h.broker, fail_account=True)
+    broker = CallOrderBroker(h.broker, fail_account=failure)
     d = h.dispatcher(broker, worker_id="loop-f")
     loop = LoopThread(d, db_url)
     loop.start(db_url, "loop-f")  # the first refresh fails at once

@@ -129,6 +129,19 @@ def test_blocked_windows_must_leave_an_early_close_session_open(doc, after_open,
         assert "13:00 early-close session" in errors[0]
 
 
+@pytest.mark.parametrize(("refresh", "max_age", "valid"), [(30, 36, True), (30, 35, False), (30, 30, False), (1, 7, True)])
+def test_account_state_age_limit_must_leave_room_for_a_refresh_put_off_to_a_quiet_moment(doc, refresh, max_age, valid):
+    doc["execution"]["account_refresh_seconds"] = refresh
+    doc["risk"]["max_account_state_age_seconds"] = max_age
+    if valid:
+        assert validate_params(doc).risk.max_account_state_age_seconds == max_age
+    else:
+        errors = refused(doc)
+        assert errors == [f"<document>: Value error, risk.max_account_state_age_seconds ({max_age}) must exceed "
+                          f"execution.account_refresh_seconds + 5 ({refresh + 5}): an account state refreshed on "
+                          "schedule would be judged stale"]
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

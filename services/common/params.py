@@ -261,6 +261,11 @@ class FeeParams(_Section):
         return self.per_contract if instrument == "OPTION" else self.per_share
 
 
+# A dispatcher may put a due account refresh off this long, to a moment when no recommendation is
+# waiting (services/dispatcher/main.py): the account state's age limit must leave room for it.
+ACCOUNT_REFRESH_DEFER_SECONDS = 5
+
+
 class TradingParams(_Section):
     """The whole document. `schema_version` must match this code's."""
 
@@ -276,6 +281,16 @@ class TradingParams(_Section):
     execution: ExecutionParams
     exits: ExitParams
     fees: FeeParams = Field(default_factory=FeeParams)
+
+    @model_validator(mode="after")
+    def _account_state_outlives_its_refresh(self) -> TradingParams:
+        least = self.execution.account_refresh_seconds + ACCOUNT_REFRESH_DEFER_SECONDS
+        if self.risk.max_account_state_age_seconds <= least:
+            raise ValueError(
+                f"risk.max_account_state_age_seconds ({self.risk.max_account_state_age_seconds}) must exceed "
+                f"execution.account_refresh_seconds + {ACCOUNT_REFRESH_DEFER_SECONDS} ({least}): an account "
+                "state refreshed on schedule would be judged stale")
+        return self
 
     def content_hash(self) -> str:
         """sha256 of the canonical JSON form: the same limits give the same hash."""

@@ -35,7 +35,7 @@ from psycopg_pool import ConnectionPool
 from services.common import metrics
 from services.common.clock import Clock, SystemClock
 from services.common.market_calendar import CalendarUnavailable, SessionCalendar, et_date, et_day_bounds, nyse_calendar
-from services.common.params import ParamsInForce
+from services.common.params import ACCOUNT_REFRESH_DEFER_SECONDS, ParamsInForce
 from services.adapters.assets import MISSING as MISSING_ASSET
 from services.adapters.assets import AssetCache
 from services.adapters import alerts
@@ -101,7 +101,7 @@ QUIET_SECONDS = 0.02
 # refresh would make; the claim's own daily-loss gate reads the last snapshot). Run on the path,
 # it is the tail of the latency (a refresh with 400 positions: ~12 ms): at 2 s a one-process stream
 # 10 ms apart had its p99 at 11-13 ms, at 5 s 4.6-8 ms.
-DEFER_AT_MOST_SECONDS = 5.0
+DEFER_AT_MOST_SECONDS = float(ACCOUNT_REFRESH_DEFER_SECONDS)  # params' age limits are checked against it
 # SIGTERM: the recommendation in hand gets this long; then its order is left SUBMITTING for recovery.
 SHUTDOWN_BUDGET_SECONDS = 15.0
 
@@ -207,7 +207,8 @@ class Dispatcher:
         return self.orders.reprice_working()
 
     def refresh_account(self, force: bool = False, min_interval: float | None = None) -> None:
-        self.reconciler.refresh_account(force, min_interval)
+        if self.reconciler.refresh_account(force, min_interval):
+            self._periodic_due = 0.0  # the refresh tripped the kill switch: enforced after this pass
 
     def recover_in_flight(self) -> int:
         return self.reconciler.recover_in_flight()

@@ -77,21 +77,24 @@ class Reconciler:
     def ever_refreshed(self) -> bool:
         return self._last_refresh is not None
 
-    def refresh_account(self, force: bool = False, min_interval: float | None = None) -> None:
-        """Account snapshot and position marks from the broker, on a schedule and after fills.
+    def refresh_account(self, force: bool = False, min_interval: float | None = None) -> bool:
+        """Account snapshot and position marks from the broker, on a schedule and after fills;
+        True when the snapshot tripped the kill switch.
 
         The trading API allows 200 requests a minute: this is the only place that asks for
         account and positions, never once per recommendation. A daily loss past the limit trips
-        the kill switch here too, so it trips even when no recommendation arrives.
+        the kill switch here too, so it trips even when no recommendation arrives. After a
+        failure, only `force` asks again before REFRESH_RETRY has passed.
         """
         now = self.clock.now()
-        in_force = self.params.current()
         if not force:
+            if self._refresh_failed_at is not None and now - self._refresh_failed_at < REFRESH_RETRY:
+                return False
             if min_interval is None:
                 if self.refresh_overdue(now) is None:
-                    return
+                    return False
             elif self._last_refresh is not None and now - self._last_refresh < timedelta(seconds=min_interval):
-                return
+                return False
         try:
             snapshot = self.broker.get_account()
             positions = self.broker.get_positions()
@@ -99,9 +102,14 @@ class Reconciler:
             log.warning("account refresh failed", extra={"account_id": self.account_id, "error": str(e)})
             alerts.broker_failed(self.account_id, str(e))
             self._refresh_failed_at = now
-            return  # the stale account state will deny entries once it is too old
+            return False  # the stale account state will deny entries once it is too old
+        except Exception:
+            self._refresh_failed_at = now  # an answer that cannot be read: raised, and not asked again at every pass
+            raise
         self._last_refresh = now
         self._refresh_failed_at = None
+        in_force = self.params.current()
+        tripped = False
         alerts.broker_ok(self.account_id)
         with alerts.held_until_commit(), self.pool.connection() as conn, conn.transaction():
             conn.execute(queries.UPSERT_ACCOUNT_STATE, {
@@ -115,11 +123,12 @@ class Reconciler:
             result = check_daily_loss_limit({"equity": snapshot.equity, "last_equity": snapshot.last_equity},
                                             in_force.params)
             if result.code == "DAILY_LOSS_LIMIT":
-                kill_switch.trip_daily_loss(conn, self.account_id, result.reason, now, self.session_day(now),
-                                            in_force.params.risk.on_daily_loss)
+                tripped = kill_switch.trip_daily_loss(conn, self.account_id, result.reason, now, self.session_day(now),
+                                                      in_force.params.risk.on_daily_loss)
         if force or self._last_orders_reconcile is None or now - self._last_orders_reconcile >= RECONCILE_EVERY:
             self._last_orders_reconcile = now
             self.reconcile_broker_orders()
+        return tripped
 
     def _reconcile_positions(self, conn, broker_positions, snapshot_at: datetime) -> None:
         """Compare our live positions with the broker's snapshot, taken at `snapshot_at`.

@@ -2,8 +2,8 @@
 
 BEGIN and the claim travel as one message, and so do the capacity lock and its recheck: two
 statements in one simple-protocol query, each with its own snapshot (READ COMMITTED takes one per
-statement, so the recheck still reads after the lock is held). The parameters are quoted by
-psycopg's client-side binding.
+statement, so the recheck still reads after the lock is held). The recheck's parameters are quoted
+by psycopg's client-side binding; the claim's are written as literals here (below).
 
 The simple protocol plans a query every time it is sent, and the claim costs ~0.4 ms to plan,
 more than the round trip saved: it is PREPAREd once per connection and the message EXECUTEs it.
@@ -70,11 +70,11 @@ def literal(conn: psycopg.Connection, value: Any) -> str:
             quoted = _quoted[value] = sql.quote(value, conn)
         return quoted
     if isinstance(value, datetime):
-        if value.tzinfo is None:
+        if value.utcoffset() is None:
             raise ValueError(f"a naive timestamp would be read in the session's time zone: {value!r}")
         return f"'{value.isoformat()}'"
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+        return int.__repr__(value)  # digits, whatever a subclass's __str__ says
     raise TypeError(f"no literal for {type(value).__name__} {value!r}")
 
 
