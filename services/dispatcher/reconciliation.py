@@ -88,11 +88,11 @@ class Reconciler:
         """
         now = self.clock.now()
         if not force:
-            if self._refresh_failed_at is not None and now - self._refresh_failed_at < REFRESH_RETRY:
-                return False
-            if min_interval is None:
+            if min_interval is None:  # the schedule's, which waits out a failure's retry itself
                 if self.refresh_overdue(now) is None:
                     return False
+            elif self._refresh_failed_at is not None and now - self._refresh_failed_at < REFRESH_RETRY:
+                return False
             elif self._last_refresh is not None and now - self._last_refresh < timedelta(seconds=min_interval):
                 return False
         try:
